@@ -1,0 +1,40 @@
+"""loraport: port LoRA adapters between base models without training data.
+
+Public API::
+
+    from loraport import transfer, load_adapter, save_adapter, inspect_adapter
+    result = transfer("qwen-lora", "Qwen/Qwen2.5-1.5B", "google/gemma-2-2b", out="gemma-lora")
+    print(result.report.summary())
+"""
+
+from __future__ import annotations
+
+from .adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
+from .checkpoints import Checkpoint
+from .errors import AdapterError, CheckpointError, LoraportError, TransferError
+from .methods import METHODS
+from .structure import inspect_adapter
+from .subspace import similarity, top_k_svd
+from .transfer import TransferOptions, TransferResult, transfer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "AdapterError",
+    "Checkpoint",
+    "CheckpointError",
+    "LoraAdapter",
+    "LoraModule",
+    "LoraportError",
+    "TransferError",
+    "TransferOptions",
+    "TransferResult",
+    "__version__",
+    "inspect_adapter",
+    "load_adapter",
+    "save_adapter",
+    "similarity",
+    "top_k_svd",
+    "transfer",
+]

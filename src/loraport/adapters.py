@@ -1,0 +1,332 @@
+"""LoRA adapters: the in-memory model and the PEFT reader/writer.
+
+A LoRA module's update is ``dW = scale * B @ A`` with ``B: (m, r)``, ``A: (r, n)`` in
+``torch.nn.Linear`` layout (out x in), ``scale = alpha / r`` (``alpha / sqrt(r)`` with
+``use_rslora``). PEFT stores the factors in this layout even for GPT-2 ``Conv1D`` layers
+(``fan_in_fan_out=True`` only transposes the *base* weight), so no transpose is needed here.
+
+Example::
+
+    >>> adapter = load_adapter("runs/qwen-lora")            # doctest: +SKIP
+    >>> m = adapter.modules["model.layers.0.self_attn.q_proj"]  # doctest: +SKIP
+    >>> (m.B.shape, m.A.shape, m.scale)                      # doctest: +SKIP
+    (torch.Size([1536, 16]), torch.Size([16, 1536]), 2.0)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import AdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME_BIN = "adapter_model.bin"
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoraModule:
+    """One adapted linear module.
+
+    Attributes:
+        name: module path in the model, e.g. ``model.layers.0.self_attn.q_proj``.
+        A: ``(r, n)`` down-projection.
+        B: ``(m, r)`` up-projection.
+        alpha: the module's ``lora_alpha``.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    use_rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the update (out x in)."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update ``scale * B @ A`` (for tests and small models only)."""
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter: its modules and the config it was read from.
+
+    Attributes:
+        modules: module path -> :class:`LoraModule`, in file order.
+        config: the raw ``adapter_config.json`` (used as the template when writing).
+        dtype: storage dtype of the factors.
+        path: the directory it was read from, if any.
+        dropped: names of parts that were not loaded (``drop_unsupported=True``), with why.
+    """
+
+    modules: dict[str, LoraModule]
+    config: dict[str, Any]
+    dtype: torch.dtype = torch.float32
+    path: Path | None = None
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT ``rank_pattern`` / ``alpha_pattern`` lookup (same matching rule as PEFT)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def _check_config(config: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{path}: peft_type {peft_type} is not supported (only LORA adapters can be ported)")
+    if config.get("use_dora"):
+        raise AdapterError(f"{path}: DoRA adapters (use_dora=true) are not supported")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise AdapterError(f"{path}: adapters that train biases (bias={config.get('bias')!r}) are not supported")
+    for name in ("r", "lora_alpha"):
+        value = config.get(name)
+        if name == "lora_alpha" and value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise AdapterError(f"{path}: {name} must be a positive number, got {value!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        value = config.get(name) or {}
+        if not isinstance(value, dict):
+            raise AdapterError(f"{path}: {name} must be an object, got {type(value).__name__}")
+    return config
+
+
+def load_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -> LoraAdapter:
+    """Read a PEFT LoRA adapter directory.
+
+    Args:
+        path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+            (or ``adapter_model.bin``, loaded with ``weights_only=True``).
+        drop_unsupported: skip parts we cannot port (``modules_to_save`` copies, LoRA on
+            embeddings) instead of raising; they are listed in :attr:`LoraAdapter.dropped`.
+
+    Raises:
+        AdapterError: missing or malformed files, unsupported adapter types (DoRA, LoHa,
+            IA3, trained biases), inconsistent ranks, non-finite values.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterError(f"{root}: adapter directory not found")
+    config_path = root / CONFIG_NAME
+    if not config_path.exists():
+        raise AdapterError(f"{config_path}: missing (not a PEFT adapter directory)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from exc
+    config = _check_config(config, config_path)
+
+    weights_path = root / WEIGHTS_NAME
+    if weights_path.exists():
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{weights_path}: corrupt or truncated safetensors file ({exc})") from exc
+    elif (root / WEIGHTS_NAME_BIN).exists():
+        weights_path = root / WEIGHTS_NAME_BIN
+        try:
+            state = torch.load(str(weights_path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(f"{weights_path}: cannot load with weights_only=True ({exc})") from exc
+        if not isinstance(state, dict):
+            raise AdapterError(f"{weights_path}: expected a state dict")
+    else:
+        raise AdapterError(f"{root}: missing {WEIGHTS_NAME} (or {WEIGHTS_NAME_BIN})")
+
+    dropped: dict[str, str] = {}
+    unsupported: list[str] = []
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY_RE.match(key)
+        if match is None:
+            why = (
+                "DoRA magnitude vector"
+                if "lora_magnitude_vector" in key
+                else (
+                    "LoRA on an embedding"
+                    if "lora_embedding" in key
+                    else "modules_to_save copy"
+                    if "modules_to_save" in key or ".lora_" not in key
+                    else "unknown tensor"
+                )
+            )
+            if "lora_magnitude_vector" in key:
+                raise AdapterError(f"{weights_path}: {key}: DoRA adapters are not supported")
+            unsupported.append(key)
+            dropped[key] = why
+            continue
+        factors.setdefault(match["module"], {})[match["which"]] = tensor
+    if unsupported and not drop_unsupported:
+        first = unsupported[0]
+        raise AdapterError(
+            f"{weights_path}: {len(unsupported)} tensor(s) are not LoRA factors of linear layers "
+            f"(first: {first}, {dropped[first]}); pass drop_unsupported=True (--drop-unsupported) to port the rest"
+        )
+    if config.get("modules_to_save") and not drop_unsupported:
+        raise AdapterError(
+            f"{config_path}: modules_to_save={config['modules_to_save']!r} holds full copies of source "
+            "modules that cannot be ported; pass --drop-unsupported to port the LoRA part only"
+        )
+    if config.get("modules_to_save"):
+        for name in config["modules_to_save"]:
+            dropped.setdefault(f"modules_to_save:{name}", "modules_to_save copy")
+    if not factors:
+        raise AdapterError(f"{weights_path}: no LoRA factors found (expected base_model.model.<module>.lora_A.weight)")
+
+    use_rslora = bool(config.get("use_rslora", False))
+    r_default = int(config["r"])
+    alpha_default = float(config.get("lora_alpha") or r_default)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, LoraModule] = {}
+    dtypes: Counter[torch.dtype] = Counter()
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "B" not in pair else "lora_A"
+            raise AdapterError(f"{weights_path}: module {name} has no {missing}.weight")
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                f"{weights_path}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                "do not form a rank-r product (expected A: (r, in), B: (out, r))"
+            )
+        expected_rank = int(_pattern_value(rank_pattern, name, r_default))
+        if A.shape[0] != expected_rank:
+            raise AdapterError(
+                f"{weights_path}: module {name}: factors have rank {A.shape[0]} but the config says r={expected_rank}"
+            )
+        for which, tensor in (("lora_A", A), ("lora_B", B)):
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{weights_path}: module {name}: {which} contains NaN or Inf")
+        dtypes[A.dtype] += 1
+        alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
+        modules[name] = LoraModule(name=name, A=A, B=B, alpha=alpha, use_rslora=use_rslora)
+    dtype = dtypes.most_common(1)[0][0]
+    return LoraAdapter(modules=modules, config=copy.deepcopy(config), dtype=dtype, path=root, dropped=dropped)
+
+
+# Fields of the source config that describe *where* the adapter sits in the source model;
+# they are reset when the adapter is written for another base.
+_RESET_FIELDS = {
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "modules_to_save": None,
+    "exclude_modules": None,
+    "auto_mapping": None,
+    "revision": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
+
+
+def adapter_config_for(
+    adapter: LoraAdapter,
+    base_model_name_or_path: str | None,
+    target_modules: list[str] | str,
+    fan_in_fan_out: bool = False,
+) -> dict[str, Any]:
+    """Build ``adapter_config.json`` for ``adapter`` (ranks and alphas from its modules).
+
+    The most common rank and alpha become ``r`` / ``lora_alpha``; modules that differ get
+    entries in ``rank_pattern`` / ``alpha_pattern`` keyed by their full module path.
+    """
+    config = copy.deepcopy(adapter.config) if adapter.config else {}
+    config.setdefault("peft_type", "LORA")
+    config.update(_RESET_FIELDS)
+    ranks = Counter(m.rank for m in adapter.modules.values())
+    r = ranks.most_common(1)[0][0] if ranks else int(config.get("r", 8))
+    alphas = Counter(m.alpha for m in adapter.modules.values() if m.rank == r)
+    alpha = alphas.most_common(1)[0][0] if alphas else float(config.get("lora_alpha", r))
+    config["r"] = int(r)
+    config["lora_alpha"] = int(alpha) if float(alpha).is_integer() else float(alpha)
+    config["rank_pattern"] = {n: m.rank for n, m in adapter.modules.items() if m.rank != r}
+    config["alpha_pattern"] = {
+        n: (int(m.alpha) if float(m.alpha).is_integer() else m.alpha)
+        for n, m in adapter.modules.items()
+        if m.alpha != alpha
+    }
+    config["use_rslora"] = adapter.use_rslora
+    config["base_model_name_or_path"] = base_model_name_or_path
+    config["target_modules"] = target_modules
+    config["fan_in_fan_out"] = fan_in_fan_out
+    config["bias"] = "none"
+    config["inference_mode"] = True
+    return config
+
+
+def save_adapter(
+    adapter: LoraAdapter,
+    path: str | os.PathLike[str],
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``adapter`` as a PEFT adapter directory (``adapter_config.json`` + safetensors).
+
+    Writes into ``path`` (created if needed). For atomic replacement of an existing
+    directory use :func:`loraport.io.atomic_directory`.
+
+    Args:
+        config: the ``adapter_config.json`` content; default: :func:`adapter_config_for`
+            with the adapter's own config and module leaf names.
+        dtype: storage dtype; default: ``adapter.dtype``.
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in adapter.modules})
+        config = adapter_config_for(
+            adapter,
+            adapter.config.get("base_model_name_or_path"),
+            leaves,
+            bool(adapter.config.get("fan_in_fan_out", False)),
+        )
+    dtype = dtype or adapter.dtype
+    state: dict[str, torch.Tensor] = {}
+    for name, module in adapter.modules.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = module.A.detach().to("cpu", dtype).contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = module.B.detach().to("cpu", dtype).contiguous()
+    save_file(state, str(root / WEIGHTS_NAME), metadata={"format": "pt"})
+    (root / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return root

@@ -1,0 +1,287 @@
+"""Lazy, one-tensor-at-a-time reader for base-model checkpoints.
+
+A :class:`Checkpoint` reads ``config.json`` and the tensor index of a model directory
+(single or sharded safetensors, or pickle ``.bin`` files loaded with ``weights_only=True``)
+without loading any weights. Tensors are read on demand with :meth:`Checkpoint.get`.
+
+Example::
+
+    >>> ckpt = Checkpoint.open("Qwen/Qwen2.5-1.5B")          # doctest: +SKIP
+    >>> ckpt.shape("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
+    (1536, 1536)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+_ADAPTER_FILES = {"adapter_model.safetensors", "adapter_model.bin"}
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """Return a local directory for a model given as a directory or a Hugging Face hub id.
+
+    Hub ids are looked up in the local hub cache first (works offline, ``HF_HUB_OFFLINE=1``);
+    only when they are absent and the hub is reachable are the config and weight files
+    downloaded (no code, never ``trust_remote_code``).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or path.exists() or text.count("/") > 1
+    if looks_local:
+        raise CheckpointError(f"{text}: model directory not found")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"{text}: not a directory and huggingface_hub is not installed") from exc
+    patterns = ["*.json", "*.safetensors"]
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise CheckpointError(f"{text}: not a local directory and not in the Hugging Face cache (offline mode)")
+    try:
+        local = Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", "*.bin"]))
+        return local
+    except Exception as exc:
+        raise CheckpointError(
+            f"{text}: not a local directory, not in the Hugging Face cache, and download failed ({type(exc).__name__})"
+        ) from exc
+
+
+class Checkpoint:
+    """A base model on disk whose tensors are read lazily, one at a time.
+
+    Attributes:
+        root: the model directory.
+        name: what the user passed (directory or hub id), used in messages and in
+            ``base_model_name_or_path`` of written adapters.
+        config: the parsed ``config.json`` (empty dict if the directory has none).
+    """
+
+    def __init__(self, root: Path, name: str | None = None) -> None:
+        self.root = Path(root)
+        self.name = name if name is not None else str(root)
+        self._stack = ExitStack()
+        self._handles: dict[Path, _SafetensorsFile | _BinFile] = {}
+        self._key_cache: dict[str, str | None] = {}
+        self.config: dict[str, Any] = self._read_config()
+        self._weight_map: dict[str, Path] = self._read_index()
+
+    @classmethod
+    def open(cls, name_or_path: str | os.PathLike[str], revision: str | None = None) -> Checkpoint:
+        """Open a model directory or hub id (see :func:`resolve_model_dir`)."""
+        return cls(resolve_model_dir(name_or_path, revision), str(name_or_path))
+
+    # -- metadata -----------------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        path = self.root / "config.json"
+        if not path.exists():
+            return {}
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return config
+
+    @property
+    def model_type(self) -> str | None:
+        """``config.json`` ``model_type`` (``None`` when absent)."""
+        value = self.config.get("model_type")
+        return str(value) if value is not None else None
+
+    def _read_index(self) -> dict[str, Path]:
+        root = self.root
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            index = root / index_name
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise CheckpointError(f"{index}: not a valid shard index ({exc})") from exc
+                missing = sorted({f for f in weight_map.values() if not (root / f).exists()})
+                if missing:
+                    raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+                return {key: root / fname for key, fname in weight_map.items()}
+        files: list[Path]
+        if (root / SAFETENSORS_SINGLE).exists():
+            files = [root / SAFETENSORS_SINGLE]
+        else:
+            files = sorted(p for p in root.glob("*.safetensors") if p.name not in _ADAPTER_FILES)
+        if not files and (root / BIN_SINGLE).exists():
+            files = [root / BIN_SINGLE]
+        if not files:
+            raise CheckpointError(
+                f"{root}: no model weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+                f"{BIN_SINGLE} or {BIN_INDEX})"
+            )
+        weight_map: dict[str, Path] = {}
+        for path in files:
+            for key in self._file_keys(path):
+                weight_map[key] = path
+        return weight_map
+
+    def _file_keys(self, path: Path) -> list[str]:
+        return self._handle(path).keys()
+
+    def _handle(self, path: Path) -> _SafetensorsFile | _BinFile:
+        handle = self._handles.get(path)
+        if handle is None:
+            if path.suffix == ".safetensors":
+                handle = _SafetensorsFile(path, self._stack)
+            else:
+                handle = _BinFile(path)
+            self._handles[path] = handle
+        return handle
+
+    def keys(self) -> list[str]:
+        """All tensor names in the checkpoint."""
+        return list(self._weight_map)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._weight_map
+
+    def file_of(self, key: str) -> Path:
+        """The file that stores ``key``."""
+        try:
+            return self._weight_map[key]
+        except KeyError:
+            raise CheckpointError(f"{self.name}: no tensor named {key!r}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of a tensor, read from the file header (no data is loaded)."""
+        return tuple(self._handle(self.file_of(key)).shape(key))
+
+    def get(self, key: str) -> torch.Tensor:
+        """Load one tensor in its stored dtype, on CPU."""
+        path = self.file_of(key)
+        try:
+            return self._handle(path).get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
+
+    def fingerprint(self, key: str) -> str:
+        """A string that changes whenever the bytes of ``key`` may have changed.
+
+        Built from the resolved file path (a content hash for hub-cache blobs), its size and
+        modification time, and the tensor name: cheap, with no need to hash gigabytes.
+        """
+        path = self.file_of(key).resolve()
+        stat = path.stat()
+        return f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{key}"
+
+    def resolve_module(self, module: str) -> str | None:
+        """Tensor name of a module's weight, tolerating prefix differences.
+
+        PEFT names modules as the model class does (``transformer.h.0.attn.c_attn``), while
+        a checkpoint may have been saved without or with an extra prefix (``h.0.attn.c_attn``).
+        Returns ``None`` when no weight matches.
+        """
+        if module in self._key_cache:
+            return self._key_cache[module]
+        found: str | None = None
+        candidate = f"{module}.weight"
+        if candidate in self._weight_map:
+            found = candidate
+        else:
+            parts = module.split(".")
+            for start in range(1, len(parts)):
+                candidate = ".".join(parts[start:]) + ".weight"
+                if candidate in self._weight_map:
+                    found = candidate
+                    break
+            if found is None:
+                suffix = f".{module}.weight"
+                matches = [k for k in self._weight_map if k.endswith(suffix)]
+                if len(matches) == 1:
+                    found = matches[0]
+        self._key_cache[module] = found
+        return found
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        """Tensor names starting with ``prefix``, in index order."""
+        return (k for k in self._weight_map if k.startswith(prefix))
+
+    def close(self) -> None:
+        """Release open file handles."""
+        self._stack.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, model_type={self.model_type!r}, tensors={len(self._weight_map)})"
+
+
+class _SafetensorsFile:
+    """An open safetensors file: header-only metadata, memory-mapped tensor reads."""
+
+    def __init__(self, path: Path, stack: ExitStack) -> None:
+        self.path = path
+        try:
+            self._file = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+
+class _BinFile:
+    """A pickle checkpoint loaded with ``weights_only=True`` (memory-mapped when possible)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                # Legacy (non-zip) pickle files cannot be memory-mapped.
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot load with weights_only=True ({exc})") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a state dict of tensors")
+        self._state: dict[str, torch.Tensor] = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._state[key]

@@ -1,0 +1,195 @@
+"""The ``loraport`` command line: thin wrappers over the library API, no math here.
+
+Bad input exits with status 2 and a one-line ``loraport: error: ...`` naming the file or
+module; progress bars go to stderr; results and summaries to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import LoraportError
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
+
+
+def register_command(
+    name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None], handler: Handler
+) -> None:
+    """Add a sub-command: ``add_arguments`` fills its parser, ``handler`` runs it (returns the exit code)."""
+    _COMMANDS[name] = (add_arguments, handler, help_text)
+
+
+def _parse_thresholds(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    result: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            result[name.strip()] = float(value)
+        except ValueError:
+            raise LoraportError(f"--threshold-by-type: {item!r} is not TYPE=NUMBER (e.g. q_proj=0.2)") from None
+    return result
+
+
+# -- transfer ---------------------------------------------------------------------------
+
+
+def _transfer_args(p: argparse.ArgumentParser) -> None:
+    from .methods import METHODS
+    from .transfer import DEFAULT_METHOD, DEFAULT_SUBSPACE_RANK
+
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory trained on the source base")
+    p.add_argument("--source-base", required=True, help="source base model: directory or hub id")
+    p.add_argument("--target-base", required=True, help="target base model: directory or hub id")
+    p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
+    p.add_argument(
+        "--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help=f"transfer method (default {DEFAULT_METHOD})"
+    )
+    p.add_argument(
+        "--subspace-rank",
+        type=int,
+        default=DEFAULT_SUBSPACE_RANK,
+        metavar="K",
+        help=f"top-k singular subspace rank (default {DEFAULT_SUBSPACE_RANK}; clamped to min(m, n))",
+    )
+    p.add_argument("--svd", choices=["exact", "randomized"], default="randomized", help="SVD algorithm")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="X",
+        help="skip modules whose subspace similarity is below X (default: keep all)",
+    )
+    p.add_argument(
+        "--threshold-by-type",
+        default=None,
+        metavar="TYPE=X,...",
+        help="per module type thresholds, by leaf name or role: q_proj=0.3,mlp.down=0.1",
+    )
+    p.add_argument(
+        "--threshold-on",
+        choices=["raw", "above_chance"],
+        default="raw",
+        help="compare thresholds with the raw or the above-chance similarity",
+    )
+    p.add_argument(
+        "--similarity", choices=["min", "mean", "U", "V"], default="min", help="combine sim_U and sim_V (default min)"
+    )
+    p.add_argument("--fallback", default="skip", help="below threshold: skip (default) or use this method")
+    p.add_argument(
+        "--layer-map",
+        default=None,
+        metavar="T:S,...",
+        help="explicit target:source layer pairs (default: relative depth)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--report", default=None, metavar="FILE.json", help="write the report (JSON + Markdown)")
+    p.add_argument("--cache-dir", default=None, help="subspace cache directory (default ~/.cache/loraport)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the subspace cache")
+    p.add_argument(
+        "--drop-unsupported",
+        action="store_true",
+        help="port the LoRA part of adapters with modules_to_save or embedding LoRAs",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from .architectures import parse_layer_map
+    from .transfer import TransferOptions, transfer
+
+    options = TransferOptions(
+        method=args.method,
+        subspace_rank=args.subspace_rank,
+        svd=args.svd,
+        threshold=args.threshold,
+        threshold_by_type=_parse_thresholds(args.threshold_by_type),
+        threshold_on=args.threshold_on,
+        similarity=args.similarity,
+        fallback=args.fallback,
+        layer_map=parse_layer_map(args.layer_map) if args.layer_map else None,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        drop_unsupported=args.drop_unsupported,
+    )
+    result = transfer(
+        args.adapter,
+        args.source_base,
+        args.target_base,
+        args.out,
+        options=options,
+        report_path=args.report,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(result.report.summary())
+    print(f"adapter written to {result.output}" + (f"; report {args.report}" if args.report else ""))
+    return 0
+
+
+register_command("transfer", "port a LoRA adapter to another base model", _transfer_args, _transfer)
+
+
+# -- inspect ----------------------------------------------------------------------------
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="PEFT LoRA adapter directory")
+    p.add_argument("--base", default=None, help="base model (directory or hub id): measure dW in its subspaces")
+    p.add_argument("--subspace-rank", type=int, default=64, metavar="K")
+    p.add_argument("--svd", choices=["exact", "randomized"], default="randomized")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .structure import format_structure, inspect_adapter, structure_to_dicts
+
+    rows = inspect_adapter(args.adapter, args.base, args.subspace_rank, args.svd)
+    print(json.dumps(structure_to_dicts(rows), indent=2) if args.json else format_structure(rows))
+    return 0
+
+
+register_command("inspect", "show an adapter's low-rank structure", _inspect_args, _inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraport",
+        description="Port LoRA adapters between base models without training data; fuse fine-tuned models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, _, help_text) in _COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="loraport: %(levelname)s: %(message)s"
+    )
+    try:
+        return _COMMANDS[args.command][1](args)
+    except LoraportError as exc:
+        print(f"loraport: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraport: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

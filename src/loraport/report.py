@@ -1,0 +1,233 @@
+"""The per-module transfer report: what transferred, what did not, and why.
+
+One record per *unit* (a source module, or one role of a fused module, paired with its
+target), plus totals. Written as JSON (``to_json``) and Markdown (``to_markdown``), with
+an optional PNG plot (``save_plot``, needs the ``[plot]`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_text
+
+
+@dataclass
+class ModuleRecord:
+    """One source -> target pairing.
+
+    ``sim_*`` are ``None`` when the method did not need both subspaces and no threshold was
+    set; ``kept_energy = ||dW_t||_F / ||dW_s||_F``; ``decision`` is ``transferred``,
+    ``skipped`` or ``fallback:<method>``.
+    """
+
+    source_module: str
+    target_module: str
+    role: str
+    source_layer: int
+    target_layer: int
+    source_shape: tuple[int, int]
+    target_shape: tuple[int, int]
+    decision: str = "transferred"
+    reason: str = ""
+    k: int | None = None
+    sim_U: float | None = None
+    sim_V: float | None = None
+    sim: float | None = None
+    sim_above_chance: float | None = None
+    chance_U: float | None = None
+    chance_V: float | None = None
+    kept_energy: float | None = None
+    source_norm: float | None = None
+    target_norm: float | None = None
+    rank: int | None = None
+    note: str = ""
+
+    @property
+    def transferred(self) -> bool:
+        return self.decision != "skipped"
+
+
+@dataclass
+class TransferReport:
+    """Everything a user needs to judge a port."""
+
+    method: str
+    source_base: str
+    target_base: str
+    adapter: str
+    options: dict[str, Any]
+    records: list[ModuleRecord] = field(default_factory=list)
+    layer_map: dict[int, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    output_modules: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float | None = None
+    cache_hits: int = 0
+    cache_misses: int = 0
+    output: str | None = None
+
+    # -- totals -------------------------------------------------------------------------
+    @property
+    def transferred(self) -> list[ModuleRecord]:
+        return [r for r in self.records if r.transferred]
+
+    @property
+    def skipped(self) -> list[ModuleRecord]:
+        return [r for r in self.records if not r.transferred]
+
+    @staticmethod
+    def _mean(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None and not math.isnan(v)]
+        return sum(present) / len(present) if present else None
+
+    def totals(self) -> dict[str, Any]:
+        records = self.records
+        return {
+            "units": len(records),
+            "transferred": len(self.transferred),
+            "skipped": len(self.skipped),
+            "coverage": len(self.transferred) / len(records) if records else 0.0,
+            "output_modules": self.output_modules,
+            "mean_similarity": self._mean([r.sim for r in records]),
+            "mean_similarity_above_chance": self._mean([r.sim_above_chance for r in records]),
+            "mean_kept_energy": self._mean([r.kept_energy for r in self.transferred]),
+            "seconds": self.seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+        }
+
+    def summary(self) -> str:
+        """The closing summary printed by the command line."""
+        t = self.totals()
+
+        def fmt(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        lines = [
+            f"{self.method}: {t['transferred']}/{t['units']} module(s) transferred, {t['skipped']} skipped "
+            f"-> {t['output_modules']} target module(s)",
+            f"mean similarity {fmt(t['mean_similarity'])} (above chance {fmt(t['mean_similarity_above_chance'])}), "
+            f"mean kept energy {fmt(t['mean_kept_energy'])}",
+            f"time {self.seconds:.2f} s, peak RSS {fmt(self.peak_rss_mb)} MB, subspace cache "
+            f"{self.cache_hits} hit(s) / {self.cache_misses} miss(es)",
+        ]
+        reasons: dict[str, int] = {}
+        for record in self.skipped:
+            reasons[record.reason] = reasons.get(record.reason, 0) + 1
+        for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
+            lines.append(f"skipped x{count}: {reason}")
+        return "\n".join(lines)
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "method": self.method,
+            "source_base": self.source_base,
+            "target_base": self.target_base,
+            "adapter": self.adapter,
+            "output": self.output,
+            "options": self.options,
+            "totals": self.totals(),
+            "layer_map": {str(t): s for t, s in sorted(self.layer_map.items())},
+            "notes": self.notes,
+            "dropped": self.dropped,
+            "modules": [asdict(r) for r in self.records],
+        }
+        return _finite(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        t = self.totals()
+
+        def num(value: float | None, digits: int = 3) -> str:
+            return "" if value is None else f"{value:.{digits}f}"
+
+        lines = [
+            f"# loraport transfer report ({self.method})",
+            "",
+            f"- adapter: `{self.adapter}`",
+            f"- source base: `{self.source_base}`",
+            f"- target base: `{self.target_base}`",
+            f"- options: `{json.dumps(self.options, sort_keys=True)}`",
+            f"- transferred {t['transferred']} of {t['units']} unit(s), skipped {t['skipped']}; "
+            f"{t['output_modules']} target module(s) written",
+            f"- mean similarity {num(t['mean_similarity'])}, above chance {num(t['mean_similarity_above_chance'])}, "
+            f"mean kept energy {num(t['mean_kept_energy'])}",
+            f"- time {self.seconds:.2f} s, peak RSS {num(self.peak_rss_mb, 0)} MB",
+        ]
+        for note in self.notes:
+            lines.append(f"- note: {note}")
+        for name, why in self.dropped.items():
+            lines.append(f"- dropped `{name}`: {why}")
+        lines += [
+            "",
+            "| source | target | role | k | sim_U | sim_V | above chance | kept energy | rank | decision |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.records:
+            decision = r.decision + (f" ({r.reason})" if r.reason else "")
+            lines.append(
+                f"| {r.source_module} | {r.target_module} | {r.role} | {r.k or ''} | {num(r.sim_U)} | "
+                f"{num(r.sim_V)} | {num(r.sim_above_chance)} | {num(r.kept_energy)} | {r.rank or ''} | {decision} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> list[Path]:
+        """Write the report: ``.json`` and ``.md`` side by side (``.png`` too for a ``.png`` path)."""
+        path = Path(path)
+        stem = path.with_suffix("") if path.suffix in (".json", ".md", ".png") else path
+        written = [
+            atomic_write_text(stem.with_suffix(".json"), self.to_json()),
+            atomic_write_text(stem.with_suffix(".md"), self.to_markdown()),
+        ]
+        if path.suffix == ".png":
+            written.append(self.save_plot(path))
+        return written
+
+    def save_plot(self, path: str | os.PathLike[str]) -> Path:
+        """Per-unit similarity and kept energy, by unit index (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:  # pragma: no cover - optional extra
+            raise ImportError("plotting needs matplotlib: pip install 'loraport[plot]'") from exc
+        fig, ax = plt.subplots(figsize=(10, 3.5))
+        xs = range(len(self.records))
+        ax.plot(xs, [r.sim if r.sim is not None else float("nan") for r in self.records], ".", label="similarity")
+        ax.plot(
+            xs,
+            [r.kept_energy if r.kept_energy is not None else float("nan") for r in self.records],
+            "x",
+            label="kept energy",
+        )
+        ax.set_xlabel("module")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
+        ax.set_title(f"{self.method}: {Path(self.source_base).name} -> {Path(self.target_base).name}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/Inf by None so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,739 @@
+"""Orchestration of a port: pair modules, fetch subspaces, run a method, filter, re-factorise.
+
+The math lives in :mod:`loraport.methods`; this module does I/O, pairing, caching,
+progress and the report. Base weights are read one tensor at a time (the next ones are
+read in a background thread while the current one is decomposed), decomposed once, and
+cached on disk; only subspaces (``U, S, V``) are kept in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, lora_scale, save_adapter
+from .architectures import Architecture, ModuleSpec, architecture_for, relative_layer_map
+from .checkpoints import Checkpoint
+from .errors import AdapterError, CheckpointError, TransferError
+from .io import atomic_directory, check_output_dir
+from .lowrank import balanced_factors, frobenius_norm
+from .methods import MethodContext, adapt_dimensions, get_method
+from .report import ModuleRecord, TransferReport
+from .subspace import Subspace, SubspaceCache, above_chance, chance_similarity, similarity, top_k_svd
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "prolora"
+DEFAULT_SUBSPACE_RANK = 64
+SIMILARITY_MODES = ("min", "mean", "U", "V")
+THRESHOLD_ON = ("raw", "above_chance")
+
+
+@dataclass
+class TransferOptions:
+    """Settings of a port (the command line's flags).
+
+    Attributes:
+        method: a name from :data:`loraport.methods.METHODS`.
+        subspace_rank: k, clamped per module to ``min(m, n)`` of both weights (reported).
+        svd: ``"randomized"`` (default) or ``"exact"``.
+        threshold: skip modules whose similarity is below this (``None``: keep all).
+        threshold_by_type: per module type, keyed by role (``attn.q``) or leaf name (``q_proj``).
+        threshold_on: compare thresholds with the ``"raw"`` or ``"above_chance"`` similarity.
+        similarity: how ``sim_U`` and ``sim_V`` combine: ``min`` (default), ``mean``, ``U``, ``V``.
+        fallback: what to do below threshold: ``"skip"`` or another method's name.
+        layer_map: explicit target layer -> source layer map (default: relative depth).
+        device: where the math runs (``cpu``, ``cuda``).
+        cache_dir: subspace cache directory (default :func:`~loraport.subspace.default_cache_dir`);
+            ``use_cache=False`` disables it.
+        oversample / niter / seed: randomized SVD parameters.
+        drop_unsupported: port the LoRA part of adapters with ``modules_to_save`` or
+            embedding LoRAs, listing what was dropped.
+    """
+
+    method: str = DEFAULT_METHOD
+    subspace_rank: int = DEFAULT_SUBSPACE_RANK
+    svd: str = "randomized"
+    threshold: float | None = None
+    threshold_by_type: dict[str, float] = field(default_factory=dict)
+    threshold_on: str = "raw"
+    similarity: str = "min"
+    fallback: str = "skip"
+    layer_map: dict[int, int] | None = None
+    device: str = "cpu"
+    cache_dir: str | None = None
+    use_cache: bool = True
+    oversample: int = 8
+    niter: int = 2
+    seed: int = 0
+    drop_unsupported: bool = False
+
+    def validate(self) -> None:
+        try:
+            get_method(self.method)
+            if self.fallback != "skip":
+                fallback = get_method(self.fallback)
+                if fallback.name == self.method:
+                    raise ValueError("fallback must differ from the method")
+        except ValueError as exc:
+            raise TransferError(str(exc)) from None
+        if self.subspace_rank < 1:
+            raise TransferError(f"subspace rank must be >= 1, got {self.subspace_rank}")
+        if self.svd not in ("exact", "randomized"):
+            raise TransferError(f"--svd must be exact or randomized, got {self.svd!r}")
+        if self.threshold_on not in THRESHOLD_ON:
+            raise TransferError(f"threshold_on must be one of {THRESHOLD_ON}, got {self.threshold_on!r}")
+        if self.similarity not in SIMILARITY_MODES:
+            raise TransferError(f"similarity must be one of {SIMILARITY_MODES}, got {self.similarity!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TransferError("--device cuda requested but CUDA is not available")
+
+    @property
+    def thresholded(self) -> bool:
+        return self.threshold is not None or bool(self.threshold_by_type)
+
+    def threshold_for(self, role: str, leaves: Iterable[str]) -> float | None:
+        for key in (role, *leaves):
+            if key in self.threshold_by_type:
+                return self.threshold_by_type[key]
+        return self.threshold
+
+
+@dataclass
+class TransferResult:
+    """What :func:`transfer` returns: the target adapter, its report, where it was written."""
+
+    adapter: LoraAdapter
+    report: TransferReport
+    output: Path | None = None
+
+
+# -- pairing ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Side:
+    """One module (or one fused part of it) on one side of a pairing."""
+
+    module: str
+    key: str
+    rows: tuple[int, int] | None  # part rows inside the weight, None = whole
+    shape: tuple[int, int]  # (out, in) of this part
+    layer: int
+
+
+@dataclass
+class _Unit:
+    source: _Side
+    target: _Side
+    role: str
+    source_module: LoraModule
+    target_parts: int  # how many parts the target module has (1 = plain)
+    part_index: int
+
+
+def _linear_shape(ckpt: Checkpoint, key: str, arch: Architecture) -> tuple[int, int]:
+    shape = ckpt.shape(key)
+    if len(shape) != 2:
+        raise CheckpointError(f"{ckpt.name}: {key} has shape {shape}, expected a matrix")
+    return (shape[1], shape[0]) if arch.transposed else (shape[0], shape[1])
+
+
+def _layer_count(arch: Architecture, ckpt: Checkpoint) -> int:
+    count = arch.num_layers(ckpt.config)
+    if count is not None:
+        return count
+    layers = [parsed[0] for key in ckpt.keys() if (parsed := arch.parse(key.removesuffix(".weight")))]
+    if not layers:
+        raise CheckpointError(f"{ckpt.name}: cannot find any {arch.name} decoder layer")
+    return max(layers) + 1
+
+
+class _Pairing:
+    """Pairs every source adapter module (or fused part) with its target module."""
+
+    def __init__(self, adapter: LoraAdapter, src: Checkpoint, tgt: Checkpoint, options: TransferOptions) -> None:
+        self.src, self.tgt = src, tgt
+        self.arch_s = self._arch(src)
+        self.arch_t = self._arch(tgt)
+        self.layers_s = _layer_count(self.arch_s, src)
+        self.layers_t = _layer_count(self.arch_t, tgt)
+        if options.layer_map is not None:
+            bad = [
+                f"{t}:{s}"
+                for t, s in options.layer_map.items()
+                if not (0 <= t < self.layers_t and 0 <= s < self.layers_s)
+            ]
+            if bad:
+                raise TransferError(
+                    f"--layer-map pairs out of range (target has {self.layers_t} layers, source "
+                    f"{self.layers_s}): {', '.join(bad)}"
+                )
+            self.layer_map = dict(options.layer_map)
+        else:
+            self.layer_map = relative_layer_map(self.layers_s, self.layers_t)
+        self.units: list[_Unit] = []
+        self.unpaired: list[ModuleRecord] = []
+        self._pair(adapter)
+
+    @staticmethod
+    def _arch(ckpt: Checkpoint) -> Architecture:
+        shapes = None
+        if ckpt.model_type is None or ckpt.model_type not in _known_types():
+            shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
+        return architecture_for(ckpt.config, shapes)
+
+    def _source_side(self, module: LoraModule) -> tuple[int, ModuleSpec, str] | None:
+        parsed = self.arch_s.parse(module.name)
+        if parsed is None:
+            return None
+        key = self.src.resolve_module(module.name)
+        if key is None:
+            raise AdapterError(f"adapter module {module.name} has no weight in the source base {self.src.name}")
+        shape = _linear_shape(self.src, key, self.arch_s)
+        if shape != module.shape:
+            raise AdapterError(
+                f"adapter does not fit the source base: module {module.name} has an update of shape "
+                f"{module.shape} but {self.src.name} has {key} of shape {shape} (out x in)"
+            )
+        return parsed[0], parsed[1], key
+
+    def _target_rows(self, spec: ModuleSpec, name: str, key: str) -> tuple[tuple[int, int], list[slice]]:
+        shape = _linear_shape(self.tgt, key, self.arch_t)
+        return shape, self.arch_t.part_rows(spec, self.tgt.config, shape[0], name)
+
+    def _pair(self, adapter: LoraAdapter) -> None:
+        by_layer: dict[int, list[tuple[LoraModule, ModuleSpec, str]]] = {}
+        for module in adapter.modules.values():
+            found = self._source_side(module)
+            if found is None:
+                self.unpaired.append(
+                    ModuleRecord(
+                        module.name,
+                        "",
+                        "",
+                        -1,
+                        -1,
+                        module.shape,
+                        (0, 0),
+                        "skipped",
+                        "not a decoder-layer projection of the source architecture",
+                    )
+                )
+                continue
+            layer, spec, key = found
+            by_layer.setdefault(layer, []).append((module, spec, key))
+        used_source_layers = set(self.layer_map.values())
+        for layer in sorted(set(by_layer) - used_source_layers):
+            for module, _, _ in by_layer[layer]:
+                self.unpaired.append(
+                    ModuleRecord(
+                        module.name,
+                        "",
+                        "",
+                        layer,
+                        -1,
+                        module.shape,
+                        (0, 0),
+                        "skipped",
+                        "source layer has no target layer in the layer map",
+                    )
+                )
+        for t_layer, s_layer in sorted(self.layer_map.items()):
+            for module, spec_s, key_s in by_layer.get(s_layer, []):
+                self._pair_module(module, spec_s, key_s, s_layer, t_layer)
+
+    def _pair_module(self, module: LoraModule, spec_s: ModuleSpec, key_s: str, s_layer: int, t_layer: int) -> None:
+        m_s, n_s = module.shape
+        rows_s = self.arch_s.part_rows(spec_s, self.src.config, m_s, module.name)
+        first = self.arch_t.locate(spec_s.roles[0])
+        whole = False
+        if first is not None and first[0].roles == spec_s.roles and first[0].fused == spec_s.fused:
+            spec_t = first[0]
+            name_t = self.arch_t.module_name(t_layer, spec_t.suffix)
+            key_t = self.tgt.resolve_module(name_t)
+            if key_t is not None:
+                shape_t, rows_t = self._target_rows(spec_t, name_t, key_t)
+                sizes_s = [s.stop - s.start for s in rows_s]
+                sizes_t = [s.stop - s.start for s in rows_t]
+                # Same parts of the same sizes: port the module as a whole.
+                whole = not spec_s.fused or sizes_s == sizes_t
+                if whole:
+                    self.units.append(
+                        _Unit(
+                            _Side(module.name, key_s, None, (m_s, n_s), s_layer),
+                            _Side(name_t, key_t, None, shape_t, t_layer),
+                            "+".join(spec_s.roles),
+                            module,
+                            1,
+                            0,
+                        )
+                    )
+        if whole:
+            return
+        for (role, _), rows in zip(spec_s.parts, rows_s, strict=True):
+            source = _Side(
+                module.name,
+                key_s,
+                None if not spec_s.fused else (rows.start, rows.stop),
+                (rows.stop - rows.start, n_s),
+                s_layer,
+            )
+            located = self.arch_t.locate(role)
+            if located is None:
+                self.unpaired.append(
+                    ModuleRecord(
+                        module.name,
+                        "",
+                        role,
+                        s_layer,
+                        t_layer,
+                        source.shape,
+                        (0, 0),
+                        "skipped",
+                        f"target architecture {self.arch_t.name} has no {role} module",
+                    )
+                )
+                continue
+            spec_t, index = located
+            name_t = self.arch_t.module_name(t_layer, spec_t.suffix)
+            key_t = self.tgt.resolve_module(name_t)
+            if key_t is None:
+                self.unpaired.append(
+                    ModuleRecord(
+                        module.name,
+                        name_t,
+                        role,
+                        s_layer,
+                        t_layer,
+                        source.shape,
+                        (0, 0),
+                        "skipped",
+                        f"target base has no weight for {name_t}",
+                    )
+                )
+                continue
+            shape_t, rows_t = self._target_rows(spec_t, name_t, key_t)
+            part = rows_t[index]
+            target = _Side(
+                name_t,
+                key_t,
+                None if not spec_t.fused else (part.start, part.stop),
+                (part.stop - part.start, shape_t[1]),
+                t_layer,
+            )
+            self.units.append(_Unit(source, target, role, module, len(spec_t.parts), index))
+
+
+def _known_types() -> set[str]:
+    from .architectures import KNOWN
+
+    return set(KNOWN)
+
+
+# -- subspaces --------------------------------------------------------------------------
+
+
+class SubspaceStore:
+    """Subspaces of base weights: memory, then disk cache, then read + decompose.
+
+    Reads run on one background thread, ``prefetch`` requests ahead of the consumer, so
+    reading the next weight overlaps decomposing the current one.
+    """
+
+    def __init__(self, options: TransferOptions, prefetch: int = 2) -> None:
+        self.options = options
+        self.cache = SubspaceCache(options.cache_dir) if options.use_cache else None
+        self.memory: dict[str, Subspace] = {}
+        self.prefetch = prefetch
+        self._plan: list[tuple[Checkpoint, Architecture, str, tuple[int, int] | None, int]] = []
+        self._position: dict[str, int] = {}
+        self._pending: dict[str, Future[torch.Tensor]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraport-read")
+        self.computed = 0
+
+    def _key(self, ckpt: Checkpoint, key: str, rows: tuple[int, int] | None, k: int) -> str:
+        o = self.options
+        return SubspaceCache.key(ckpt.fingerprint(key), rows, k, o.svd, o.oversample, o.niter, o.seed)
+
+    def plan(self, requests: list[tuple[Checkpoint, Architecture, str, tuple[int, int] | None, int]]) -> None:
+        """Declare the order in which subspaces will be asked for (enables prefetching)."""
+        self._plan = []
+        for request in requests:
+            cache_key = self._key(request[0], request[2], request[3], request[4])
+            if cache_key in self._position:
+                continue
+            self._position[cache_key] = len(self._plan)
+            self._plan.append(request)
+
+    def _read(self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        W = ckpt.get(key)
+        W = W.to(self.options.device, torch.float32)
+        if arch.transposed:
+            W = W.mT
+        if rows is not None:
+            W = W[rows[0] : rows[1]]
+        if not torch.isfinite(W).all():
+            raise CheckpointError(f"{ckpt.file_of(key)}: tensor {key} contains NaN or Inf")
+        return W.contiguous()
+
+    def _schedule_from(self, index: int) -> None:
+        for request in self._plan[index : index + self.prefetch + 1]:
+            ckpt, arch, key, rows, k = request
+            cache_key = self._key(ckpt, key, rows, k)
+            if cache_key in self.memory or cache_key in self._pending:
+                continue
+            if self.cache is not None and self.cache._path(cache_key).exists():
+                continue
+            self._pending[cache_key] = self._pool.submit(self._read, ckpt, arch, key, rows)
+
+    def get(self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None, k: int) -> Subspace:
+        cache_key = self._key(ckpt, key, rows, k)
+        found = self.memory.get(cache_key)
+        if found is not None:
+            return found
+        if cache_key in self._position:
+            self._schedule_from(self._position[cache_key])
+        entry = self.cache.get(cache_key) if self.cache is not None else None
+        if entry is None:
+            pending = self._pending.pop(cache_key, None)
+            W = pending.result() if pending is not None else self._read(ckpt, arch, key, rows)
+            o = self.options
+            entry = top_k_svd(W, k, o.svd, oversample=o.oversample, niter=o.niter, seed=o.seed)
+            del W
+            self.computed += 1
+            if self.cache is not None:
+                self.cache.put(cache_key, entry)
+        entry = entry.to(self.options.device)
+        self.memory[cache_key] = entry
+        return entry
+
+    def release(self, keep: set[str] | None = None) -> None:
+        """Drop in-memory subspaces (all, or all but ``keep``)."""
+        self.memory = {k: v for k, v in self.memory.items() if keep and k in keep}
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the port ---------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / 1024 if sys.platform != "darwin" else usage / 2**20
+
+
+def _similarities(ctx: MethodContext, options: TransferOptions) -> tuple[float, float, float, float, float, float]:
+    """sim_U, sim_V, combined sim, above-chance, chance_U, chance_V (SPEC sec. 3)."""
+    assert ctx.source is not None and ctx.target is not None
+    adapted = adapt_dimensions(ctx)
+    assert adapted.U is not None and adapted.V is not None
+    k = ctx.target.k
+    m_t, n_t = ctx.target_shape
+    sim_u = similarity(adapted.U, ctx.target.U)
+    sim_v = similarity(adapted.V, ctx.target.V)
+    above_u, above_v = above_chance(sim_u, k, m_t), above_chance(sim_v, k, n_t)
+    mode = options.similarity
+    if mode == "min":
+        sim, above = min(sim_u, sim_v), min(above_u, above_v)
+    elif mode == "mean":
+        sim, above = (sim_u + sim_v) / 2, (above_u + above_v) / 2
+    elif mode == "U":
+        sim, above = sim_u, above_u
+    else:
+        sim, above = sim_v, above_v
+    return sim_u, sim_v, sim, above, chance_similarity(k, m_t), chance_similarity(k, n_t)
+
+
+def _as_float(x: torch.Tensor, device: str) -> torch.Tensor:
+    return x.to(device=device, dtype=torch.float32)
+
+
+def transfer(
+    adapter: str | os.PathLike[str] | LoraAdapter,
+    source_base: str | os.PathLike[str] | Checkpoint,
+    target_base: str | os.PathLike[str] | Checkpoint,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    options: TransferOptions | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> TransferResult:
+    """Port a LoRA adapter from ``source_base`` to ``target_base``.
+
+    Args:
+        adapter: a PEFT adapter directory or a loaded :class:`~loraport.adapters.LoraAdapter`.
+        source_base / target_base: model directories, hub ids, or open checkpoints.
+        out: if given, the target adapter is written there atomically (nothing is left
+            behind on failure; an existing directory needs ``overwrite=True``).
+        options: a :class:`TransferOptions`; keyword ``overrides`` set its fields
+            (``method="lorax"``, ``subspace_rank=32``, ...).
+        report_path: also write the report (``.json`` + ``.md``; ``.png`` adds a plot).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        A :class:`TransferResult` with the ported adapter and its report.
+
+    Raises:
+        LoraportError: bad input (messages name the file or module); ``TransferError``
+            when every module is skipped (the report is still written if asked for).
+
+    Example::
+
+        >>> result = transfer("qwen-lora", "Qwen/Qwen2.5-1.5B", "google/gemma-2-2b",  # doctest: +SKIP
+        ...                   out="gemma-lora", method="prolora")
+        >>> print(result.report.summary())                                        # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    options = options or TransferOptions()
+    for name, value in overrides.items():
+        if not hasattr(options, name):
+            raise TypeError(f"transfer() got an unknown option {name!r}")
+        setattr(options, name, value)
+    options.validate()
+    if out is not None:
+        check_output_dir(out, overwrite)
+    if not isinstance(adapter, LoraAdapter):
+        adapter = load_adapter(adapter, drop_unsupported=options.drop_unsupported)
+    src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
+    tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
+    method = get_method(options.method)
+    pairing = _Pairing(adapter, src, tgt, options)
+
+    report = TransferReport(
+        method=options.method,
+        source_base=src.name,
+        target_base=tgt.name,
+        adapter=str(adapter.path) if adapter.path else "<in memory>",
+        options={k: v for k, v in asdict(options).items() if k not in ("cache_dir",)},
+        layer_map=pairing.layer_map,
+        dropped=dict(adapter.dropped),
+    )
+    report.notes += pairing.arch_s.notes + pairing.arch_t.notes
+    if pairing.layers_s != pairing.layers_t and options.layer_map is None:
+        report.notes.append(
+            f"depths differ ({pairing.layers_s} -> {pairing.layers_t}): layers paired by relative depth"
+        )
+
+    store = SubspaceStore(options)
+    try:
+        parts = _run_units(pairing, method, options, store, report, progress)
+    finally:
+        store.close()
+    report.records += pairing.unpaired
+    if store.cache is not None:
+        report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
+
+    modules = _assemble(parts, pairing, adapter)
+    report.output_modules = len(modules)
+    target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_mb = _peak_rss_mb()
+    if not modules:
+        if report_path is not None:
+            report.save(report_path)
+        reasons = sorted({r.reason for r in report.records if r.reason})
+        raise TransferError(
+            f"every module was skipped ({len(report.records)} unit(s); "
+            f"{'; '.join(reasons[:3]) or 'no units'}); no adapter written"
+        )
+    config = adapter_config_for(
+        target_adapter, tgt.name, _target_modules_field(modules, pairing), fan_in_fan_out=pairing.arch_t.transposed
+    )
+    target_adapter.config = config
+    written: Path | None = None
+    if out is not None:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            save_adapter(target_adapter, tmp, config=config)
+            report.output = str(Path(out))
+            report.save(tmp / "loraport_report.json")
+        written = Path(out)
+    report.seconds = time.perf_counter() - started
+    if report_path is not None:
+        report.save(report_path)
+    return TransferResult(target_adapter, report, written)
+
+
+def _unit_requests(unit: _Unit, pairing: _Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Any]:
+    requests = []
+    if needs_source:
+        requests.append((pairing.src, pairing.arch_s, unit.source.key, unit.source.rows, k))
+    if needs_target:
+        requests.append((pairing.tgt, pairing.arch_t, unit.target.key, unit.target.rows, k))
+    return requests
+
+
+def _run_units(
+    pairing: _Pairing,
+    method: Any,
+    options: TransferOptions,
+    store: SubspaceStore,
+    report: TransferReport,
+    progress: bool,
+) -> list[tuple[_Unit, torch.Tensor, torch.Tensor]]:
+    """Run the method on every unit; returns the transferred (unit, B, A) in target coordinates."""
+    fallback = get_method(options.fallback) if options.fallback != "skip" else None
+    plans: list[tuple[_Unit, int, bool, bool, bool]] = []
+    requests: list[Any] = []
+    for unit in pairing.units:
+        same = unit.source.shape == unit.target.shape
+        k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
+        need_s = (method.needs_source or not same or options.thresholded) and not (method.same_shape_only and not same)
+        need_t = (method.needs_target or not same or options.thresholded) and not (method.same_shape_only and not same)
+        if fallback is not None and options.thresholded:
+            need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
+        plans.append((unit, k, same, need_s, need_t))
+        requests += _unit_requests(unit, pairing, need_s, need_t, k)
+    store.plan(requests)
+    clamped = [k for _, k, _, need_s, need_t in plans if (need_s or need_t) and k < options.subspace_rank]
+    if clamped:
+        report.notes.append(
+            f"subspace rank {options.subspace_rank} clamped to min(m, n) on {len(clamped)} unit(s) "
+            f"(smallest k used: {min(clamped)})"
+        )
+
+    results: list[tuple[_Unit, torch.Tensor, torch.Tensor]] = []
+    bar = tqdm(
+        plans,
+        desc=f"loraport {options.method}",
+        unit="module",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for unit, k, same, need_s, need_t in bar:
+        src_mod = unit.source_module
+        rows = unit.source.rows
+        B_s = src_mod.B if rows is None else src_mod.B[rows[0] : rows[1]]
+        record = ModuleRecord(
+            source_module=unit.source.module + (f"[{rows[0]}:{rows[1]}]" if rows else ""),
+            target_module=unit.target.module
+            + (f"[{unit.target.rows[0]}:{unit.target.rows[1]}]" if unit.target.rows else ""),
+            role=unit.role,
+            source_layer=unit.source.layer,
+            target_layer=unit.target.layer,
+            source_shape=unit.source.shape,
+            target_shape=unit.target.shape,
+        )
+        report.records.append(record)
+        if method.same_shape_only and not same:
+            record.decision, record.reason = "skipped", f"{method.name} needs equal shapes"
+            continue
+        ctx = MethodContext(
+            B=_as_float(B_s, options.device),
+            A=_as_float(src_mod.A, options.device),
+            target_shape=unit.target.shape,
+            source=store.get(pairing.src, pairing.arch_s, unit.source.key, rows, k) if need_s else None,
+            target=store.get(pairing.tgt, pairing.arch_t, unit.target.key, unit.target.rows, k) if need_t else None,
+        )
+        if need_s or need_t:
+            record.k = k
+        chosen = method
+        if ctx.source is not None and ctx.target is not None:
+            (record.sim_U, record.sim_V, record.sim, record.sim_above_chance, record.chance_U, record.chance_V) = (
+                _similarities(ctx, options)
+            )
+            leaves = (unit.target.module.rsplit(".", 1)[-1], unit.source.module.rsplit(".", 1)[-1])
+            limit = options.threshold_for(unit.role, leaves)
+            value = record.sim if options.threshold_on == "raw" else record.sim_above_chance
+            if limit is not None and value < limit:
+                if fallback is None or (fallback.same_shape_only and not same):
+                    record.decision = "skipped"
+                    record.reason = f"similarity {value:.3f} below threshold {limit:g}"
+                    continue
+                chosen = fallback
+                record.decision = f"fallback:{fallback.name}"
+                record.reason = f"similarity {value:.3f} below threshold {limit:g}"
+        result = chosen.fn(ctx)
+        record.note = result.note
+        scale = src_mod.scale
+        record.source_norm = scale * frobenius_norm(ctx.B, ctx.A)
+        record.target_norm = scale * frobenius_norm(result.B, result.A)
+        record.kept_energy = record.target_norm / record.source_norm if record.source_norm > 0 else 0.0
+        if record.target_norm == 0.0:
+            record.decision, record.reason = "skipped", "transferred update is zero"
+            continue
+        results.append((unit, result.B, result.A))
+    return results
+
+
+def _assemble(
+    results: list[tuple[_Unit, torch.Tensor, torch.Tensor]], pairing: _Pairing, adapter: LoraAdapter
+) -> dict[str, LoraModule]:
+    """Group unit results by target module, stack fused parts, re-factorise with balanced factors.
+
+    Plain modules keep rank <= r of their source; a fused target module built from parts
+    gets rank <= sum of the parts' ranks (a q, k, v triple can need 3 r). The output alpha
+    is the (first) source module's, the factors absorb any change of scale so that
+    ``scale_out * B @ A`` equals the transferred update exactly.
+    """
+    groups: dict[str, list[tuple[_Unit, torch.Tensor, torch.Tensor]]] = {}
+    for item in results:
+        groups.setdefault(item[0].target.module, []).append(item)
+    modules: dict[str, LoraModule] = {}
+    for name, items in groups.items():
+        first = items[0][0]
+        alpha = first.source_module.alpha
+        scale_ref = first.source_module.scale
+        m_t = _linear_shape(pairing.tgt, first.target.key, pairing.arch_t)[0]
+        n_t = first.target.shape[1]
+        if len(items) == 1 and first.target.rows is None:
+            unit, B, A = items[0]
+            B = B * (unit.source_module.scale / scale_ref)
+            max_rank = unit.source_module.rank
+        else:
+            blocks_B, blocks_A = [], []
+            for unit, B_part, A_part in items:
+                start, stop = unit.target.rows if unit.target.rows is not None else (0, m_t)
+                block = B_part.new_zeros((m_t, B_part.shape[1]))
+                block[start:stop] = B_part * (unit.source_module.scale / scale_ref)
+                blocks_B.append(block)
+                blocks_A.append(A_part)
+            B, A = torch.cat(blocks_B, dim=1), torch.cat(blocks_A, dim=0)
+            max_rank = sum(u.source_module.rank for u, _, _ in items)
+        factors = balanced_factors(B.double(), A.double(), max_rank=max_rank)
+        if factors.rank == 0:
+            continue
+        # PEFT scales by alpha / r_out: fold the ratio into the (balanced) factors.
+        ratio = scale_ref / lora_scale(alpha, factors.rank, adapter.use_rslora)
+        root = ratio**0.5
+        B_out = (factors.B * root).to("cpu", torch.float32)
+        A_out = (factors.A * root).to("cpu", torch.float32)
+        if B_out.shape[0] != m_t or A_out.shape[1] != n_t:
+            raise TransferError(f"internal error: {name} factors {tuple(B_out.shape)} x {tuple(A_out.shape)}")
+        modules[name] = LoraModule(name, A_out, B_out, alpha, adapter.use_rslora)
+    return modules
+
+
+def _target_modules_field(modules: dict[str, LoraModule], pairing: _Pairing) -> list[str]:
+    """Leaf names (``q_proj``) when they select exactly the written modules, else full paths.
+
+    PEFT matches a leaf name against every module of the model, so leaves are only used
+    when the target checkpoint has no other weight with one of those leaf names.
+    """
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    matching = [
+        key
+        for key in pairing.tgt.keys()
+        if key.endswith(".weight") and key.removesuffix(".weight").rsplit(".", 1)[-1] in leaves
+    ]
+    return leaves if len(matching) == len(modules) else sorted(modules)
+
+
+__all__ = ["DEFAULT_METHOD", "DEFAULT_SUBSPACE_RANK", "TransferOptions", "TransferResult", "transfer"]
