@@ -60,6 +60,10 @@ class TransferOptions:
         oversample / niter / seed: randomized SVD parameters.
         drop_unsupported: port the LoRA part of adapters with ``modules_to_save`` or
             embedding LoRAs, listing what was dropped.
+        report_similarity: compute source/target subspace similarity for every module.
+            ``None`` (default): yes for methods that use subspaces, no for ``identity``
+            (it would cost two SVDs per module for a number the method ignores);
+            always on when a threshold is set.
     """
 
     method: str = DEFAULT_METHOD
@@ -78,6 +82,7 @@ class TransferOptions:
     niter: int = 2
     seed: int = 0
     drop_unsupported: bool = False
+    report_similarity: bool | None = None
 
     def validate(self) -> None:
         try:
@@ -102,6 +107,11 @@ class TransferOptions:
     @property
     def thresholded(self) -> bool:
         return self.threshold is not None or bool(self.threshold_by_type)
+
+    def wants_similarity(self, method_uses_subspaces: bool) -> bool:
+        if self.thresholded:
+            return True
+        return method_uses_subspaces if self.report_similarity is None else self.report_similarity
 
     def threshold_for(self, role: str, leaves: Iterable[str]) -> float | None:
         for key in (role, *leaves):
@@ -586,16 +596,20 @@ def _run_units(
     store: SubspaceStore,
     report: TransferReport,
     progress: bool,
-) -> list[tuple[_Unit, torch.Tensor, torch.Tensor]]:
-    """Run the method on every unit; returns the transferred (unit, B, A) in target coordinates."""
+) -> list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
+    """Run the method on every unit; returns the transferred (unit, record, B, A) in target coordinates."""
     fallback = get_method(options.fallback) if options.fallback != "skip" else None
+    want_sim = options.wants_similarity(method.needs_source or method.needs_target)
     plans: list[tuple[_Unit, int, bool, bool, bool]] = []
     requests: list[Any] = []
     for unit in pairing.units:
         same = unit.source.shape == unit.target.shape
         k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
-        need_s = (method.needs_source or not same or options.thresholded) and not (method.same_shape_only and not same)
-        need_t = (method.needs_target or not same or options.thresholded) and not (method.same_shape_only and not same)
+        if method.same_shape_only and not same:
+            need_s = need_t = False
+        else:
+            need_s = method.needs_source or not same or want_sim
+            need_t = method.needs_target or not same or want_sim
         if fallback is not None and options.thresholded:
             need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
         plans.append((unit, k, same, need_s, need_t))
@@ -608,7 +622,7 @@ def _run_units(
             f"(smallest k used: {min(clamped)})"
         )
 
-    results: list[tuple[_Unit, torch.Tensor, torch.Tensor]] = []
+    results: list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]] = []
     bar = tqdm(
         plans,
         desc=f"loraport {options.method}",
@@ -669,12 +683,12 @@ def _run_units(
         if record.target_norm == 0.0:
             record.decision, record.reason = "skipped", "transferred update is zero"
             continue
-        results.append((unit, result.B, result.A))
+        results.append((unit, record, result.B, result.A))
     return results
 
 
 def _assemble(
-    results: list[tuple[_Unit, torch.Tensor, torch.Tensor]], pairing: _Pairing, adapter: LoraAdapter
+    results: list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]], pairing: _Pairing, adapter: LoraAdapter
 ) -> dict[str, LoraModule]:
     """Group unit results by target module, stack fused parts, re-factorise with balanced factors.
 
@@ -683,7 +697,7 @@ def _assemble(
     is the (first) source module's, the factors absorb any change of scale so that
     ``scale_out * B @ A`` equals the transferred update exactly.
     """
-    groups: dict[str, list[tuple[_Unit, torch.Tensor, torch.Tensor]]] = {}
+    groups: dict[str, list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]]] = {}
     for item in results:
         groups.setdefault(item[0].target.module, []).append(item)
     modules: dict[str, LoraModule] = {}
@@ -694,21 +708,25 @@ def _assemble(
         m_t = _linear_shape(pairing.tgt, first.target.key, pairing.arch_t)[0]
         n_t = first.target.shape[1]
         if len(items) == 1 and first.target.rows is None:
-            unit, B, A = items[0]
+            unit, _, B, A = items[0]
             B = B * (unit.source_module.scale / scale_ref)
             max_rank = unit.source_module.rank
         else:
             blocks_B, blocks_A = [], []
-            for unit, B_part, A_part in items:
+            for unit, _, B_part, A_part in items:
                 start, stop = unit.target.rows if unit.target.rows is not None else (0, m_t)
                 block = B_part.new_zeros((m_t, B_part.shape[1]))
                 block[start:stop] = B_part * (unit.source_module.scale / scale_ref)
                 blocks_B.append(block)
                 blocks_A.append(A_part)
             B, A = torch.cat(blocks_B, dim=1), torch.cat(blocks_A, dim=0)
-            max_rank = sum(u.source_module.rank for u, _, _ in items)
+            max_rank = sum(item[0].source_module.rank for item in items)
         factors = balanced_factors(B.double(), A.double(), max_rank=max_rank)
+        for item in items:
+            item[1].rank = factors.rank
         if factors.rank == 0:
+            for item in items:
+                item[1].decision, item[1].reason = "skipped", "transferred update is zero"
             continue
         # PEFT scales by alpha / r_out: fold the ratio into the (balanced) factors.
         ratio = scale_ref / lora_scale(alpha, factors.rank, adapter.use_rslora)

@@ -1,0 +1,64 @@
+"""Checks shared by the end-to-end tests: PEFT loading, dense updates from saved files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def peft_load_and_forward(base: Path, adapter: Path, tokens: int = 10) -> float:
+    """Load ``adapter`` on ``base`` with PEFT and return the max logit change it causes.
+
+    Asserts that the adapter's LoRA tensors and the LoRA parameters PEFT created are the
+    same set (no missing and no unexpected keys) and that shapes agree.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model.eval()
+    ids = torch.arange(3, 3 + tokens).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        before = model(ids).logits
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    created = {
+        name.replace(".default", ""): tuple(param.shape)
+        for name, param in peft_model.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name
+    }
+    saved = {k: tuple(v.shape) for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    assert set(created) == set(saved), (
+        f"missing: {sorted(set(created) - set(saved))[:4]}, unexpected: {sorted(set(saved) - set(created))[:4]}"
+    )
+    assert created == saved
+    with torch.no_grad():
+        after = peft_model(ids).logits
+    return float((after - before).abs().max())
+
+
+def dense_updates(adapter: Path) -> dict[str, torch.Tensor]:
+    """module -> scale * B @ A (float64) read straight from a PEFT adapter directory."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    updates = {}
+    for key, A in state.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        B = state[key.replace("lora_A", "lora_B")]
+        r = A.shape[0]
+        alpha = config["lora_alpha"]
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if module == pattern or module.endswith("." + pattern):
+                alpha = value
+        scale = alpha / (r**0.5 if config.get("use_rslora") else r)
+        updates[module] = scale * (B.double() @ A.double())
+    return updates
+
+
+def base_weight(model_dir: Path, key: str, transposed: bool = False) -> torch.Tensor:
+    W = load_file(str(model_dir / "model.safetensors"))[key].double()
+    return W.T if transposed else W
