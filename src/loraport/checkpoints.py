@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
 
@@ -84,6 +83,7 @@ class Checkpoint:
         self._stack = ExitStack()
         self._handles: dict[Path, _SafetensorsFile | _BinFile] = {}
         self._key_cache: dict[str, str | None] = {}
+        self._fingerprints: dict[str, str] = {}
         self.config: dict[str, Any] = self._read_config()
         self._weight_map: dict[str, Path] = self._read_index()
 
@@ -173,11 +173,15 @@ class Checkpoint:
         """Shape of a tensor, read from the file header (no data is loaded)."""
         return tuple(self._handle(self.file_of(key)).shape(key))
 
-    def get(self, key: str) -> torch.Tensor:
-        """Load one tensor in its stored dtype, on CPU."""
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Load one tensor in its stored dtype, on CPU (only rows ``[start, stop)`` if given)."""
         path = self.file_of(key)
         try:
-            return self._handle(path).get_tensor(key)
+            handle = self._handle(path)
+            if isinstance(handle, _SafetensorsFile):
+                return handle.get_tensor(key, rows)
+            tensor = handle.get_tensor(key)
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
         except CheckpointError:
             raise
         except Exception as exc:
@@ -189,9 +193,12 @@ class Checkpoint:
         Built from the resolved file path (a content hash for hub-cache blobs), its size and
         modification time, and the tensor name: cheap, with no need to hash gigabytes.
         """
-        path = self.file_of(key).resolve()
-        stat = path.stat()
-        return f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{key}"
+        found = self._fingerprints.get(key)
+        if found is None:
+            path = self.file_of(key).resolve()
+            stat = path.stat()
+            found = self._fingerprints[key] = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{key}"
+        return found
 
     def resolve_module(self, module: str) -> str | None:
         """Tensor name of a module's weight, tolerating prefix differences.
@@ -240,24 +247,87 @@ class Checkpoint:
         return f"Checkpoint({self.name!r}, model_type={self.model_type!r}, tensors={len(self._weight_map)})"
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 2**20
+
+
 class _SafetensorsFile:
-    """An open safetensors file: header-only metadata, memory-mapped tensor reads."""
+    """A safetensors file read with positioned reads (``pread``), not a memory map.
+
+    A memory map keeps every page it touched resident and counted in the process's RSS, so
+    reading a 5 GB model one tensor at a time through ``safe_open`` still ends at 5 GB RSS.
+    Positioned reads into a fresh buffer keep peak memory at about one tensor, and are
+    safe from several threads. The header is validated against the file size, so corrupt
+    or truncated files fail on open.
+    """
 
     def __init__(self, path: Path, stack: ExitStack) -> None:
         self.path = path
         try:
-            self._file = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-        except (SafetensorError, OSError, ValueError) as exc:
+            handle = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - closed by the stack
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) != 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {header_len} exceeds the file")
+            header = json.loads(handle.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+        self._fd = handle.fileno()
+        base = 8 + header_len
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: corrupt safetensors header entry {key!r} ({exc})") from exc
+            count = 1
+            for dim in shape:
+                count *= dim
+            if end - begin != count * dtype.itemsize or begin < 0 or base + end > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (tensor {key!r} spans bytes "
+                    f"{base + begin}-{base + end} of a {size}-byte file)"
+                )
+            self._entries[key] = (dtype, shape, base + begin, end - begin)
 
     def keys(self) -> list[str]:
-        return list(self._file.keys())
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
+        return self._entries[key][1]
 
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
+    def _read(self, offset: int, length: int) -> torch.Tensor:
+        buffer = torch.empty(length, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < length:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"unexpected end of file at byte {offset + done}")
+            done += got
+        return buffer
+
+    def get_tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read a tensor, or only rows ``[start, stop)`` of a matrix (contiguous bytes)."""
+        dtype, shape, offset, length = self._entries[key]
+        if rows is not None and len(shape) >= 1:
+            row_bytes = length // shape[0] if shape[0] else 0
+            offset, length = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        return self._read(offset, length).view(dtype).reshape(shape)
 
 
 class _BinFile:

@@ -99,6 +99,7 @@ def top_k_svd(
     oversample: int = 8,
     niter: int = 2,
     seed: int = 0,
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Subspace:
     """Top-k SVD of ``W (m, n)``.
 
@@ -108,6 +109,7 @@ def top_k_svd(
             ``oversample`` extra columns and ``niter`` power iterations, seeded so the result
             is deterministic). Randomized falls back to exact when ``k + oversample`` reaches
             half of ``min(m, n)``: there it saves nothing and loses accuracy.
+        norms: ``(row_norms, col_norms)`` of ``W`` if the caller already has them.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown SVD algorithm {algorithm!r} (expected one of {ALGORITHMS})")
@@ -123,13 +125,13 @@ def top_k_svd(
         U_full, S_full, Vh = torch.linalg.svd(W, full_matrices=False)
         U, S, V = U_full[:, :k], S_full[:k], Vh[:k].mT
     U, V = _canonical_signs(U, V)
-    return Subspace(
-        U=U.contiguous(),
-        S=S.contiguous(),
-        V=V.contiguous(),
-        row_norms=torch.linalg.vector_norm(W, dim=1),
-        col_norms=torch.linalg.vector_norm(W, dim=0),
-    )
+    row_norms, col_norms = norms if norms is not None else matrix_norms(W)
+    return Subspace(U=U.contiguous(), S=S.contiguous(), V=V.contiguous(), row_norms=row_norms, col_norms=col_norms)
+
+
+def matrix_norms(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 norms of the rows and of the columns of ``W``."""
+    return torch.linalg.vector_norm(W, dim=1), torch.linalg.vector_norm(W, dim=0)
 
 
 def similarity(U_s: torch.Tensor, U_t: torch.Tensor) -> float:

@@ -30,7 +30,15 @@ from .io import atomic_directory, check_output_dir
 from .lowrank import balanced_factors, frobenius_norm
 from .methods import MethodContext, adapt_dimensions, get_method
 from .report import ModuleRecord, TransferReport
-from .subspace import Subspace, SubspaceCache, above_chance, chance_similarity, similarity, top_k_svd
+from .subspace import (
+    Subspace,
+    SubspaceCache,
+    above_chance,
+    chance_similarity,
+    matrix_norms,
+    similarity,
+    top_k_svd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +377,8 @@ class SubspaceStore:
         self.prefetch = prefetch
         self._plan: list[tuple[Checkpoint, Architecture, str, tuple[int, int] | None, int]] = []
         self._position: dict[str, int] = {}
-        self._pending: dict[str, Future[torch.Tensor]] = {}
+        self._uses: dict[str, int] = {}
+        self._pending: dict[str, Future[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraport-read")
         self.computed = 0
 
@@ -382,21 +391,26 @@ class SubspaceStore:
         self._plan = []
         for request in requests:
             cache_key = self._key(request[0], request[2], request[3], request[4])
+            self._uses[cache_key] = self._uses.get(cache_key, 0) + 1
             if cache_key in self._position:
                 continue
             self._position[cache_key] = len(self._plan)
             self._plan.append(request)
 
-    def _read(self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        W = ckpt.get(key)
-        W = W.to(self.options.device, torch.float32)
+    def _read(
+        self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Read one weight as float32 ``(out, in)`` with its row/column norms (checked finite)."""
         if arch.transposed:
-            W = W.mT
-        if rows is not None:
-            W = W[rows[0] : rows[1]]
-        if not torch.isfinite(W).all():
+            W = ckpt.get(key).to(self.options.device, torch.float32).mT
+            W = (W if rows is None else W[rows[0]:rows[1]]).contiguous()
+        else:
+            W = ckpt.get(key, rows).to(self.options.device, torch.float32)
+        norms = matrix_norms(W)
+        # A NaN or Inf anywhere makes its row norm non-finite: no extra pass over W needed.
+        if not bool(torch.isfinite(norms[0]).all()):
             raise CheckpointError(f"{ckpt.file_of(key)}: tensor {key} contains NaN or Inf")
-        return W.contiguous()
+        return W, norms
 
     def _schedule_from(self, index: int) -> None:
         for request in self._plan[index : index + self.prefetch + 1]:
@@ -409,29 +423,30 @@ class SubspaceStore:
             self._pending[cache_key] = self._pool.submit(self._read, ckpt, arch, key, rows)
 
     def get(self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None, k: int) -> Subspace:
+        """The subspace of one weight (or row block); kept in memory only while the plan still needs it."""
         cache_key = self._key(ckpt, key, rows, k)
-        found = self.memory.get(cache_key)
-        if found is not None:
-            return found
-        if cache_key in self._position:
-            self._schedule_from(self._position[cache_key])
-        entry = self.cache.get(cache_key) if self.cache is not None else None
+        entry = self.memory.get(cache_key)
         if entry is None:
-            pending = self._pending.pop(cache_key, None)
-            W = pending.result() if pending is not None else self._read(ckpt, arch, key, rows)
-            o = self.options
-            entry = top_k_svd(W, k, o.svd, oversample=o.oversample, niter=o.niter, seed=o.seed)
-            del W
-            self.computed += 1
-            if self.cache is not None:
-                self.cache.put(cache_key, entry)
-        entry = entry.to(self.options.device)
-        self.memory[cache_key] = entry
+            if cache_key in self._position:
+                self._schedule_from(self._position[cache_key])
+            entry = self.cache.get(cache_key) if self.cache is not None else None
+            if entry is None:
+                pending = self._pending.pop(cache_key, None)
+                W, norms = pending.result() if pending is not None else self._read(ckpt, arch, key, rows)
+                o = self.options
+                entry = top_k_svd(W, k, o.svd, oversample=o.oversample, niter=o.niter, seed=o.seed, norms=norms)
+                del W
+                self.computed += 1
+                if self.cache is not None:
+                    self.cache.put(cache_key, entry)
+            entry = entry.to(self.options.device)
+        remaining = self._uses.get(cache_key, 1) - 1
+        self._uses[cache_key] = remaining
+        if remaining > 0:
+            self.memory[cache_key] = entry
+        else:
+            self.memory.pop(cache_key, None)
         return entry
-
-    def release(self, keep: set[str] | None = None) -> None:
-        """Drop in-memory subspaces (all, or all but ``keep``)."""
-        self.memory = {k: v for k, v in self.memory.items() if keep and k in keep}
 
     def close(self) -> None:
         for future in self._pending.values():
