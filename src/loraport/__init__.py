@@ -12,6 +12,7 @@ from __future__ import annotations
 from .adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
 from .checkpoints import Checkpoint
 from .errors import AdapterError, CheckpointError, LoraportError, TransferError
+from .fusion import FUSION_METHODS, FuseOptions, FusionError, fuse, fuse_adapters
 from .methods import METHODS
 from .structure import inspect_adapter
 from .subspace import similarity, top_k_svd
@@ -20,10 +21,13 @@ from .transfer import TransferOptions, TransferResult, transfer
 __version__ = "0.1.0"
 
 __all__ = [
+    "FUSION_METHODS",
     "METHODS",
     "AdapterError",
     "Checkpoint",
     "CheckpointError",
+    "FuseOptions",
+    "FusionError",
     "LoraAdapter",
     "LoraModule",
     "LoraportError",
@@ -31,6 +35,8 @@ __all__ = [
     "TransferOptions",
     "TransferResult",
     "__version__",
+    "fuse",
+    "fuse_adapters",
     "inspect_adapter",
     "load_adapter",
     "save_adapter",
