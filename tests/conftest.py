@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from threads, and on a loaded machine OpenMP spin-waiting makes
+# two threads tens of times slower than one.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,14 @@ from loraport.lowrank import balanced_factors
 from loraport.methods import METHODS, MethodContext, importance_map
 from loraport.subspace import top_k_svd
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """The references run in float64; restore the default so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def decaying(m: int, n: int, seed: int, decay: float = 0.9) -> torch.Tensor:
