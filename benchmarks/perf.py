@@ -231,11 +231,11 @@ FLOOR_SCRIPT = r"""
 import json, sys, time, torch
 from loraport.adapters import load_adapter
 from loraport.checkpoints import Checkpoint
-from loraport.transfer import TransferOptions, _Pairing
+from loraport.pairing import Pairing
 mode, adapter, source, target, k = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 torch.manual_seed(0)
 src, tgt = Checkpoint.open(source), Checkpoint.open(target)
-pairing = _Pairing(load_adapter(adapter), src, tgt, TransferOptions())
+pairing = Pairing(load_adapter(adapter), src, tgt)
 needed = []
 for unit in pairing.units:
     for ckpt, key in ((src, unit.source.key), (tgt, unit.target.key)):
@@ -260,7 +260,7 @@ import json, sys, time, torch
 from safetensors.torch import load_file
 from loraport.adapters import load_adapter
 from loraport.checkpoints import Checkpoint
-from loraport.transfer import TransferOptions, _Pairing
+from loraport.pairing import Pairing
 adapter_dir, source, target, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 start = time.perf_counter()
 def whole(path):
@@ -271,7 +271,7 @@ def whole(path):
     return state
 adapter = load_adapter(adapter_dir)
 src_state, tgt_state = whole(source), whole(target)
-pairing = _Pairing(adapter, Checkpoint.open(source), Checkpoint.open(target), TransferOptions())
+pairing = Pairing(adapter, Checkpoint.open(source), Checkpoint.open(target))
 out = {}
 for unit in pairing.units:
     m = unit.source_module

@@ -14,7 +14,6 @@ import resource
 import sys
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, lora_scale, save_adapter
-from .architectures import Architecture, ModuleSpec, architecture_for, relative_layer_map
 from .checkpoints import Checkpoint
-from .errors import AdapterError, CheckpointError, TransferError
+from .errors import TransferError
 from .io import atomic_directory, check_output_dir
 from .lowrank import balanced_factors, frobenius_norm
 from .methods import MethodContext, adapt_dimensions, get_method
+from .pairing import Pairing, Unit, linear_shape
 from .report import ModuleRecord, TransferReport
-from .subspace import (
-    Subspace,
-    SubspaceCache,
-    above_chance,
-    chance_similarity,
-    matrix_norms,
-    similarity,
-    top_k_svd,
-)
+from .store import SubspaceStore
+from .subspace import SubspaceCache, above_chance, chance_similarity, similarity
 
 log = logging.getLogger(__name__)
 
@@ -137,323 +129,6 @@ class TransferResult:
     output: Path | None = None
 
 
-# -- pairing ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Side:
-    """One module (or one fused part of it) on one side of a pairing."""
-
-    module: str
-    key: str
-    rows: tuple[int, int] | None  # part rows inside the weight, None = whole
-    shape: tuple[int, int]  # (out, in) of this part
-    layer: int
-
-
-@dataclass
-class _Unit:
-    source: _Side
-    target: _Side
-    role: str
-    source_module: LoraModule
-    target_parts: int  # how many parts the target module has (1 = plain)
-    part_index: int
-
-
-def _linear_shape(ckpt: Checkpoint, key: str, arch: Architecture) -> tuple[int, int]:
-    shape = ckpt.shape(key)
-    if len(shape) != 2:
-        raise CheckpointError(f"{ckpt.name}: {key} has shape {shape}, expected a matrix")
-    return (shape[1], shape[0]) if arch.transposed else (shape[0], shape[1])
-
-
-def _layer_count(arch: Architecture, ckpt: Checkpoint) -> int:
-    count = arch.num_layers(ckpt.config)
-    if count is not None:
-        return count
-    layers = [parsed[0] for key in ckpt.keys() if (parsed := arch.parse(key.removesuffix(".weight")))]
-    if not layers:
-        raise CheckpointError(f"{ckpt.name}: cannot find any {arch.name} decoder layer")
-    return max(layers) + 1
-
-
-class _Pairing:
-    """Pairs every source adapter module (or fused part) with its target module."""
-
-    def __init__(self, adapter: LoraAdapter, src: Checkpoint, tgt: Checkpoint, options: TransferOptions) -> None:
-        self.src, self.tgt = src, tgt
-        self.arch_s = self._arch(src)
-        self.arch_t = self._arch(tgt)
-        self.layers_s = _layer_count(self.arch_s, src)
-        self.layers_t = _layer_count(self.arch_t, tgt)
-        if options.layer_map is not None:
-            bad = [
-                f"{t}:{s}"
-                for t, s in options.layer_map.items()
-                if not (0 <= t < self.layers_t and 0 <= s < self.layers_s)
-            ]
-            if bad:
-                raise TransferError(
-                    f"--layer-map pairs out of range (target has {self.layers_t} layers, source "
-                    f"{self.layers_s}): {', '.join(bad)}"
-                )
-            self.layer_map = dict(options.layer_map)
-        else:
-            self.layer_map = relative_layer_map(self.layers_s, self.layers_t)
-        self.units: list[_Unit] = []
-        self.unpaired: list[ModuleRecord] = []
-        self._pair(adapter)
-
-    @staticmethod
-    def _arch(ckpt: Checkpoint) -> Architecture:
-        shapes = None
-        if ckpt.model_type is None or ckpt.model_type not in _known_types():
-            shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
-        return architecture_for(ckpt.config, shapes)
-
-    def _source_side(self, module: LoraModule) -> tuple[int, ModuleSpec, str] | None:
-        parsed = self.arch_s.parse(module.name)
-        if parsed is None:
-            return None
-        key = self.src.resolve_module(module.name)
-        if key is None:
-            raise AdapterError(f"adapter module {module.name} has no weight in the source base {self.src.name}")
-        shape = _linear_shape(self.src, key, self.arch_s)
-        if shape != module.shape:
-            raise AdapterError(
-                f"adapter does not fit the source base: module {module.name} has an update of shape "
-                f"{module.shape} but {self.src.name} has {key} of shape {shape} (out x in)"
-            )
-        return parsed[0], parsed[1], key
-
-    def _target_rows(self, spec: ModuleSpec, name: str, key: str) -> tuple[tuple[int, int], list[slice]]:
-        shape = _linear_shape(self.tgt, key, self.arch_t)
-        return shape, self.arch_t.part_rows(spec, self.tgt.config, shape[0], name)
-
-    def _pair(self, adapter: LoraAdapter) -> None:
-        by_layer: dict[int, list[tuple[LoraModule, ModuleSpec, str]]] = {}
-        for module in adapter.modules.values():
-            found = self._source_side(module)
-            if found is None:
-                self.unpaired.append(
-                    ModuleRecord(
-                        module.name,
-                        "",
-                        "",
-                        -1,
-                        -1,
-                        module.shape,
-                        (0, 0),
-                        "skipped",
-                        "not a decoder-layer projection of the source architecture",
-                    )
-                )
-                continue
-            layer, spec, key = found
-            by_layer.setdefault(layer, []).append((module, spec, key))
-        used_source_layers = set(self.layer_map.values())
-        for layer in sorted(set(by_layer) - used_source_layers):
-            for module, _, _ in by_layer[layer]:
-                self.unpaired.append(
-                    ModuleRecord(
-                        module.name,
-                        "",
-                        "",
-                        layer,
-                        -1,
-                        module.shape,
-                        (0, 0),
-                        "skipped",
-                        "source layer has no target layer in the layer map",
-                    )
-                )
-        for t_layer, s_layer in sorted(self.layer_map.items()):
-            for module, spec_s, key_s in by_layer.get(s_layer, []):
-                self._pair_module(module, spec_s, key_s, s_layer, t_layer)
-
-    def _pair_module(self, module: LoraModule, spec_s: ModuleSpec, key_s: str, s_layer: int, t_layer: int) -> None:
-        m_s, n_s = module.shape
-        rows_s = self.arch_s.part_rows(spec_s, self.src.config, m_s, module.name)
-        first = self.arch_t.locate(spec_s.roles[0])
-        whole = False
-        if first is not None and first[0].roles == spec_s.roles and first[0].fused == spec_s.fused:
-            spec_t = first[0]
-            name_t = self.arch_t.module_name(t_layer, spec_t.suffix)
-            key_t = self.tgt.resolve_module(name_t)
-            if key_t is not None:
-                shape_t, rows_t = self._target_rows(spec_t, name_t, key_t)
-                sizes_s = [s.stop - s.start for s in rows_s]
-                sizes_t = [s.stop - s.start for s in rows_t]
-                # Same parts of the same sizes: port the module as a whole.
-                whole = not spec_s.fused or sizes_s == sizes_t
-                if whole:
-                    self.units.append(
-                        _Unit(
-                            _Side(module.name, key_s, None, (m_s, n_s), s_layer),
-                            _Side(name_t, key_t, None, shape_t, t_layer),
-                            "+".join(spec_s.roles),
-                            module,
-                            1,
-                            0,
-                        )
-                    )
-        if whole:
-            return
-        for (role, _), rows in zip(spec_s.parts, rows_s, strict=True):
-            source = _Side(
-                module.name,
-                key_s,
-                None if not spec_s.fused else (rows.start, rows.stop),
-                (rows.stop - rows.start, n_s),
-                s_layer,
-            )
-            located = self.arch_t.locate(role)
-            if located is None:
-                self.unpaired.append(
-                    ModuleRecord(
-                        module.name,
-                        "",
-                        role,
-                        s_layer,
-                        t_layer,
-                        source.shape,
-                        (0, 0),
-                        "skipped",
-                        f"target architecture {self.arch_t.name} has no {role} module",
-                    )
-                )
-                continue
-            spec_t, index = located
-            name_t = self.arch_t.module_name(t_layer, spec_t.suffix)
-            key_t = self.tgt.resolve_module(name_t)
-            if key_t is None:
-                self.unpaired.append(
-                    ModuleRecord(
-                        module.name,
-                        name_t,
-                        role,
-                        s_layer,
-                        t_layer,
-                        source.shape,
-                        (0, 0),
-                        "skipped",
-                        f"target base has no weight for {name_t}",
-                    )
-                )
-                continue
-            shape_t, rows_t = self._target_rows(spec_t, name_t, key_t)
-            part = rows_t[index]
-            target = _Side(
-                name_t,
-                key_t,
-                None if not spec_t.fused else (part.start, part.stop),
-                (part.stop - part.start, shape_t[1]),
-                t_layer,
-            )
-            self.units.append(_Unit(source, target, role, module, len(spec_t.parts), index))
-
-
-def _known_types() -> set[str]:
-    from .architectures import KNOWN
-
-    return set(KNOWN)
-
-
-# -- subspaces --------------------------------------------------------------------------
-
-
-class SubspaceStore:
-    """Subspaces of base weights: memory, then disk cache, then read + decompose.
-
-    Reads run on one background thread, ``prefetch`` requests ahead of the consumer, so
-    reading the next weight overlaps decomposing the current one.
-    """
-
-    def __init__(self, options: TransferOptions, prefetch: int = 2) -> None:
-        self.options = options
-        self.cache = SubspaceCache(options.cache_dir) if options.use_cache else None
-        self.memory: dict[str, Subspace] = {}
-        self.prefetch = prefetch
-        self._plan: list[tuple[Checkpoint, Architecture, str, tuple[int, int] | None, int]] = []
-        self._position: dict[str, int] = {}
-        self._uses: dict[str, int] = {}
-        self._pending: dict[str, Future[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraport-read")
-        self.computed = 0
-
-    def _key(self, ckpt: Checkpoint, key: str, rows: tuple[int, int] | None, k: int) -> str:
-        o = self.options
-        return SubspaceCache.key(ckpt.fingerprint(key), rows, k, o.svd, o.oversample, o.niter, o.seed)
-
-    def plan(self, requests: list[tuple[Checkpoint, Architecture, str, tuple[int, int] | None, int]]) -> None:
-        """Declare the order in which subspaces will be asked for (enables prefetching)."""
-        self._plan = []
-        for request in requests:
-            cache_key = self._key(request[0], request[2], request[3], request[4])
-            self._uses[cache_key] = self._uses.get(cache_key, 0) + 1
-            if cache_key in self._position:
-                continue
-            self._position[cache_key] = len(self._plan)
-            self._plan.append(request)
-
-    def _read(
-        self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Read one weight as float32 ``(out, in)`` with its row/column norms (checked finite)."""
-        if arch.transposed:
-            W = ckpt.get(key).to(self.options.device, torch.float32).mT
-            W = (W if rows is None else W[rows[0]:rows[1]]).contiguous()
-        else:
-            W = ckpt.get(key, rows).to(self.options.device, torch.float32)
-        norms = matrix_norms(W)
-        # A NaN or Inf anywhere makes its row norm non-finite: no extra pass over W needed.
-        if not bool(torch.isfinite(norms[0]).all()):
-            raise CheckpointError(f"{ckpt.file_of(key)}: tensor {key} contains NaN or Inf")
-        return W, norms
-
-    def _schedule_from(self, index: int) -> None:
-        for request in self._plan[index : index + self.prefetch + 1]:
-            ckpt, arch, key, rows, k = request
-            cache_key = self._key(ckpt, key, rows, k)
-            if cache_key in self.memory or cache_key in self._pending:
-                continue
-            if self.cache is not None and self.cache._path(cache_key).exists():
-                continue
-            self._pending[cache_key] = self._pool.submit(self._read, ckpt, arch, key, rows)
-
-    def get(self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None, k: int) -> Subspace:
-        """The subspace of one weight (or row block); kept in memory only while the plan still needs it."""
-        cache_key = self._key(ckpt, key, rows, k)
-        entry = self.memory.get(cache_key)
-        if entry is None:
-            if cache_key in self._position:
-                self._schedule_from(self._position[cache_key])
-            entry = self.cache.get(cache_key) if self.cache is not None else None
-            if entry is None:
-                pending = self._pending.pop(cache_key, None)
-                W, norms = pending.result() if pending is not None else self._read(ckpt, arch, key, rows)
-                o = self.options
-                entry = top_k_svd(W, k, o.svd, oversample=o.oversample, niter=o.niter, seed=o.seed, norms=norms)
-                del W
-                self.computed += 1
-                if self.cache is not None:
-                    self.cache.put(cache_key, entry)
-            entry = entry.to(self.options.device)
-        remaining = self._uses.get(cache_key, 1) - 1
-        self._uses[cache_key] = remaining
-        if remaining > 0:
-            self.memory[cache_key] = entry
-        else:
-            self.memory.pop(cache_key, None)
-        return entry
-
-    def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 # -- the port ---------------------------------------------------------------------------
 
 
@@ -539,7 +214,7 @@ def transfer(
     src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
     tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
     method = get_method(options.method)
-    pairing = _Pairing(adapter, src, tgt, options)
+    pairing = Pairing(adapter, src, tgt, options.layer_map)
 
     report = TransferReport(
         method=options.method,
@@ -556,7 +231,14 @@ def transfer(
             f"depths differ ({pairing.layers_s} -> {pairing.layers_t}): layers paired by relative depth"
         )
 
-    store = SubspaceStore(options)
+    store = SubspaceStore(
+        SubspaceCache(options.cache_dir) if options.use_cache else None,
+        options.svd,
+        options.oversample,
+        options.niter,
+        options.seed,
+        options.device,
+    )
     try:
         parts = _run_units(pairing, method, options, store, report, progress)
     finally:
@@ -595,7 +277,7 @@ def transfer(
     return TransferResult(target_adapter, report, written)
 
 
-def _unit_requests(unit: _Unit, pairing: _Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Any]:
+def _unit_requests(unit: Unit, pairing: Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Any]:
     requests = []
     if needs_source:
         requests.append((pairing.src, pairing.arch_s, unit.source.key, unit.source.rows, k))
@@ -605,17 +287,17 @@ def _unit_requests(unit: _Unit, pairing: _Pairing, needs_source: bool, needs_tar
 
 
 def _run_units(
-    pairing: _Pairing,
+    pairing: Pairing,
     method: Any,
     options: TransferOptions,
     store: SubspaceStore,
     report: TransferReport,
     progress: bool,
-) -> list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
+) -> list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
     """Run the method on every unit; returns the transferred (unit, record, B, A) in target coordinates."""
     fallback = get_method(options.fallback) if options.fallback != "skip" else None
     want_sim = options.wants_similarity(method.needs_source or method.needs_target)
-    plans: list[tuple[_Unit, int, bool, bool, bool]] = []
+    plans: list[tuple[Unit, int, bool, bool, bool]] = []
     requests: list[Any] = []
     for unit in pairing.units:
         same = unit.source.shape == unit.target.shape
@@ -637,7 +319,7 @@ def _run_units(
             f"(smallest k used: {min(clamped)})"
         )
 
-    results: list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]] = []
+    results: list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]] = []
     bar = tqdm(
         plans,
         desc=f"loraport {options.method}",
@@ -703,7 +385,7 @@ def _run_units(
 
 
 def _assemble(
-    results: list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]], pairing: _Pairing, adapter: LoraAdapter
+    results: list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]], pairing: Pairing, adapter: LoraAdapter
 ) -> dict[str, LoraModule]:
     """Group unit results by target module, stack fused parts, re-factorise with balanced factors.
 
@@ -712,7 +394,7 @@ def _assemble(
     is the (first) source module's, the factors absorb any change of scale so that
     ``scale_out * B @ A`` equals the transferred update exactly.
     """
-    groups: dict[str, list[tuple[_Unit, ModuleRecord, torch.Tensor, torch.Tensor]]] = {}
+    groups: dict[str, list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]] = {}
     for item in results:
         groups.setdefault(item[0].target.module, []).append(item)
     modules: dict[str, LoraModule] = {}
@@ -720,7 +402,7 @@ def _assemble(
         first = items[0][0]
         alpha = first.source_module.alpha
         scale_ref = first.source_module.scale
-        m_t = _linear_shape(pairing.tgt, first.target.key, pairing.arch_t)[0]
+        m_t = linear_shape(pairing.tgt, first.target.key, pairing.arch_t)[0]
         n_t = first.target.shape[1]
         if len(items) == 1 and first.target.rows is None:
             unit, _, B, A = items[0]
@@ -754,7 +436,7 @@ def _assemble(
     return modules
 
 
-def _target_modules_field(modules: dict[str, LoraModule], pairing: _Pairing) -> list[str]:
+def _target_modules_field(modules: dict[str, LoraModule], pairing: Pairing) -> list[str]:
     """Leaf names (``q_proj``) when they select exactly the written modules, else full paths.
 
     PEFT matches a leaf name against every module of the model, so leaves are only used
