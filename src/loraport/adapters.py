@@ -132,6 +132,14 @@ def _check_config(config: Any, path: Path) -> dict[str, Any]:
     return config
 
 
+def _why_unsupported(key: str) -> str:
+    if "lora_embedding" in key:
+        return "LoRA on an embedding"
+    if "modules_to_save" in key or ".lora_" not in key:
+        return "modules_to_save copy"
+    return "unknown tensor"
+
+
 def load_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory.
 
@@ -175,42 +183,28 @@ def load_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -
         raise AdapterError(f"{root}: missing {WEIGHTS_NAME} (or {WEIGHTS_NAME_BIN})")
 
     dropped: dict[str, str] = {}
-    unsupported: list[str] = []
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _KEY_RE.match(key)
-        if match is None:
-            why = (
-                "DoRA magnitude vector"
-                if "lora_magnitude_vector" in key
-                else (
-                    "LoRA on an embedding"
-                    if "lora_embedding" in key
-                    else "modules_to_save copy"
-                    if "modules_to_save" in key or ".lora_" not in key
-                    else "unknown tensor"
-                )
-            )
-            if "lora_magnitude_vector" in key:
-                raise AdapterError(f"{weights_path}: {key}: DoRA adapters are not supported")
-            unsupported.append(key)
-            dropped[key] = why
-            continue
-        factors.setdefault(match["module"], {})[match["which"]] = tensor
-    if unsupported and not drop_unsupported:
-        first = unsupported[0]
+        if match is not None:
+            factors.setdefault(match["module"], {})[match["which"]] = tensor
+        elif "lora_magnitude_vector" in key:
+            raise AdapterError(f"{weights_path}: {key}: DoRA adapters are not supported")
+        else:
+            dropped[key] = _why_unsupported(key)
+    if dropped and not drop_unsupported:
+        first = next(iter(dropped))
         raise AdapterError(
-            f"{weights_path}: {len(unsupported)} tensor(s) are not LoRA factors of linear layers "
+            f"{weights_path}: {len(dropped)} tensor(s) are not LoRA factors of linear layers "
             f"(first: {first}, {dropped[first]}); pass drop_unsupported=True (--drop-unsupported) to port the rest"
         )
-    if config.get("modules_to_save") and not drop_unsupported:
-        raise AdapterError(
-            f"{config_path}: modules_to_save={config['modules_to_save']!r} holds full copies of source "
-            "modules that cannot be ported; pass --drop-unsupported to port the LoRA part only"
-        )
-    if config.get("modules_to_save"):
-        for name in config["modules_to_save"]:
-            dropped.setdefault(f"modules_to_save:{name}", "modules_to_save copy")
+    for name in config.get("modules_to_save") or []:
+        if not drop_unsupported:
+            raise AdapterError(
+                f"{config_path}: modules_to_save={config['modules_to_save']!r} holds full copies of source "
+                "modules that cannot be ported; pass --drop-unsupported to port the LoRA part only"
+            )
+        dropped.setdefault(f"modules_to_save:{name}", "modules_to_save copy")
     if not factors:
         raise AdapterError(f"{weights_path}: no LoRA factors found (expected base_model.model.<module>.lora_A.weight)")
 
