@@ -369,6 +369,7 @@ def main() -> None:
     parser.add_argument("--dense-scale", type=float, default=0.25, help="fraction of layers for the dense reference")
     parser.add_argument("--exact-scale", type=float, default=0.25, help="fraction of layers for exact-vs-randomized")
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--generate-only", action="store_true", help="write the bases and adapters, measure nothing")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -398,6 +399,11 @@ def main() -> None:
         return paths
 
     full = scaled(1.0)
+    if args.generate_only:
+        for scale in (0.25, 0.5):
+            scaled(scale)
+        print(f"generated in {generation:.0f} s under {work}")
+        return
     results: dict = {"generation_seconds": generation}
     scratch = Path(tempfile.mkdtemp(prefix="perf-", dir=work))
     k, method = args.k, args.method

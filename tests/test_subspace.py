@@ -129,3 +129,33 @@ def test_factored_norms_and_singular_values_match_dense() -> None:
     torch.testing.assert_close(singular_values(B, A), torch.linalg.svdvals(dense)[:5])
     P, S, Qh = product_svd(B, A)
     torch.testing.assert_close(P @ torch.diag(S) @ Qh, dense)
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e3, 1e6])
+def test_thin_qr_is_orthonormal_and_exact(condition: float) -> None:
+    from loraport.lowrank import thin_qr
+
+    g = torch.Generator().manual_seed(7)
+    U = torch.linalg.qr(torch.randn(500, 40, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64)).Q
+    X = (U * torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 40, dtype=torch.float64)) @ V.T
+    X = X.float()
+    Q, R = thin_qr(X)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(40), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q @ R, X, atol=1e-5 * float(X.abs().max()), rtol=0)
+    assert torch.allclose(R, torch.triu(R))
+
+
+def test_thin_qr_falls_back_on_rank_deficient_and_wide_input() -> None:
+    from loraport.lowrank import thin_qr
+
+    X = torch.randn(30, 6, dtype=torch.float64)
+    X[:, 5] = X[:, 0]  # rank 5
+    Q, R = thin_qr(X)
+    torch.testing.assert_close(Q @ R, X)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(6, dtype=torch.float64), atol=1e-10, rtol=0)
+    wide = torch.randn(4, 9, dtype=torch.float64)
+    Q, R = thin_qr(wide)
+    torch.testing.assert_close(Q @ R, wide)
+    Q, R = thin_qr(torch.zeros(10, 3))
+    assert torch.equal(Q @ R, torch.zeros(10, 3))

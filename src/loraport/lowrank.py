@@ -40,6 +40,34 @@ class Factors:
         return int(self.S.shape[0])
 
 
+def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR ``X = Q R`` of a tall matrix ``X (m, l)`` by CholeskyQR2 in float64.
+
+    Two rounds of ``Q <- Q chol(Q^T Q)^-T`` cost two small GEMMs and triangular solves: on
+    CPU this is several times faster than LAPACK's Householder QR for tall-skinny
+    matrices, and it does not suffer from Householder QR's thread synchronisation, which
+    on a busy 2-core machine made ``torch.linalg.qr`` of a 9216 x 72 matrix 40x slower
+    (0.6 s instead of 15 ms). The Gram matrix is formed in float64, so it is accurate for
+    condition numbers up to about 1e7; rank-deficient or worse inputs (and wide ones) fall
+    back to Householder QR. Returns ``Q`` and ``R`` in the input dtype.
+    """
+    rows, cols = X.shape
+    if rows < cols or cols == 0:
+        return torch.linalg.qr(X)
+    Q = X.double()
+    R = None
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+        diag = torch.diagonal(L)
+        if int(info) != 0 or float(diag.min()) <= 1e-7 * float(diag.max()):
+            Q64, R64 = torch.linalg.qr(X.double())
+            return Q64.to(X.dtype), R64.to(X.dtype)
+        Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
+        R = L.mT if R is None else L.mT @ R
+    assert R is not None
+    return Q.to(X.dtype), R.to(X.dtype)
+
+
 def product_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``B @ A`` from the factors: ``B @ A = P diag(S) Qh``.
 
@@ -48,16 +76,16 @@ def product_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     Returns:
         ``P (m, r)``, ``S (r,)``, ``Qh (r, n)``.
     """
-    Q_b, R_b = torch.linalg.qr(B)
-    Q_a, R_a = torch.linalg.qr(A.mT)
+    Q_b, R_b = thin_qr(B)
+    Q_a, R_a = thin_qr(A.mT)
     u, S, vh = torch.linalg.svd(R_b @ R_a.mT)
     return Q_b @ u, S, vh @ Q_a.mT
 
 
 def singular_values(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Singular values of ``B @ A`` without the dense product."""
-    R_b = torch.linalg.qr(B).R
-    R_a = torch.linalg.qr(A.mT).R
+    R_b = thin_qr(B)[1]
+    R_a = thin_qr(A.mT)[1]
     return torch.linalg.svdvals(R_b @ R_a.mT)
 
 

@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .lowrank import thin_qr
+
 ALGORITHMS = ("exact", "randomized")
 CACHE_VERSION = "1"
 
@@ -77,15 +79,15 @@ def _canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, to
 def _randomized_svd(
     W: torch.Tensor, k: int, oversample: int, niter: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Halko-Martinsson-Tropp range finder with QR-stabilised power iterations."""
+    """Halko-Martinsson-Tropp range finder with QR-stabilised power iterations (CholeskyQR2)."""
     m, n = W.shape
     width = min(k + oversample, m, n)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, width, generator=generator, dtype=W.dtype).to(W.device)
-    Q = torch.linalg.qr(W @ omega).Q
+    Q = thin_qr(W @ omega)[0]
     for _ in range(niter):
-        Q = torch.linalg.qr(W.mT @ Q).Q
-        Q = torch.linalg.qr(W @ Q).Q
+        Q = thin_qr(W.mT @ Q)[0]
+        Q = thin_qr(W @ Q)[0]
     small = Q.mT @ W  # (width, n)
     Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
     return (Q @ Ub)[:, :k], S[:k], Vh[:k].mT
@@ -166,7 +168,7 @@ def above_chance(sim: float, k: int, dim: int) -> float:
 
 def orthonormalize(X: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the column space of ``X (m, k)`` (reduced QR)."""
-    return torch.linalg.qr(X).Q
+    return thin_qr(X)[0]
 
 
 # -- cache ------------------------------------------------------------------------------
