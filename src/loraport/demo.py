@@ -1,0 +1,285 @@
+"""``loraport demo``: port the shipped LoRA to the shipped targets with every method and score each port.
+
+The package ships a small trained zoo (:func:`loraport.zoo.demo_dir`): a source model S, a
+few targets (derivatives of S at two drift levels, a model of another architecture), a
+LoRA trained on S for a memorised-facts task, the task's questions and calibration text.
+The demo evaluates each base, ports the LoRA with each method, evaluates each port with
+the ARC scorer (:mod:`loraport.evaluate`) and prints one table; reports and adapters go
+to ``--out``.
+
+The same helpers (:class:`TargetScorer`, :func:`port_and_score`) drive
+``benchmarks/quality.py``.
+
+Example::
+
+    >>> rows = run_demo(out="demo-out", methods=["identity", "prolora"])  # doctest: +SKIP
+    >>> print(format_table(rows))                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TransferError
+
+DEFAULT_METHODS = ("identity", "project", "lorax", "procrustes", "prolora")
+DEFAULT_DEMO_RANK = 64
+MIN_GAP = 0.05  # gain recovery is undefined when the oracle barely beats the base
+
+
+def gain_recovery(
+    acc: float | None, base: float | None, oracle: float | None, min_gap: float = MIN_GAP
+) -> float | None:
+    """``(acc - base) / (oracle - base)``: 1 = as good as training on the target, 0 = no gain.
+
+    ``None`` when a number is missing or the oracle's gain is below ``min_gap`` (a ratio of
+    two tiny differences means nothing).
+    """
+    if acc is None or base is None or oracle is None or oracle - base < min_gap:
+        return None
+    return (acc - base) / (oracle - base)
+
+
+@dataclass
+class PortScore:
+    """One row: an adapter (or none) on a target, with the port's report totals.
+
+    ``method`` is ``"base"`` (target alone), ``"source+adapter"`` (the source with its own
+    LoRA), ``"oracle"`` (a LoRA trained on the target) or a transfer method.
+    """
+
+    target: str
+    method: str
+    k: int | None = None
+    acc: float | None = None
+    acc_norm: float | None = None
+    n: int = 0
+    base_acc: float | None = None
+    oracle_acc: float | None = None
+    gain_recovery: float | None = None
+    mean_similarity: float | None = None
+    mean_kept_energy: float | None = None
+    transferred: int | None = None
+    skipped: int | None = None
+    transfer_seconds: float | None = None
+    eval_seconds: float | None = None
+    adapter: str | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TargetScorer:
+    """A base model loaded once (float32) that scores itself and adapters on ARC records."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], examples: list[dict], batch_size: int = 64) -> None:
+        from .evaluate import load_model, load_tokenizer
+
+        self.model_dir = Path(model_dir)
+        self.examples = examples
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model = load_model(self.model_dir)
+
+    def _score(self, model: Any) -> Any:
+        from .evaluate import evaluate
+
+        return evaluate(model, self.tokenizer, self.examples, batch_size=self.batch_size, progress=False)
+
+    def base(self) -> Any:
+        """The :class:`~loraport.evaluate.EvalResult` of the base model alone."""
+        return self._score(self.model)
+
+    def with_adapter(self, adapter_dir: str | os.PathLike[str]) -> Any:
+        """Score base + a PEFT adapter (on a copy: the base stays clean)."""
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(copy.deepcopy(self.model), str(adapter_dir))
+        return self._score(model)
+
+
+def port_and_score(
+    adapter: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    target_name: str,
+    scorer: TargetScorer,
+    method: str,
+    subspace_rank: int,
+    out_dir: str | os.PathLike[str],
+    *,
+    base_acc: float | None = None,
+    oracle_acc: float | None = None,
+    svd: str = "randomized",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> PortScore:
+    """Port ``adapter`` from ``source`` to ``scorer``'s base with ``method`` and score the result.
+
+    The adapter and its report (``loraport_report.json`` / ``.md``) are written to
+    ``out_dir``. A port where every module is skipped (``identity`` across shapes, or all
+    below a threshold) gives a row with ``acc=None`` and the reason in ``note``.
+    """
+    from .transfer import transfer
+
+    row = PortScore(target_name, method, subspace_rank, base_acc=base_acc, oracle_acc=oracle_acc)
+    started = time.perf_counter()
+    try:
+        result = transfer(
+            adapter,
+            source,
+            scorer.model_dir,
+            out_dir,
+            method=method,
+            subspace_rank=subspace_rank,
+            svd=svd,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            overwrite=True,
+            progress=False,
+        )
+    except TransferError as exc:
+        row.note = "n/a: shapes differ" if method == "identity" else f"n/a: {exc}"
+        row.k = None if method == "identity" else subspace_rank
+        return row
+    row.transfer_seconds = time.perf_counter() - started
+    totals = result.report.totals()
+    row.mean_similarity = totals["mean_similarity"]
+    row.mean_kept_energy = totals["mean_kept_energy"]
+    row.transferred, row.skipped = totals["transferred"], totals["skipped"]
+    if method == "identity":
+        row.k = None
+    scored = scorer.with_adapter(out_dir)
+    row.acc, row.acc_norm, row.n, row.eval_seconds = scored.acc, scored.acc_norm, scored.n, scored.seconds
+    row.gain_recovery = gain_recovery(row.acc, base_acc, oracle_acc)
+    row.adapter = str(out_dir)
+    return row
+
+
+# -- the demo -------------------------------------------------------------------------------
+
+
+def run_demo(
+    out: str | os.PathLike[str] | None = None,
+    methods: Sequence[str] | None = None,
+    subspace_rank: int = DEFAULT_DEMO_RANK,
+    targets: Sequence[str] | None = None,
+    say: Callable[[str], None] | None = print,
+) -> list[PortScore]:
+    """Run the demo on the shipped zoo; returns the table's rows (also written to ``out``).
+
+    Args:
+        out: where adapters, reports and ``results.json`` / ``results.md`` go (default: a new
+            temporary directory).
+        methods: transfer methods (default all five; ``identity`` only where shapes match).
+        subspace_rank: k for the subspace methods.
+        targets: shipped targets to use (default all).
+        say: progress lines (``None``: silent).
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for each tiny model are noise here
+    # One thread: these models are too small to gain from more, and on a busy machine a second
+    # OpenMP thread made the demo 20x slower (547 s instead of 27 s on 2 shared cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(out, methods, subspace_rank, targets, say)
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run_demo(
+    out: str | os.PathLike[str] | None,
+    methods: Sequence[str] | None,
+    subspace_rank: int,
+    targets: Sequence[str] | None,
+    say: Callable[[str], None] | None,
+) -> list[PortScore]:
+    import json
+
+    import torch
+
+    from .evaluate import load_arc_jsonl
+    from .zoo import demo_dir, load_manifest
+
+    zoo = load_manifest(demo_dir())
+    task = zoo.data["demo"]["task"]
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="loraport-demo-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = list(methods or DEFAULT_METHODS)
+    targets = list(targets or zoo.targets)
+    examples = load_arc_jsonl(zoo.eval_path(task))
+    adapter = zoo.lora_path(zoo.source, task)
+    source = zoo.model_path(zoo.source)
+    torch.manual_seed(0)
+
+    def note(text: str) -> None:
+        if say is not None:
+            say(text)
+
+    rows: list[PortScore] = []
+    note(f"demo zoo: {zoo.root}")
+    note(f"task {task!r}: {len(examples)} questions; adapter trained on {zoo.source}; methods {', '.join(methods)}")
+    scorer = TargetScorer(source, examples)
+    base = scorer.base()
+    rows.append(PortScore(zoo.source, "base", acc=base.acc, acc_norm=base.acc_norm, n=base.n))
+    own = scorer.with_adapter(adapter)
+    rows.append(PortScore(zoo.source, "source+adapter", acc=own.acc, acc_norm=own.acc_norm, n=own.n))
+    note(f"{zoo.source}: base acc {base.acc:.3f}, with its adapter {own.acc:.3f}")
+    for target in targets:
+        scorer = TargetScorer(zoo.model_path(target), examples)
+        base = scorer.base()
+        oracle = zoo.oracle_accuracy(target, task)
+        rows.append(PortScore(target, "base", acc=base.acc, acc_norm=base.acc_norm, n=base.n))
+        if oracle is not None:
+            rows.append(PortScore(target, "oracle", acc=oracle, n=base.n, note="trained on the target (manifest)"))
+        for method in methods:
+            row = port_and_score(
+                adapter,
+                source,
+                target,
+                scorer,
+                method,
+                subspace_rank,
+                out_dir / target / method,
+                base_acc=base.acc,
+                oracle_acc=oracle,
+                cache_dir=out_dir / ".subspace-cache",
+            )
+            rows.append(row)
+            acc = "n/a" if row.acc is None else f"{row.acc:.3f}"
+            note(f"{target}: {method} acc {acc}" + (f" ({row.note})" if row.note else ""))
+    (out_dir / "results.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    (out_dir / "results.md").write_text(format_table(rows) + "\n")
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: Sequence[PortScore]) -> str:
+    """A Markdown table of the rows (target, method, k, acc, acc_norm, gain recovery, similarity, kept energy)."""
+    head = "| target | method | k | acc | acc_norm | gain recovery | mean sim | kept energy | skipped | note |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        skipped = "-" if r.skipped is None else f"{r.skipped}/{(r.transferred or 0) + r.skipped}"
+        lines.append(
+            f"| {r.target} | {r.method} | {'-' if r.k is None else r.k} | {_fmt(r.acc)} | {_fmt(r.acc_norm)} | "
+            f"{_fmt(r.gain_recovery, 2)} | {_fmt(r.mean_similarity)} | {_fmt(r.mean_kept_energy)} | {skipped} | "
+            f"{r.note} |"
+        )
+    return "\n".join(lines)
