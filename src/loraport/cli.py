@@ -44,6 +44,15 @@ def _parse_thresholds(text: str | None) -> dict[str, float]:
 
 
 def _transfer_args(p: argparse.ArgumentParser) -> None:
+    from .calibrate import (
+        CALIBRATED,
+        DEFAULT_INIT,
+        DEFAULT_MAX_TOKENS,
+        DEFAULT_OUTPUT_WEIGHT,
+        DEFAULT_RIDGE,
+        DEFAULT_SAMPLES,
+        INITS,
+    )
     from .methods import METHODS
     from .transfer import DEFAULT_METHOD, DEFAULT_SUBSPACE_RANK
 
@@ -52,7 +61,10 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-base", required=True, help="target base model: directory or hub id")
     p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
     p.add_argument(
-        "--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help=f"transfer method (default {DEFAULT_METHOD})"
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=sorted([*METHODS, CALIBRATED]),
+        help=f"transfer method (default {DEFAULT_METHOD})",
     )
     p.add_argument(
         "--subspace-rank",
@@ -102,6 +114,45 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    calib = p.add_argument_group("calibrated transfer (--method calibrated)")
+    calib.add_argument("--calibration", default=None, metavar="FILE", help="unlabeled text, one sample per line")
+    calib.add_argument(
+        "--calib-samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        metavar="N",
+        help=f"samples used (default {DEFAULT_SAMPLES})",
+    )
+    calib.add_argument(
+        "--calib-max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="T",
+        help=f"tokens per sample (default {DEFAULT_MAX_TOKENS})",
+    )
+    calib.add_argument(
+        "--ridge",
+        default=str(DEFAULT_RIDGE),
+        metavar="LAM",
+        help=f"ridge weight toward the init, in units of the mean input energy, or 'auto' (default {DEFAULT_RIDGE})",
+    )
+    calib.add_argument(
+        "--init", default=DEFAULT_INIT, choices=list(INITS), help=f"start point's method (default {DEFAULT_INIT})"
+    )
+    calib.add_argument(
+        "--calib-output-weight",
+        type=float,
+        default=DEFAULT_OUTPUT_WEIGHT,
+        metavar="BETA",
+        help="1: match each module's whole output (default); 0: only the adapter's contribution",
+    )
+    calib.add_argument(
+        "--calib-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="rank of the ported modules (default: the source's; more rank = a bigger, often better adapter)",
+    )
 
 
 def _transfer(args: argparse.Namespace) -> int:
@@ -122,6 +173,13 @@ def _transfer(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
         drop_unsupported=args.drop_unsupported,
+        calibration=args.calibration,
+        calib_samples=args.calib_samples,
+        calib_max_tokens=args.calib_max_tokens,
+        ridge=args.ridge,
+        init=args.init,
+        calib_output_weight=args.calib_output_weight,
+        calib_rank=args.calib_rank,
     )
     result = transfer(
         args.adapter,

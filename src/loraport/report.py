@@ -47,6 +47,16 @@ class ModuleRecord:
     target_norm: float | None = None
     rank: int | None = None
     note: str = ""
+    # Calibrated transfer only (``None`` otherwise): the relative ridge weight and its absolute
+    # value lam', tokens used, and relative fit errors ||dW X_t - Y||^2 / ||Y||^2 of the init, of
+    # a plain copy (equal shapes) and of the result; Y is the teacher's module output minus the
+    # student's base output (the adapter's contribution dW_s X_s with --calib-output-weight 0).
+    ridge: float | None = None
+    ridge_abs: float | None = None
+    calib_tokens: int | None = None
+    fit_before: float | None = None
+    fit_copy: float | None = None
+    fit_after: float | None = None
 
     @property
     def transferred(self) -> bool:
@@ -72,6 +82,7 @@ class TransferReport:
     cache_hits: int = 0
     cache_misses: int = 0
     output: str | None = None
+    calibration: dict[str, Any] | None = None  # calibrated transfer: samples, tokens, seconds, peak memory
 
     # -- totals -------------------------------------------------------------------------
     @property
@@ -119,6 +130,12 @@ class TransferReport:
             f"time {self.seconds:.2f} s, peak RSS {fmt(self.peak_rss_mb)} MB, subspace cache "
             f"{self.cache_hits} hit(s) / {self.cache_misses} miss(es)",
         ]
+        if self.calibration:
+            c = self.calibration
+            lines.append(
+                f"calibration: {c['samples']} sample(s), {c['tokens']} token(s) from {c['source']}, "
+                f"{c['seconds']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB"
+            )
         reasons: dict[str, int] = {}
         for record in self.skipped:
             reasons[record.reason] = reasons.get(record.reason, 0) + 1
@@ -141,6 +158,8 @@ class TransferReport:
             "dropped": self.dropped,
             "modules": [asdict(r) for r in self.records],
         }
+        if self.calibration is not None:
+            data["calibration"] = self.calibration
         return _finite(data)
 
     def to_json(self) -> str:
@@ -180,6 +199,18 @@ class TransferReport:
                 f"| {r.source_module} | {r.target_module} | {r.role} | {r.k or ''} | {num(r.sim_U)} | "
                 f"{num(r.sim_V)} | {num(r.sim_above_chance)} | {num(r.kept_energy)} | {r.rank or ''} | {decision} |"
             )
+        calibrated = [r for r in self.records if r.fit_after is not None]
+        if calibrated:
+            lines += [
+                "",
+                "| target | ridge | lam' | tokens | fit init | fit copy | fit after |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in calibrated:
+                lines.append(
+                    f"| {r.target_module} | {num(r.ridge, 3)} | {num(r.ridge_abs, 3)} | {r.calib_tokens} | "
+                    f"{num(r.fit_before)} | {num(r.fit_copy)} | {num(r.fit_after)} |"
+                )
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike[str]) -> list[Path]:

@@ -22,6 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, lora_scale, save_adapter
+from .calibrate import (
+    CALIBRATED,
+    DEFAULT_INIT,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUT_WEIGHT,
+    DEFAULT_RIDGE,
+    DEFAULT_SAMPLES,
+    calibrate,
+    validate_settings,
+)
 from .checkpoints import Checkpoint
 from .errors import TransferError
 from .io import atomic_directory, check_output_dir
@@ -64,6 +74,15 @@ class TransferOptions:
             ``None`` (default): yes for methods that use subspaces, no for ``identity``
             (it would cost two SVDs per module for a number the method ignores);
             always on when a threshold is set.
+        calibration: ``method="calibrated"`` only (see :mod:`loraport.calibrate`): a text
+            file (one sample per line) or a list of strings; ``calib_samples`` /
+            ``calib_max_tokens`` bound how much of it is used; ``ridge`` is the relative
+            ridge weight (or ``"auto"``: per module, by held-out calibration fit);
+            ``init`` the start point's method; ``calib_truncation`` ``rrr`` (reduced-rank)
+            or ``svd``; ``calib_output_weight`` ``beta``: 1 (default) matches the module's
+            whole output, 0 only the adapter's contribution (the prototype);
+            ``calib_init_scale="fit"`` shrinks the init by its fitted scale; ``calib_rank``
+            sets the output rank (default: the source module's rank).
     """
 
     method: str = DEFAULT_METHOD
@@ -83,10 +102,22 @@ class TransferOptions:
     seed: int = 0
     drop_unsupported: bool = False
     report_similarity: bool | None = None
+    calibration: str | os.PathLike[str] | list[str] | None = None
+    calib_samples: int = DEFAULT_SAMPLES
+    calib_max_tokens: int = DEFAULT_MAX_TOKENS
+    ridge: float | str = DEFAULT_RIDGE
+    init: str = DEFAULT_INIT
+    calib_truncation: str = "rrr"
+    calib_output_weight: float = DEFAULT_OUTPUT_WEIGHT
+    calib_init_scale: str = "none"
+    calib_batch_size: int = 16
+    calib_rank: int | None = None
 
     def validate(self) -> None:
+        if self.method == CALIBRATED:
+            validate_settings(self)
         try:
-            get_method(self.method)
+            get_method(self.init_method if self.method == CALIBRATED else self.method)
             if self.fallback != "skip":
                 fallback = get_method(self.fallback)
                 if fallback.name == self.method:
@@ -103,6 +134,11 @@ class TransferOptions:
             raise TransferError(f"similarity must be one of {SIMILARITY_MODES}, got {self.similarity!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TransferError("--device cuda requested but CUDA is not available")
+
+    @property
+    def init_method(self) -> str:
+        """The per-module method whose output calibration starts from (``zero`` starts from the copy's units)."""
+        return "identity" if self.init == "zero" else self.init
 
     @property
     def thresholded(self) -> bool:
@@ -213,7 +249,8 @@ def transfer(
         adapter = load_adapter(adapter, drop_unsupported=options.drop_unsupported)
     src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
     tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
-    method = get_method(options.method)
+    calibrated = options.method == CALIBRATED
+    method = get_method(options.init_method if calibrated else options.method)
     pairing = Pairing(adapter, src, tgt, options.layer_map)
 
     report = TransferReport(
@@ -221,7 +258,7 @@ def transfer(
         source_base=src.name,
         target_base=tgt.name,
         adapter=str(adapter.path) if adapter.path else "<in memory>",
-        options={k: v for k, v in asdict(options).items() if k not in ("cache_dir",)},
+        options={k: v for k, v in asdict(options).items() if k not in ("cache_dir", "calibration")},
         layer_map=pairing.layer_map,
         dropped=dict(adapter.dropped),
     )
@@ -243,6 +280,8 @@ def transfer(
         parts = _run_units(pairing, method, options, store, report, progress)
     finally:
         store.close()
+    if calibrated:
+        parts = calibrate(parts, pairing, adapter, options, report, progress)
     report.records += pairing.unpaired
     if store.cache is not None:
         report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
@@ -407,7 +446,7 @@ def _assemble(
         if len(items) == 1 and first.target.rows is None:
             unit, _, B, A = items[0]
             B = B * (unit.source_module.scale / scale_ref)
-            max_rank = unit.source_module.rank
+            max_rank = max(unit.source_module.rank, B.shape[1])  # calibrated may be asked for more
         else:
             blocks_B, blocks_A = [], []
             for unit, _, B_part, A_part in items:
@@ -417,7 +456,7 @@ def _assemble(
                 blocks_B.append(block)
                 blocks_A.append(A_part)
             B, A = torch.cat(blocks_B, dim=1), torch.cat(blocks_A, dim=0)
-            max_rank = sum(item[0].source_module.rank for item in items)
+            max_rank = sum(max(item[0].source_module.rank, item[2].shape[1]) for item in items)
         factors = balanced_factors(B.double(), A.double(), max_rank=max_rank)
         for item in items:
             item[1].rank = factors.rank
