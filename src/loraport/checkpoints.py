@@ -181,7 +181,7 @@ class Checkpoint:
             if isinstance(handle, _SafetensorsFile):
                 return handle.get_tensor(key, rows)
             tensor = handle.get_tensor(key)
-            return tensor if rows is None else tensor[rows[0]:rows[1]]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]
         except CheckpointError:
             raise
         except Exception as exc:
@@ -248,9 +248,18 @@ class Checkpoint:
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100 * 2**20
 
