@@ -217,6 +217,7 @@ def test_infinite_ridge_returns_the_init_end_to_end(cal, tmp_path) -> None:
 def test_derivative_port_fits_better_than_copying_and_loads_in_peft(cal, tmp_path) -> None:
     result, out = _port(cal, tmp_path, ridge=0.1, report_path=tmp_path / "report.json")
     records = result.report.records
+    assert all(r.kept_energy is not None and r.kept_energy != pytest.approx(1.0) for r in records)
     assert all(r.fit_after <= r.fit_copy + 1e-9 for r in records)  # the copy is a candidate of the ridge problem
     assert sum(r.fit_after for r in records) < 0.9 * sum(r.fit_copy for r in records)
     assert peft_load_and_forward(cal["D"], out) > 1e-4

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .adapters import LoraAdapter
 from .checkpoints import Checkpoint
 from .errors import LoraportError, TransferError
+from .lowrank import frobenius_norm
 from .methods.calibrated import (
     Moments,
     calibrated_update,
@@ -599,6 +600,9 @@ class Calibrator:
             return relative_fit_error(B, A, plan.B_s, stats, scale=plan.scale, extra_weight=beta)
 
         record.ridge, record.ridge_abs, record.calib_tokens = lam, factors.lam_prime, sum(acc.tokens)
+        record.source_norm = plan.scale * frobenius_norm(plan.B_s, plan.A_s)
+        record.target_norm = plan.scale * frobenius_norm(factors.B, factors.A)
+        record.kept_energy = record.target_norm / record.source_norm if record.source_norm > 0 else 0.0
         record.fit_before = fit(B0, A0)
         same = plan.unit.source.shape == plan.unit.target.shape
         record.fit_copy = fit(plan.B_s, plan.A_s) if same else None
