@@ -75,8 +75,10 @@ def adapted_reference(ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor, t
 def reference(name: str, ctx: MethodContext) -> torch.Tensor:
     U_s, V_s, U_t, V_t = ctx.source.U, ctx.source.V, ctx.target.U, ctx.target.V
     dW = ctx.B @ ctx.A
-    if name == "identity":
+    if name == "identity" or (name == "auto" and ctx.same_shape):
         return dW
+    if name == "auto":
+        return reference("prolora", ctx)
     if name == "project":
         dWa = dW if ctx.same_shape else adapted_reference(ctx)[0]
         return proj(U_t) @ dWa @ proj(V_t)
@@ -118,7 +120,7 @@ def test_same_shape_matches_dense_reference(name: str, shape: tuple[int, int], k
     assert result.B.shape[1] <= ctx.B.shape[1]  # rank <= r
 
 
-@pytest.mark.parametrize("name", ["project", "lorax", "procrustes", "prolora"])
+@pytest.mark.parametrize("name", ["project", "lorax", "procrustes", "prolora", "auto"])
 @pytest.mark.parametrize(("ms", "mt", "k"), DIFFERENT)
 def test_different_shapes_match_dense_reference(name: str, ms, mt, k: int) -> None:
     ctx, _, _ = context(ms, mt, k)

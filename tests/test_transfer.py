@@ -264,3 +264,19 @@ def test_k_above_min_dimension_is_clamped_and_reported(zoo, tmp_path) -> None:
     )
     assert any("clamped" in note for note in result.report.notes)
     assert max(r.k for r in result.report.records) == 64  # min(m, n) of the tiny llama matrices
+
+
+def test_default_method_copies_equal_shapes_and_adapts_the_rest(zoo, tmp_path) -> None:
+    same = transfer(zoo.llama_adapter, zoo.llama, zoo.llama_derivative, tmp_path / "a", progress=False)
+    assert same.report.method == "auto" and same.report.cache_misses == 0  # no SVD needed
+    source, target = dense_updates(zoo.llama_adapter), dense_updates(tmp_path / "a")
+    for name in source:
+        torch.testing.assert_close(target[name], source[name], rtol=1e-5, atol=1e-6)
+    cross = transfer(zoo.qwen2_adapter, zoo.qwen2, zoo.gemma2, tmp_path / "b", subspace_rank=16, progress=False)
+    transfer(
+        zoo.qwen2_adapter, zoo.qwen2, zoo.gemma2, tmp_path / "c", method="prolora", subspace_rank=16, progress=False
+    )
+    assert all(r.note.startswith("auto: prolora") for r in cross.report.transferred)
+    a, b = dense_updates(tmp_path / "b"), dense_updates(tmp_path / "c")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

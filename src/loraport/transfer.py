@@ -44,7 +44,7 @@ from .subspace import SubspaceCache, above_chance, chance_similarity, similarity
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "prolora"
+DEFAULT_METHOD = "auto"
 DEFAULT_SUBSPACE_RANK = 64
 SIMILARITY_MODES = ("min", "mean", "U", "V")
 THRESHOLD_ON = ("raw", "above_chance")

@@ -1,11 +1,12 @@
 """Transfer methods, one per file, behind one registry (SPEC sec. 4).
 
 >>> sorted(METHODS)
-['identity', 'lorax', 'procrustes', 'project', 'prolora']
+['auto', 'identity', 'lorax', 'procrustes', 'project', 'prolora']
 """
 
 from __future__ import annotations
 
+from .auto import auto
 from .base import Adapted, MethodContext, MethodInfo, MethodResult, adapt_dimensions, importance_map
 from .identity import identity
 from .lorax import lorax
@@ -16,6 +17,13 @@ from .prolora import prolora
 METHODS: dict[str, MethodInfo] = {
     info.name: info
     for info in (
+        MethodInfo(
+            "auto",
+            auto,
+            needs_source=False,
+            needs_target=False,
+            summary="identity where shapes match, prolora where they differ (the default)",
+        ),
         MethodInfo(
             "identity",
             identity,
@@ -63,6 +71,7 @@ __all__ = [
     "MethodInfo",
     "MethodResult",
     "adapt_dimensions",
+    "auto",
     "get_method",
     "identity",
     "importance_map",
