@@ -245,6 +245,17 @@ class _UnitPlan:
     result: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> None:
+    """``out += a^T b`` (``a: (T, p)``, ``b: (T, q)``): float32 products, float64 sums, in column blocks.
+
+    A whole ``q x q`` float32 product plus its float64 copy would be 1.5x the accumulator
+    (n = 9216: 1 GB); blocks of 1024 columns bound the temporaries to ``p x 1024``.
+    """
+    for start in range(0, b.shape[1], block):
+        stop = min(start + block, b.shape[1])
+        out[:, start:stop] += a.mT @ b[:, start:stop]
+
+
 class _Accumulator:
     """Moments of one stage: Grams per distinct input, cross moments per unit, per fold."""
 
@@ -279,15 +290,15 @@ class _Accumulator:
                 self.target_cross[index] = [torch.zeros(m, n, dtype=f64, device=self.device) for _ in range(self.folds)]
                 self.target_code[index] = [torch.zeros(r, m, dtype=f64, device=self.device) for _ in range(self.folds)]
                 self.target_energy[index] = [0.0] * self.folds
-        self.cross[index][fold] += (code.mT @ x).double()
-        self.code_gram[index][fold] += (code.mT @ code).double()
+        _add_product(self.cross[index][fold], code, x)
+        _add_product(self.code_gram[index][fold], code, code)
         if self.extra and extra is not None:
-            self.target_cross[index][fold] += (extra.mT @ x).double()
-            self.target_code[index][fold] += (code.mT @ extra).double()
-            self.target_energy[index][fold] += float((extra.double() ** 2).sum())
+            _add_product(self.target_cross[index][fold], extra, x)
+            _add_product(self.target_code[index][fold], code, extra)
+            self.target_energy[index][fold] += float(extra.square().sum(dtype=torch.float64))
 
     def add_gram(self, group: str, fold: int, x: torch.Tensor) -> None:
-        self.grams[group][fold] += (x.mT @ x).double()
+        _add_product(self.grams[group][fold], x, x)
 
     def moments(self, index: int, folds: Iterable[int]) -> Moments:
         group = self.group_of[index]
@@ -297,7 +308,7 @@ class _Accumulator:
                 self.grams[group][fold],
                 self.cross[index][fold],
                 self.code_gram[index][fold],
-                0,
+                self.tokens[fold],
                 self.target_cross[index][fold] if self.extra else None,
                 self.target_energy[index][fold] if self.extra else 0.0,
                 self.target_code[index][fold] if self.extra else None,
@@ -308,7 +319,11 @@ class _Accumulator:
 
 
 def _init_shrinkage(plan: _UnitPlan, stats: Moments) -> float:
-    """Best scalar ``w`` in ``[0, 1]`` for ``w dW_0`` on the calibration data (similarity-aware init)."""
+    """Best scalar ``w`` in ``[0, 1]`` for ``w dW_0`` to reproduce ``dW_s X_s`` (similarity-aware init).
+
+    ``w`` measures how well the init's effect on the student's inputs agrees with the
+    adapter's on the teacher's (fitted on the adapter's contribution, also with output matching).
+    """
     if plan.B0.shape[1] == 0:
         return 0.0
     B0, A0 = plan.B0.double(), plan.A0.double()
@@ -401,7 +416,7 @@ class Calibrator:
         for module in self.adapter.modules.values():
             parsed = arch.parse(module.name)
             if parsed is not None and parsed[0] == layer:
-                dW = module.scale * (module.B.double() @ module.A.double())
+                dW = module.scale * (module.B.float() @ module.A.float())  # the layers run in float32
                 extra[f"{parsed[1].suffix}.weight"] = dW.mT if arch.transposed else dW
         return extra
 

@@ -126,13 +126,16 @@ class CalibratedFactors:
 
 
 def _cholesky(gram: torch.Tensor, lam_prime: float) -> torch.Tensor:
-    n = gram.shape[0]
-    H = gram + lam_prime * torch.eye(n, dtype=gram.dtype, device=gram.device)
-    L, info = torch.linalg.cholesky_ex(H)
+    """Lower Cholesky factor of ``gram + lam' I``, computed in one ``n x n`` buffer (n = 9216: 680 MB)."""
+    H = gram.clone()
+    H.diagonal().add_(lam_prime)
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
+    L, info = torch.linalg.cholesky_ex(H, out=(H, info))
     if int(info) != 0:
         # Only when lam' is ~0 and the inputs are rank deficient: add a tiny jitter.
-        jitter = 1e-10 * float(torch.diagonal(gram).mean().clamp(min=1e-30))
-        L = torch.linalg.cholesky(H + jitter * torch.eye(n, dtype=gram.dtype, device=gram.device))
+        H.copy_(gram)
+        H.diagonal().add_(lam_prime + 1e-10 * float(torch.diagonal(gram).mean().clamp(min=1e-30)))
+        L = torch.linalg.cholesky(H, out=H)
     return L
 
 
@@ -183,14 +186,18 @@ def calibrated_update(
         if stats.target_cross is None:
             raise ValueError("extra_weight needs stats.target_cross (moments built with an extra target)")
         # Dense: (Y X^T + lam' dW_0) / s, then W = rhs H^-1 (m x n).
-        rhs = B_s @ Z + (extra_weight / scale) * stats.target_cross.to(dtype) + lam_prime * (B_0 @ A_0)
+        rhs = stats.target_cross.to(dtype) * (extra_weight / scale)  # built in place: m x n can be 100+ MB
+        rhs.addmm_(B_s, Z)
+        if B_0.shape[1]:
+            rhs.addmm_(B_0, A_0, alpha=lam_prime)
         W = torch.cholesky_solve(rhs.mT, L).mT
+        del rhs
         if truncation == "svd":
             P = _top_left_vectors(W, rank)
             dropped = 1 - float((P.mT @ W).square().sum()) / max(float(W.square().sum()), 1e-300)
         else:
-            P = _top_left_vectors(W @ L, rank)  # W H W^T = (W L)(W L)^T
-            WL = W @ L
+            WL = W @ L  # W H W^T = (W L)(W L)^T
+            P = _top_left_vectors(WL, rank)
             dropped = 1 - float((P.mT @ WL).square().sum()) / max(float(WL.square().sum()), 1e-300)
         f = balanced_factors(P, P.mT @ W, max_rank=rank)
         return CalibratedFactors(f.B, f.A, lam_prime, max(0.0, dropped))
