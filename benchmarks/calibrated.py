@@ -230,7 +230,7 @@ def run(args: argparse.Namespace, names: list[str], isolated: bool) -> list[dict
                               cache_dir=str(work / ".subspace-cache"), svd="exact", **options)  # fmt: skip
                 measured = port(kwargs, isolated)
                 row = {"task": task, "target": target, "name": name, "options": specs[name], "base": base,
-                       "oracle": oracle, **measured}  # fmt: skip
+                       "oracle": oracle, "load": os.getloadavg()[0], **measured}  # fmt: skip
                 if measured["error"] is None:
                     acc = scorer.with_adapter(out_dir).acc
                     row["acc"] = acc
@@ -333,11 +333,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = run(args, args.final, isolated=True)
     baseline = import_baseline_mb()
+    loads = [r["load"] for r in rows if r.get("load") is not None] or [os.getloadavg()[0]]
     text = ["# Calibrated transfer vs copying vs subspace methods on the zoo", "",
-            f"Produced by `{command}` ({time.perf_counter() - started:.0f} s this run, {os.cpu_count()} cores, "
-            f"{args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}). Each port ran in a fresh "
-            "process; time is the `transfer()` call (calibration included), peak RSS the process's.", "",
-            *final_table(rows, baseline)]  # fmt: skip
+            f"Produced by `{command}` on {os.cpu_count()} shared cores, {args.threads} torch thread(s), load "
+            f"average {min(loads):.1f}-{max(loads):.1f} while the rows were computed (rows are cached in "
+            f"`{args.work}/rows.json`). Each port ran in a fresh process; time is the `transfer()` call "
+            "(reading the text, both models' forward passes and the solves included), peak RSS the process's. "
+            "The calibration text is the zoo's `calibration.txt` (generic sentences, no task data) unless the "
+            "row says *domain text*: the task's training questions as prompts, without answers. Variants "
+            "tried: [calibrated_exploration.md](calibrated_exploration.md); what they mean: "
+            "[docs/methods.md](../../docs/methods.md#calibrated-transfer---method-calibrated-loraportcalibrate-loraportmethodscalibrated).",
+            "", *final_table(rows, baseline)]  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n", encoding="utf-8")

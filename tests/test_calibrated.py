@@ -367,6 +367,20 @@ def test_bad_calibration_file_exits_2_and_writes_nothing(cal, tmp_path, capsys, 
     assert message in err and name in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_flags_reach_the_port(cal, tmp_path, capsys) -> None:
+    out = tmp_path / "cli-ok"
+    code = main(
+        ["transfer", "--adapter", str(cal["lora"]), "--source-base", str(cal["S"]), "--target-base", str(cal["D"]),
+         "--out", str(out), "--method", "calibrated", "--calibration", str(cal["text"]), "--calib-samples", "8",
+         "--calib-max-tokens", "6", "--ridge", "0.5", "--calib-output-weight", "0", "--calib-rank", "2",
+         "--report", str(tmp_path / "r.json"), "--quiet"]
+    )  # fmt: skip
+    assert code == 0 and "calibration: 8 sample(s)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["options"]["ridge"] == 0.5 and report["options"]["calib_output_weight"] == 0.0
+    assert all(m["rank"] <= 2 and m["calib_tokens"] <= 48 for m in report["modules"])
+
+
 def test_missing_calibration_and_other_tokenizer(cal, tmp_path, capsys) -> None:
     code, _ = _cli(cal, tmp_path, tmp_path / "nope.txt")
     assert code == 2 and "calibration file not found" in capsys.readouterr().err
