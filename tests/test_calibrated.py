@@ -176,14 +176,19 @@ def cal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "Q": make_tiny_model("qwen2", root / "Q", seed=2, hidden=48, layers=2, heads=4, kv_heads=2, vocab=vocab),
     }
+    paths["P"] = make_tiny_model("phi3", root / "P", seed=3, layers=2, vocab=vocab)
+    paths["T"] = make_tiny_model("gpt2", root / "T", seed=4, layers=2, vocab=vocab)
     paths["D"] = perturb_model(paths["S"], root / "D", 0.2)
+    paths["P2"] = perturb_model(paths["P"], root / "P2", 0.2)
     paths["G2"] = perturb_model(paths["G"], root / "G2", 0.2)
     paths["Q2"] = perturb_model(paths["Q"], root / "Q2", 0.2)
-    for name in ("S", "D", "G", "G2", "Q", "Q2"):
+    for name in ("S", "D", "G", "G2", "Q", "Q2", "P", "P2", "T"):
         tok.save_pretrained(str(paths[name]))
     paths["lora"] = make_random_adapter(paths["S"], root / "lora", r=4)
     paths["lora_G"] = make_random_adapter(paths["G"], root / "lora_G", r=4)
     paths["lora_Q"] = make_random_adapter(paths["Q"], root / "lora_Q", r=4)
+    paths["lora_P"] = make_random_adapter(paths["P"], root / "lora_P", r=4)
+    paths["lora_T"] = make_random_adapter(paths["T"], root / "lora_T", r=4)
     paths["text"] = write_lines(root / "calib.txt", CorpusGenerator(5).sentences(24))
     return paths
 
@@ -205,6 +210,22 @@ def test_same_base_returns_the_source_adapter(cal, tmp_path) -> None:
         assert record.fit_after is not None and record.fit_after < 1e-6
         assert record.rank is not None and record.rank <= 4
     assert result.report.calibration["tokens"] > 100
+
+
+@pytest.mark.parametrize(("base", "adapter"), [("P", "lora_P"), ("T", "lora_T")])
+def test_fused_and_conv1d_modules_on_the_same_base_return_the_source(cal, tmp_path, base, adapter) -> None:
+    """Phi-3's fused qkv_proj / gate_up_proj and GPT-2's transposed Conv1D weights."""
+    _, out = _port(cal, tmp_path, source=base, target=base, adapter=adapter)
+    source, ported = dense_updates(cal[adapter]), dense_updates(out)
+    assert set(source) == set(ported)
+    for name in source:
+        torch.testing.assert_close(ported[name], source[name], rtol=1e-3, atol=1e-4 * float(source[name].abs().max()))
+
+
+def test_phi3_derivative_port_loads_in_peft(cal, tmp_path) -> None:
+    result, out = _port(cal, tmp_path, source="P", target="P2", adapter="lora_P")
+    assert all(r.fit_after <= r.fit_copy + 1e-9 for r in result.report.records)
+    assert peft_load_and_forward(cal["P2"], out) > 1e-4
 
 
 def test_infinite_ridge_returns_the_init_end_to_end(cal, tmp_path) -> None:
