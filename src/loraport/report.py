@@ -119,16 +119,16 @@ class TransferReport:
         """The closing summary printed by the command line."""
         t = self.totals()
 
-        def fmt(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.3f}"
+        def fmt(value: float | None, digits: int = 3) -> str:
+            return "n/a" if value is None else f"{value:.{digits}f}"
 
         lines = [
             f"{self.method}: {t['transferred']}/{t['units']} module(s) transferred, {t['skipped']} skipped "
             f"-> {t['output_modules']} target module(s)",
             f"mean similarity {fmt(t['mean_similarity'])} (above chance {fmt(t['mean_similarity_above_chance'])}), "
             f"mean kept energy {fmt(t['mean_kept_energy'])}",
-            f"time {self.seconds:.2f} s, peak RSS {fmt(self.peak_rss_mb)} MB, subspace cache "
-            f"{self.cache_hits} hit(s) / {self.cache_misses} miss(es)",
+            f"time {self.seconds:.2f} s, peak RSS {fmt(self.peak_rss_mb, 0)} MB, "
+            f"subspace cache {self.cache_hits} hit(s) / {self.cache_misses} miss(es)",
         ]
         if self.calibration:
             c = self.calibration
