@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import TransferError
 
-DEFAULT_METHODS = ("identity", "project", "lorax", "procrustes", "prolora")
+DEFAULT_METHODS = ("identity", "project", "lorax", "procrustes", "prolora", "calibrated")
 DEFAULT_DEMO_RANK = 64
 MIN_GAP = 0.05  # gain recovery is undefined when the oracle barely beats the base
 
@@ -122,12 +122,15 @@ def port_and_score(
     oracle_acc: float | None = None,
     svd: str = "randomized",
     cache_dir: str | os.PathLike[str] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
 ) -> PortScore:
     """Port ``adapter`` from ``source`` to ``scorer``'s base with ``method`` and score the result.
 
     The adapter and its report (``loraport_report.json`` / ``.md``) are written to
     ``out_dir``. A port where every module is skipped (``identity`` across shapes, or all
-    below a threshold) gives a row with ``acc=None`` and the reason in ``note``.
+    below a threshold), or that the method refuses (``calibrated`` across widths), gives a
+    row with ``acc=None`` and the reason in ``note``. ``calibration`` is the text file for
+    ``method="calibrated"``.
     """
     from .transfer import transfer
 
@@ -145,17 +148,18 @@ def port_and_score(
             cache_dir=None if cache_dir is None else str(cache_dir),
             overwrite=True,
             progress=False,
+            calibration=calibration if method == "calibrated" else None,
         )
     except TransferError as exc:
         row.note = "n/a: shapes differ" if method == "identity" else f"n/a: {exc}"
-        row.k = None if method == "identity" else subspace_rank
+        row.k = None if method in ("identity", "calibrated") else subspace_rank
         return row
     row.transfer_seconds = time.perf_counter() - started
     totals = result.report.totals()
     row.mean_similarity = totals["mean_similarity"]
     row.mean_kept_energy = totals["mean_kept_energy"]
     row.transferred, row.skipped = totals["transferred"], totals["skipped"]
-    if method == "identity":
+    if method in ("identity", "calibrated"):  # calibrated starts from the copy: no subspace rank involved
         row.k = None
     scored = scorer.with_adapter(out_dir)
     row.acc, row.acc_norm, row.n, row.eval_seconds = scored.acc, scored.acc_norm, scored.n, scored.seconds
@@ -179,7 +183,8 @@ def run_demo(
     Args:
         out: where adapters, reports and ``results.json`` / ``results.md`` go (default: a new
             temporary directory).
-        methods: transfer methods (default all five; ``identity`` only where shapes match).
+        methods: transfer methods (default: the five data-free methods and ``calibrated``, on the
+            shipped calibration text; ``identity`` and ``calibrated`` only where shapes match).
         subspace_rank: k for the subspace methods.
         targets: shipped targets to use (default all).
         say: progress lines (``None``: silent).
@@ -258,6 +263,7 @@ def _run_demo(
                 base_acc=base.acc,
                 oracle_acc=oracle,
                 cache_dir=out_dir / ".subspace-cache",
+                calibration=zoo.calibration_path,
             )
             rows.append(row)
             acc = "n/a" if row.acc is None else f"{row.acc:.3f}"

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .lowrank import thin_qr
+from .lowrank import stabilize, thin_qr
 
 ALGORITHMS = ("exact", "randomized")
 CACHE_VERSION = "1"
@@ -79,18 +79,26 @@ def _canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, to
 def _randomized_svd(
     W: torch.Tensor, k: int, oversample: int, niter: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Halko-Martinsson-Tropp range finder with QR-stabilised power iterations (CholeskyQR2)."""
+    """Halko-Martinsson-Tropp range finder with stabilised power iterations.
+
+    ``2 niter + 2`` products with ``W`` (as ``torch.svd_lowrank``). The power iterations
+    keep their bases well conditioned with one CholeskyQR round (:func:`stabilize`); the
+    final bases are orthonormalised with CholeskyQR2. The small factor ``Q^T W`` is taken
+    as ``Y = W^T Q (n, l)`` and reduced by a QR, so the only SVD is of an ``l x l`` matrix
+    (an SVD of the wide ``l x n`` factor cost several times more).
+    """
     m, n = W.shape
     width = min(k + oversample, m, n)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, width, generator=generator, dtype=W.dtype).to(W.device)
-    Q = thin_qr(W @ omega)[0]
+    Y = W @ omega
     for _ in range(niter):
-        Q = thin_qr(W.mT @ Q)[0]
-        Q = thin_qr(W @ Q)[0]
-    small = Q.mT @ W  # (width, n)
-    Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    return (Q @ Ub)[:, :k], S[:k], Vh[:k].mT
+        Y = W @ stabilize(W.mT @ stabilize(Y))
+    Q = thin_qr(Y)[0]
+    # Q^T W = Y^T = R_y^T Q_y^T = (Ub S Vbh) Q_y^T  =>  W ~ (Q Ub) S (Q_y Vbh^T)^T
+    Q_y, R_y = thin_qr(W.mT @ Q)
+    Ub, S, Vbh = torch.linalg.svd(R_y.mT)
+    return (Q @ Ub)[:, :k], S[:k], (Q_y @ Vbh.mT)[:, :k]
 
 
 def top_k_svd(
@@ -131,9 +139,19 @@ def top_k_svd(
     return Subspace(U=U.contiguous(), S=S.contiguous(), V=V.contiguous(), row_norms=row_norms, col_norms=col_norms)
 
 
-def matrix_norms(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 norms of the rows and of the columns of ``W``."""
-    return torch.linalg.vector_norm(W, dim=1), torch.linalg.vector_norm(W, dim=0)
+def matrix_norms(W: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 norms of the rows and of the columns of ``W``.
+
+    Column norms are accumulated over blocks of ``block`` rows: a strided reduction over
+    dim 0 of a large row-major matrix is about 10x slower on CPU.
+    """
+    if W.shape[0] <= block or W.device.type != "cpu":
+        return torch.linalg.vector_norm(W, dim=1), torch.linalg.vector_norm(W, dim=0)
+    squares = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device)
+    for start in range(0, W.shape[0], block):
+        chunk = W[start : start + block]
+        squares.add_((chunk * chunk).sum(0))
+    return torch.linalg.vector_norm(W, dim=1), squares.sqrt_()
 
 
 def similarity(U_s: torch.Tensor, U_t: torch.Tensor) -> float:
