@@ -144,7 +144,17 @@ def balanced_factors(
     """
     if B.shape[1] == 0:
         return Factors(B, A, B.new_zeros(0))
-    P, S, Qh = product_svd(B, A)
+    return factors_from_svd(*product_svd(B, A), max_rank=max_rank, rtol=rtol)
+
+
+def factors_from_svd(
+    P: torch.Tensor, S: torch.Tensor, Qh: torch.Tensor, max_rank: int | None = None, rtol: float = DEFAULT_RTOL
+) -> Factors:
+    """Balanced factors of ``P diag(S) Qh`` (a thin SVD, ``S`` descending), rank ``<= max_rank``.
+
+    Directions with ``S_i <= rtol S_0`` are dropped as numerically zero; beyond
+    ``max_rank`` the smallest are truncated and their share of the energy is reported.
+    """
     keep = int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
     dropped = 0.0
     if max_rank is not None and keep > max_rank:

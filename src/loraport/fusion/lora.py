@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
 from ..io import atomic_directory, check_output_dir
-from ..lowrank import DEFAULT_RTOL, Factors, balanced_factors, frobenius_norm
+from ..lowrank import DEFAULT_RTOL, Factors, balanced_factors, factors_from_svd, frobenius_norm
 from . import baselines
-from .methods import FuseOptions, FusionError, rgsp_fields
+from .methods import FuseOptions, FusionError, rgsp_with_options
 from .models import FusionResult, resolve_options
 from .report import FusionReport, TensorRecord, layer_of, peak_rss_mb
-from .rgsp import position_on_line, rgsp_fuse
+from .rgsp import position_on_line
 
 ADAPTER_REPORT_NAME = "loraport_fusion_report.json"
 
@@ -55,14 +55,7 @@ def dense_factors(D: torch.Tensor, max_rank: int | None = None, rtol: float = DE
     ``||D||_F^2``.
     """
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-    keep = int((rtol * S[0] < S).sum()) if S.numel() and S[0] > 0 else 0
-    dropped = 0.0
-    if max_rank is not None and keep > max_rank:
-        total = float((S**2).sum())
-        dropped = float((S[max_rank:keep] ** 2).sum()) / total if total > 0 else 0.0
-        keep = max_rank
-    root = torch.sqrt(S[:keep])
-    return Factors(U[:, :keep] * root, root[:, None] * Vh[:keep], S[:keep].clone(), dropped)
+    return factors_from_svd(U, S, Vh, max_rank=max_rank, rtol=rtol)
 
 
 def _scaled(module: LoraModule, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,19 +97,7 @@ def _fuse_module(a: LoraModule, b: LoraModule, options: FuseOptions, max_rank: i
         merged = baselines.ties([dW_a, dW_b], torch.zeros_like(dW_a), options.density, options.scaling)
         fields["position"] = position_on_line(dW_a, dW_b, merged)
     else:
-        merged, record = rgsp_fuse(
-            dW_a,
-            dW_b,
-            rank=min(options.rank, max(a.rank, b.rank)),
-            epsilon=options.epsilon,
-            beta=options.beta,
-            gamma=options.gamma,
-            tfi_eps=options.tfi_eps,
-            svd=options.svd,
-            seed=options.seed,
-            gw_max_iter=options.gw_max_iter,
-        )
-        fields = rgsp_fields(record)
+        merged, fields = rgsp_with_options(options, dW_a, dW_b, min(options.rank, max(a.rank, b.rank)))
     if not torch.isfinite(merged).all():
         raise FusionError(f"module {a.name}: {method} produced non-finite values")
     return dense_factors(merged, max_rank), fields

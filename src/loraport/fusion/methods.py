@@ -140,6 +140,25 @@ class FuseOptions:
         return asdict(self)
 
 
+def rgsp_with_options(
+    options: FuseOptions, W_A: torch.Tensor, W_B: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`~loraport.fusion.rgsp.rgsp_fuse` with ``options``' settings at ``rank``; ``(merged, record fields)``."""
+    merged, record = rgsp_fuse(
+        W_A,
+        W_B,
+        rank=rank,
+        epsilon=options.epsilon,
+        beta=options.beta,
+        gamma=options.gamma,
+        tfi_eps=options.tfi_eps,
+        svd=options.svd,
+        seed=options.seed,
+        gw_max_iter=options.gw_max_iter,
+    )
+    return merged, rgsp_fields(record)
+
+
 def merge_tensor(
     options: FuseOptions, W_A: torch.Tensor, W_B: torch.Tensor, W_C: torch.Tensor | None
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -147,20 +166,7 @@ def merge_tensor(
     method = options.method
     fields: dict[str, Any] = {}
     if method == "rgsp":
-        merged, record = rgsp_fuse(
-            W_A,
-            W_B,
-            rank=options.rank,
-            epsilon=options.epsilon,
-            beta=options.beta,
-            gamma=options.gamma,
-            tfi_eps=options.tfi_eps,
-            svd=options.svd,
-            seed=options.seed,
-            gw_max_iter=options.gw_max_iter,
-        )
-        fields = rgsp_fields(record)
-        return merged, fields
+        return rgsp_with_options(options, W_A, W_B, options.rank)
     if method == "average":
         merged = baselines.average([W_A, W_B])
     elif method == "task_arithmetic":
