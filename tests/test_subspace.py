@@ -159,3 +159,28 @@ def test_thin_qr_falls_back_on_rank_deficient_and_wide_input() -> None:
     torch.testing.assert_close(Q @ R, wide)
     Q, R = thin_qr(torch.zeros(10, 3))
     assert torch.equal(Q @ R, torch.zeros(10, 3))
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e2, 1e5])
+def test_stabilize_keeps_the_span_and_is_nearly_orthonormal(condition: float) -> None:
+    from loraport.lowrank import stabilize
+
+    g = torch.Generator().manual_seed(8)
+    U = torch.linalg.qr(torch.randn(400, 30, generator=g, dtype=torch.float64)).Q
+    X = (U * torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 30, dtype=torch.float64)).float()
+    Q = stabilize(X)
+    # same column space: projecting X onto span(Q) loses nothing
+    Qo = torch.linalg.qr(Q.double()).Q
+    residual = X.double() - Qo @ (Qo.T @ X.double())
+    assert float(residual.norm() / X.double().norm()) < 1e-5
+    # one CholeskyQR round in float32 (or the fallback for ill-conditioned input)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(30), atol=1e-3, rtol=0)
+
+
+def test_matrix_norms_blocked_matches_direct() -> None:
+    from loraport.subspace import matrix_norms
+
+    W = torch.randn(301, 17, generator=torch.Generator().manual_seed(9))
+    rows, cols = matrix_norms(W)
+    torch.testing.assert_close(rows, torch.linalg.vector_norm(W, dim=1))
+    torch.testing.assert_close(cols, torch.linalg.vector_norm(W, dim=0))
