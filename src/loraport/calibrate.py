@@ -368,9 +368,9 @@ class Calibrator:
         for position, unit in enumerate(self.pairing.units):
             if unit.source.shape[0] != unit.target.shape[0]:
                 raise TransferError(
-                    f"calibrated transfer needs equal output sizes: {unit.source.module} has {unit.source.shape[0]} "
-                    f"outputs but {unit.target.module} has {unit.target.shape[0]} (different hidden or head sizes "
-                    "cannot be matched token by token; use a subspace method)"
+                    f"calibrated transfer needs equal output sizes: source {unit.source.module} has "
+                    f"{unit.source.shape[0]} outputs, target {unit.target.module} has {unit.target.shape[0]} "
+                    "(different hidden or head sizes cannot be matched token by token; use a subspace method)"
                 )
             found = by_unit.get(id(unit))
             src_mod = unit.source_module

@@ -151,7 +151,8 @@ def port_and_score(
             calibration=calibration if method == "calibrated" else None,
         )
     except TransferError as exc:
-        row.note = "n/a: shapes differ" if method == "identity" else f"n/a: {exc}"
+        # The table wants the reason, not the advice that follows it in parentheses.
+        row.note = "n/a: shapes differ" if method == "identity" else f"n/a: {str(exc).split(' (')[0]}"
         row.k = None if method in ("identity", "calibrated") else subspace_rank
         return row
     row.transfer_seconds = time.perf_counter() - started
