@@ -117,20 +117,6 @@ def log(text: str) -> None:
 # -- building A and B --------------------------------------------------------------------------
 
 
-def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[Any, Any, Any]:
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, start) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, start : len(ids)] = torch.tensor(ids[start:])
-        mask[row, : len(ids)] = 1
-    return input_ids, labels, mask
-
-
 def full_finetune(base_dir: Path, train_jsonl: Path, recipe: Recipe, out: Path) -> dict[str, Any]:
     """Train every weight of ``base_dir`` on the QA items of ``train_jsonl``; save model + tokenizer to ``out``."""
     import torch
@@ -138,7 +124,7 @@ def full_finetune(base_dir: Path, train_jsonl: Path, recipe: Recipe, out: Path) 
 
     from loraport.evaluate import load_arc_jsonl
     from loraport.zoo.tasks import answer_text
-    from loraport.zoo.train import projection_weights, qa_examples, relative_drift
+    from loraport.zoo.train import collate_qa, projection_weights, qa_examples, relative_drift
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -163,7 +149,7 @@ def full_finetune(base_dir: Path, train_jsonl: Path, recipe: Recipe, out: Path) 
         if len(order) < recipe.batch_size:
             order += torch.randperm(len(examples), generator=generator).tolist()
         chosen, order = order[: recipe.batch_size], order[recipe.batch_size :]
-        input_ids, labels, mask = _collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+        input_ids, labels, mask = collate_qa([examples[i] for i in chosen], tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.clip)

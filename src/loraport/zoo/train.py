@@ -168,7 +168,8 @@ def qa_examples(tokenizer: Any, items: Sequence[tuple[str, str]]) -> list[tuple[
     return examples
 
 
-def _collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def collate_qa(examples: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Pad :func:`qa_examples` items into ``(input_ids, labels, attention_mask)``; loss on the answer only."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -238,7 +239,7 @@ def train_lora(
         if len(order) < recipe.batch_size:
             order += torch.randperm(len(examples), generator=generator).tolist()
         chosen, order = order[: recipe.batch_size], order[recipe.batch_size :]
-        input_ids, labels, mask = _collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+        input_ids, labels, mask = collate_qa([examples[i] for i in chosen], tokenizer.pad_token_id)
         loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
