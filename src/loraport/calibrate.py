@@ -30,7 +30,6 @@ import itertools
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -52,7 +51,7 @@ from .methods.calibrated import (
     relative_fit_error,
 )
 from .pairing import Pairing, Unit
-from .report import ModuleRecord, TransferReport
+from .report import ModuleRecord, TransferReport, peak_rss_mb
 from .streaming import Stop, Stream, StreamedModel, make_chunks
 
 log = logging.getLogger(__name__)
@@ -222,11 +221,6 @@ def validate_settings(options: Any) -> None:
     if options.calib_init_scale not in ("none", "fit"):
         raise TransferError(f"calib_init_scale must be none or fit, got {options.calib_init_scale!r}")
     read_calibration_lines(options.calibration)  # fail before any work on a bad file
-
-
-def _peak_rss_mb() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage / 1024 if sys.platform != "darwin" else usage / 2**20
 
 
 @dataclass
@@ -470,7 +464,7 @@ class Calibrator:
             "samples": len(ids),
             "tokens": tokens,
             "seconds": time.perf_counter() - started,
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
         if self.device.type == "cuda":
             stats["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +162,7 @@ class TransferReport:
         }
         if self.calibration is not None:
             data["calibration"] = self.calibration
-        return _finite(data)
+        return finite_json(data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -253,12 +255,18 @@ class TransferReport:
         return Path(path)
 
 
-def _finite(value: Any) -> Any:
-    """Replace NaN/Inf by None so the JSON is standard."""
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB."""
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / 1024 if sys.platform != "darwin" else usage / 2**20
+
+
+def finite_json(value: Any) -> Any:
+    """Replace NaN/Inf by None, recursively, so the JSON is standard."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value

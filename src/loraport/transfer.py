@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterable
@@ -38,7 +37,7 @@ from .io import atomic_directory, check_output_dir
 from .lowrank import balanced_factors, frobenius_norm
 from .methods import MethodContext, adapt_dimensions, get_method
 from .pairing import Pairing, Unit, linear_shape
-from .report import ModuleRecord, TransferReport
+from .report import ModuleRecord, TransferReport, peak_rss_mb
 from .store import SubspaceStore
 from .subspace import SubspaceCache, above_chance, chance_similarity, similarity
 
@@ -168,11 +167,6 @@ class TransferResult:
 # -- the port ---------------------------------------------------------------------------
 
 
-def _peak_rss_mb() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage / 1024 if sys.platform != "darwin" else usage / 2**20
-
-
 def _similarities(ctx: MethodContext, options: TransferOptions) -> tuple[float, float, float, float, float, float]:
     """sim_U, sim_V, combined sim, above-chance, chance_U, chance_V (SPEC sec. 3)."""
     assert ctx.source is not None and ctx.target is not None
@@ -290,7 +284,7 @@ def transfer(
     report.output_modules = len(modules)
     target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
     report.seconds = time.perf_counter() - started
-    report.peak_rss_mb = _peak_rss_mb()
+    report.peak_rss_mb = peak_rss_mb()
     if not modules:
         if report_path is not None:
             report.save(report_path)

@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
 from ..io import atomic_directory, check_output_dir
 from ..lowrank import DEFAULT_RTOL, Factors, balanced_factors, factors_from_svd, frobenius_norm
+from ..report import peak_rss_mb
 from . import baselines
 from .methods import FuseOptions, FusionError, rgsp_with_options
 from .models import FusionResult, resolve_options
-from .report import FusionReport, TensorRecord, layer_of, peak_rss_mb
+from .report import FusionReport, TensorRecord, layer_of
 from .rgsp import position_on_line
 
 ADAPTER_REPORT_NAME = "loraport_fusion_report.json"

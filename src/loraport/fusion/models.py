@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from ..adapters import CONFIG_NAME as ADAPTER_CONFIG
 from ..checkpoints import Checkpoint
 from ..io import atomic_directory, check_output_dir
+from ..report import peak_rss_mb
 from .baselines import average
 from .methods import FuseOptions, FusionError, merge_tensor
-from .report import FusionReport, TensorRecord, layer_of, peak_rss_mb
+from .report import FusionReport, TensorRecord, layer_of
 from .writer import ShardedWriter
 
 REPORT_NAME = "loraport_fusion_report.json"

@@ -10,13 +10,12 @@ import json
 import math
 import os
 import re
-import resource
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_text
+from ..report import finite_json
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
@@ -25,11 +24,6 @@ def layer_of(name: str) -> int | None:
     """The first ``.<int>.`` in a tensor name (``model.layers.3.mlp...`` -> 3), else ``None``."""
     match = _LAYER_RE.search(name)
     return int(match.group(1)) if match else None
-
-
-def peak_rss_mb() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage / 1024 if sys.platform != "darwin" else usage / 2**20
 
 
 @dataclass
@@ -155,7 +149,7 @@ class FusionReport:
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _finite(
+        return finite_json(
             {
                 "kind": self.kind,
                 "method": self.method,
@@ -230,14 +224,3 @@ class FusionReport:
             atomic_write_text(stem.with_suffix(".json"), self.to_json()),
             atomic_write_text(stem.with_suffix(".md"), self.to_markdown()),
         ]
-
-
-def _finite(value: Any) -> Any:
-    """Replace NaN/Inf by None so the JSON is standard."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
