@@ -84,7 +84,7 @@ def _randomized_svd(
     ``2 niter + 2`` products with ``W`` (as ``torch.svd_lowrank``). The power iterations
     keep their bases well conditioned with one CholeskyQR round (:func:`stabilize`); the
     final bases are orthonormalised with CholeskyQR2. The small factor ``Q^T W`` is taken
-    as ``Y = W^T Q (n, l)`` and reduced by a QR, so the only SVD is of an ``l x l`` matrix
+    as ``Z = W^T Q (n, l)`` and reduced by a QR, so the only SVD is of an ``l x l`` matrix
     (an SVD of the wide ``l x n`` factor cost several times more).
     """
     m, n = W.shape
@@ -95,10 +95,10 @@ def _randomized_svd(
     for _ in range(niter):
         Y = W @ stabilize(W.mT @ stabilize(Y))
     Q = thin_qr(Y)[0]
-    # Q^T W = Y^T = R_y^T Q_y^T = (Ub S Vbh) Q_y^T  =>  W ~ (Q Ub) S (Q_y Vbh^T)^T
-    Q_y, R_y = thin_qr(W.mT @ Q)
-    Ub, S, Vbh = torch.linalg.svd(R_y.mT)
-    return (Q @ Ub)[:, :k], S[:k], (Q_y @ Vbh.mT)[:, :k]
+    # Z = W^T Q = Q_z R_z, so Q^T W = R_z^T Q_z^T = (Ub S Vbh) Q_z^T and W ~ (Q Ub) S (Q_z Vbh^T)^T
+    Q_z, R_z = thin_qr(W.mT @ Q)
+    Ub, S, Vbh = torch.linalg.svd(R_z.mT)
+    return (Q @ Ub)[:, :k], S[:k], (Q_z @ Vbh.mT)[:, :k]
 
 
 def top_k_svd(
