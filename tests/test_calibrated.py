@@ -423,6 +423,24 @@ def test_missing_calibration_and_other_tokenizer(cal, tmp_path, capsys) -> None:
     assert code == 2 and "same tokenizer" in capsys.readouterr().err
 
 
-def test_other_hidden_size_is_a_clear_error(cal, tmp_path) -> None:
-    with pytest.raises(LoraportError, match="equal output sizes"):
-        _port(cal, tmp_path, target="G", subspace_rank=8)
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft probes a deprecated transformers attribute
+def test_other_hidden_size_and_depth(cal, tmp_path) -> None:
+    """Llama (hidden 64, 3 layers) -> Gemma-2 (hidden 48, 2 layers): outputs paired by importance."""
+    result, out = _port(cal, tmp_path, target="G", subspace_rank=8)
+    records = [r for r in result.report.records if r.decision == "transferred"]
+    assert len(records) == 14  # two target layers x seven projections
+    assert all("paired by importance" in r.note for r in records)
+    assert all("init auto" not in r.note for r in records)  # auto = prolora here: an init for every unit
+    # The solve fits the adapter's contribution on the calibration text better than its start point.
+    before = sum(r.fit_before for r in records) / len(records)
+    after = sum(r.fit_after for r in records) / len(records)
+    assert after < before
+    assert peft_load_and_forward(cal["G"], out) > 0
+    # An infinite ridge returns the start point (prolora's port), as for equal shapes.
+    _, inf_out = _port(cal, tmp_path, target="G", subspace_rank=8, ridge=float("inf"))
+    init_out = tmp_path / "prolora-G"
+    transfer(cal["lora"], cal["S"], cal["G"], init_out, method="prolora", subspace_rank=8, progress=False)
+    init, ported = dense_updates(init_out), dense_updates(inf_out)
+    assert set(init) == set(ported) and len(init) == 14
+    for name in init:
+        torch.testing.assert_close(ported[name], init[name], rtol=1e-4, atol=1e-6)

@@ -16,6 +16,11 @@ stop (a hook raises) as soon as the stage's modules have been seen. Position emb
 attention masks come from each model's own forward pass (per layer: Gemma-2's sliding and
 global masks), not from a re-implementation.
 
+Modules whose output size differs between the models (another hidden or head size) cannot
+match outputs token by token: for them the adapter's rows are moved to the target's output
+coordinates by the subspace methods' importance pairing and only the adapter's contribution
+is matched (``beta = 0`` for that module).
+
 Memory: one decoder layer of each model, the hidden states of the calibration batch in both
 models (``tokens x hidden`` each, float32), one chunk's activations, and the moments of one
 stage (``n^2`` per distinct module input, ``r n`` per module; ``m n`` per module with output
@@ -44,6 +49,7 @@ from .adapters import LoraAdapter
 from .checkpoints import Checkpoint
 from .errors import LoraportError, TransferError
 from .lowrank import frobenius_norm
+from .methods.base import importance_map
 from .methods.calibrated import (
     Moments,
     calibrated_update,
@@ -57,10 +63,10 @@ from .streaming import Stop, Stream, StreamedModel, make_chunks
 log = logging.getLogger(__name__)
 
 CALIBRATED = "calibrated"
-INITS = ("identity", "project", "lorax", "procrustes", "prolora", "zero")
+INITS = ("auto", "identity", "project", "lorax", "procrustes", "prolora", "zero")
 DEFAULT_RIDGE: float | str = 0.1
 DEFAULT_OUTPUT_WEIGHT = 1.0
-DEFAULT_INIT = "identity"
+DEFAULT_INIT = "auto"
 DEFAULT_SAMPLES = 256
 DEFAULT_MAX_TOKENS = 128
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -236,7 +242,11 @@ class _UnitPlan:
     stage: int
     suffix_s: str
     suffix_t: str
+    cross: bool = False  # output sizes differ: B_s is mapped to the target's rows, no output matching
     result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def output_weight(self, settings: CalibrationSettings) -> float:
+        return 0.0 if self.cross else settings.output_weight
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> None:
@@ -279,8 +289,8 @@ class _Accumulator:
             r, n = code.shape[1], x.shape[1]
             self.cross[index] = [torch.zeros(r, n, dtype=f64, device=self.device) for _ in range(self.folds)]
             self.code_gram[index] = [torch.zeros(r, r, dtype=f64, device=self.device) for _ in range(self.folds)]
-            if self.extra:
-                m = extra.shape[1] if extra is not None else 0
+            if self.extra and extra is not None:
+                m = extra.shape[1]
                 self.target_cross[index] = [torch.zeros(m, n, dtype=f64, device=self.device) for _ in range(self.folds)]
                 self.target_code[index] = [torch.zeros(r, m, dtype=f64, device=self.device) for _ in range(self.folds)]
                 self.target_energy[index] = [0.0] * self.folds
@@ -296,6 +306,7 @@ class _Accumulator:
 
     def moments(self, index: int, folds: Iterable[int]) -> Moments:
         group = self.group_of[index]
+        extra = self.extra and index in self.target_cross
         total = None
         for fold in folds:
             part = Moments(
@@ -303,9 +314,9 @@ class _Accumulator:
                 self.cross[index][fold],
                 self.code_gram[index][fold],
                 self.tokens[fold],
-                self.target_cross[index][fold] if self.extra else None,
-                self.target_energy[index][fold] if self.extra else 0.0,
-                self.target_code[index][fold] if self.extra else None,
+                self.target_cross[index][fold] if extra else None,
+                self.target_energy[index][fold] if extra else 0.0,
+                self.target_code[index][fold] if extra else None,
             )
             total = part if total is None else total + part
         assert total is not None
@@ -360,16 +371,13 @@ class Calibrator:
         records = self.report.records
         plans: list[_UnitPlan] = []
         for position, unit in enumerate(self.pairing.units):
-            if unit.source.shape[0] != unit.target.shape[0]:
-                raise TransferError(
-                    f"calibrated transfer needs equal output sizes: source {unit.source.module} has "
-                    f"{unit.source.shape[0]} outputs, target {unit.target.module} has {unit.target.shape[0]} "
-                    "(different hidden or head sizes cannot be matched token by token; use a subspace method)"
-                )
             found = by_unit.get(id(unit))
             src_mod = unit.source_module
             rows = unit.source.rows
             B_s = src_mod.B if rows is None else src_mod.B[rows[0] : rows[1]]
+            cross = unit.source.shape[0] != unit.target.shape[0]
+            if cross:
+                B_s = self._map_outputs(unit, B_s)
             if found is not None:
                 record, B0, A0 = found
             else:
@@ -380,6 +388,11 @@ class Calibrator:
                     f"init {self.settings.init} gave nothing ({record.reason}): ridge toward zero"
                 )
                 record.decision, record.reason = "transferred", ""
+            if cross:
+                record.note = (record.note + "; " if record.note else "") + (
+                    f"outputs {unit.source.shape[0]}->{unit.target.shape[0]} paired by importance: "
+                    "the adapter's contribution is matched, not the whole output"
+                )
             if self.settings.init == "zero":
                 B0, A0 = B0[:, :0], A0[:0]
             parsed_s = self.pairing.arch_s.parse(unit.source.module)
@@ -399,9 +412,31 @@ class Calibrator:
                     STAGES.get(unit.role.split("+")[0], 0),
                     parsed_s[1].suffix,
                     parsed_t[1].suffix,
+                    cross,
                 )
             )
         return plans
+
+    def _map_outputs(self, unit: Unit, B_s: torch.Tensor) -> torch.Tensor:
+        """``B_s``'s rows moved to the target's output coordinates (:func:`~loraport.methods.base.importance_map`).
+
+        Output sizes differ (another hidden or head size): the i-th strongest output row of
+        the source base weight is paired with the i-th strongest of the target's, as the
+        subspace methods' dimension adaptation does; unpaired target rows get nothing.
+        """
+        norms = []
+        for ckpt, arch, side in (
+            (self.pairing.src, self.pairing.arch_s, unit.source),
+            (self.pairing.tgt, self.pairing.arch_t, unit.target),
+        ):
+            W = ckpt.get(side.key).float()
+            W = W.mT if arch.transposed else W
+            W = W if side.rows is None else W[side.rows[0] : side.rows[1]]
+            norms.append(torch.linalg.vector_norm(W, dim=1))
+        source_index, target_index = importance_map(*norms)
+        mapped = B_s.new_zeros((unit.target.shape[0], B_s.shape[1]))
+        mapped[target_index] = B_s[source_index]
+        return mapped
 
     def _teacher_extra(self, layer: int) -> dict[str, torch.Tensor]:
         """The adapter's updates of one source layer, as additions to the layer's parameters."""
@@ -544,7 +579,7 @@ class Calibrator:
                     plan = stage_plans[i]
                     code, base_s = captured[plan.suffix_s]
                     target = None
-                    if self.extra:
+                    if self.extra and not plan.cross:
                         assert base_s is not None
                         if plan.unit.source.rows is not None:
                             base_s = base_s[:, plan.unit.source.rows[0] : plan.unit.source.rows[1]]
@@ -584,7 +619,7 @@ class Calibrator:
 
     def _solve(self, plan: _UnitPlan, acc: _Accumulator, index: int) -> None:
         settings = self.settings
-        beta = settings.output_weight
+        beta = plan.output_weight(settings)
         stats = acc.moments(index, range(self.folds))
         if self.recorded is not None:
             self.recorded[plan.record.target_module] = stats
@@ -624,7 +659,7 @@ class Calibrator:
         self, plan: _UnitPlan, acc: _Accumulator, index: int, B0: torch.Tensor, A0: torch.Tensor
     ) -> tuple[float, float]:
         """The grid value with the lowest held-out fit error (k-fold over samples, rank-truncated solutions)."""
-        beta, truncation = self.settings.output_weight, self.settings.truncation
+        beta, truncation = plan.output_weight(self.settings), self.settings.truncation
         folds = [
             (acc.moments(index, [f]), acc.moments(index, [g for g in range(self.folds) if g != f]))
             for f in range(self.folds)

@@ -77,9 +77,11 @@ class TransferOptions:
             file (one sample per line) or a list of strings; ``calib_samples`` /
             ``calib_max_tokens`` bound how much of it is used; ``ridge`` is the relative
             ridge weight (or ``"auto"``: per module, by held-out calibration fit);
-            ``init`` the start point's method; ``calib_truncation`` ``rrr`` (reduced-rank)
+            ``init`` the start point's method (default ``auto``: the copy where shapes
+            match, ``prolora`` where they differ); ``calib_truncation`` ``rrr`` (reduced-rank)
             or ``svd``; ``calib_output_weight`` ``beta``: 1 (default) matches the module's
-            whole output, 0 only the adapter's contribution (the prototype);
+            whole output, 0 only the adapter's contribution (the prototype; always 0 for
+            modules whose output size differs, their rows paired by importance);
             ``calib_init_scale="fit"`` shrinks the init by its fitted scale; ``calib_rank``
             sets the output rank (default: the source module's rank).
     """
