@@ -49,7 +49,7 @@ from .adapters import LoraAdapter
 from .checkpoints import Checkpoint
 from .errors import LoraportError, TransferError
 from .lowrank import frobenius_norm
-from .methods.base import importance_map
+from .methods.base import importance_map, scatter_rows
 from .methods.calibrated import (
     Moments,
     calibrated_update,
@@ -433,10 +433,7 @@ class Calibrator:
             W = W.mT if arch.transposed else W
             W = W if side.rows is None else W[side.rows[0] : side.rows[1]]
             norms.append(torch.linalg.vector_norm(W, dim=1))
-        source_index, target_index = importance_map(*norms)
-        mapped = B_s.new_zeros((unit.target.shape[0], B_s.shape[1]))
-        mapped[target_index] = B_s[source_index]
-        return mapped
+        return scatter_rows(B_s, *importance_map(*norms), unit.target.shape[0])
 
     def _teacher_extra(self, layer: int) -> dict[str, torch.Tensor]:
         """The adapter's updates of one source layer, as additions to the layer's parameters."""

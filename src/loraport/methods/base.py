@@ -100,7 +100,8 @@ def importance_map(source_norms: torch.Tensor, target_norms: torch.Tensor) -> tu
     return source_index, target_index
 
 
-def _scatter_rows(X: torch.Tensor, source_index: torch.Tensor, target_index: torch.Tensor, rows: int) -> torch.Tensor:
+def scatter_rows(X: torch.Tensor, source_index: torch.Tensor, target_index: torch.Tensor, rows: int) -> torch.Tensor:
+    """``X``'s rows ``source_index`` moved to rows ``target_index`` of a zero ``(rows, X.shape[1])`` matrix."""
     out = X.new_zeros((rows, X.shape[1]))
     out[target_index] = X[source_index]
     return out
@@ -133,10 +134,10 @@ def adapt_dimensions(ctx: MethodContext) -> Adapted:
     m_t, n_t = ctx.target_shape
     out_s, out_t = importance_map(source.row_norms, ctx.target.row_norms)
     in_s, in_t = importance_map(source.col_norms, ctx.target.col_norms)
-    B = _scatter_rows(ctx.B, out_s, out_t, m_t)
-    A = _scatter_rows(ctx.A.mT, in_s, in_t, n_t).mT
-    U = orthonormalize(_scatter_rows(source.U, out_s, out_t, m_t))
-    V = orthonormalize(_scatter_rows(source.V, in_s, in_t, n_t))
+    B = scatter_rows(ctx.B, out_s, out_t, m_t)
+    A = scatter_rows(ctx.A.mT, in_s, in_t, n_t).mT
+    U = orthonormalize(scatter_rows(source.U, out_s, out_t, m_t))
+    V = orthonormalize(scatter_rows(source.V, in_s, in_t, n_t))
     m_s, n_s = ctx.source_shape
     note = f"dims adapted by importance: out {m_s}->{m_t}, in {n_s}->{n_t}"
     return Adapted(B, A, U, V, note)
