@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,38 @@ def _rgsp_diagnostics(report: Any) -> dict[str, Any]:
     }
 
 
+def _timed(repeats: int, call: Callable[[], Any]) -> tuple[list[float], Any]:
+    """Wall times of ``repeats`` calls and the last call's result."""
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - started)
+    assert result is not None
+    return times, result
+
+
+def _fused_row(variant: Variant, times: list[float], report: Any, scores: Any, **fields: Any) -> dict[str, Any]:
+    """One fused model's row: timing, the report's totals, scores, rgsp diagnostics; ``fields`` per regime."""
+    totals = report.totals()
+    row = {
+        "label": variant.label,
+        "kind": "fused",
+        "method": variant.method,
+        "options": variant.options,
+        "fuse_seconds": statistics.median(times),
+        "fuse_times": times,
+        "mean_position": totals["mean_position"],
+        "mean_lambda": totals["mean_lambda"],
+        "mean_d": totals["mean_d"],
+        **fields,
+        "scores": scores,
+    }
+    if variant.method == "rgsp":
+        row.update(_rgsp_diagnostics(report))
+    return row
+
+
 def run_model_fusions(
     regime: str, paths: dict[str, Path], work: Path, variants: list[Variant], repeats: int, score: Scorer
 ) -> list[dict[str, Any]]:
@@ -254,11 +287,9 @@ def run_model_fusions(
             continue
         out = work / "fused" / regime / variant.slug
         base = paths[variant.base] if variant.base else None
-        times = []
-        result = None
-        for _ in range(repeats):
-            started = time.perf_counter()
-            result = fuse(
+        times, result = _timed(
+            repeats,
+            lambda out=out, base=base, variant=variant: fuse(
                 paths["A"],
                 paths["B"],
                 out,
@@ -267,27 +298,18 @@ def run_model_fusions(
                 overwrite=True,
                 progress=False,
                 **variant.options,
-            )
-            times.append(time.perf_counter() - started)
-        assert result is not None
+            ),
+        )
         totals = result.report.totals()
-        row = {
-            "label": variant.label,
-            "kind": "fused",
-            "method": variant.method,
-            "options": variant.options,
-            "base": variant.base,
-            "fuse_seconds": statistics.median(times),
-            "fuse_times": times,
-            "actions": totals["actions"],
-            "mean_position": totals["mean_position"],
-            "mean_lambda": totals["mean_lambda"],
-            "mean_d": totals["mean_d"],
-            "gw_unconverged": totals["gw_unconverged"],
-            "scores": score(out),
-        }
-        if variant.method == "rgsp":
-            row.update(_rgsp_diagnostics(result.report))
+        row = _fused_row(
+            variant,
+            times,
+            result.report,
+            score(out),
+            base=variant.base,
+            actions=totals["actions"],
+            gw_unconverged=totals["gw_unconverged"],
+        )
         rows.append(row)
         log(f"{regime}: {variant.label}: {_brief(row['scores'])} fuse {row['fuse_seconds']:.2f}s")
     return rows
@@ -307,11 +329,9 @@ def run_adapter_fusions(
         log(f"adapter: C + LoRA {task}: {_brief(scores)}")
     for variant in variants:
         out = work / "fused" / "adapter" / variant.slug
-        times = []
-        result = None
-        for _ in range(repeats):
-            started = time.perf_counter()
-            result = fuse_adapters(
+        times, result = _timed(
+            repeats,
+            lambda out=out, variant=variant: fuse_adapters(
                 loras["facts"],
                 loras["addition"],
                 out,
@@ -319,25 +339,15 @@ def run_adapter_fusions(
                 overwrite=True,
                 progress=False,
                 **variant.options,
-            )
-            times.append(time.perf_counter() - started)
-        assert result is not None
-        totals = result.report.totals()
-        row = {
-            "label": variant.label,
-            "kind": "fused",
-            "method": variant.method,
-            "options": variant.options,
-            "fuse_seconds": statistics.median(times),
-            "fuse_times": times,
-            "mean_position": totals["mean_position"],
-            "mean_lambda": totals["mean_lambda"],
-            "mean_d": totals["mean_d"],
-            "max_dropped_energy": totals["max_dropped_energy"],
-            "scores": score(base, out),
-        }
-        if variant.method == "rgsp":
-            row.update(_rgsp_diagnostics(result.report))
+            ),
+        )
+        row = _fused_row(
+            variant,
+            times,
+            result.report,
+            score(base, out),
+            max_dropped_energy=result.report.totals()["max_dropped_energy"],
+        )
         rows.append(row)
         log(f"adapter: {variant.label}: {_brief(row['scores'])} fuse {row['fuse_seconds']:.2f}s")
     return rows
