@@ -160,8 +160,8 @@ def port_and_score(
     row.mean_similarity = totals["mean_similarity"]
     row.mean_kept_energy = totals["mean_kept_energy"]
     row.transferred, row.skipped = totals["transferred"], totals["skipped"]
-    if method in ("identity", "calibrated"):  # calibrated starts from the copy: no subspace rank involved
-        row.k = None
+    if not any(record.k is not None for record in result.report.records):
+        row.k = None  # no subspace was used (identity; calibrated started from the copy)
     scored = scorer.with_adapter(out_dir)
     row.acc, row.acc_norm, row.n, row.eval_seconds = scored.acc, scored.acc_norm, scored.n, scored.seconds
     row.gain_recovery = gain_recovery(row.acc, base_acc, oracle_acc)
