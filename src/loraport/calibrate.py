@@ -147,16 +147,12 @@ def shared_tokenizer(src: Checkpoint, tgt: Checkpoint) -> Any:
     Teacher and student must see the same token ids for the regression to compare like
     with like.
     """
-    from transformers import AutoTokenizer
-
     tokenizers = []
     for ckpt in (src, tgt):
         try:
-            tokenizers.append(AutoTokenizer.from_pretrained(str(ckpt.root), trust_remote_code=False))
-        except Exception as exc:
-            raise LoraportError(
-                f"{ckpt.name}: calibrated transfer needs the tokenizer saved beside the base model ({exc})"
-            ) from None
+            tokenizers.append(ckpt.load_tokenizer())
+        except LoraportError as exc:
+            raise LoraportError(f"calibrated transfer needs each base model's tokenizer: {exc}") from None
     vocab_s, vocab_t = (tok.get_vocab() for tok in tokenizers)
     if vocab_s != vocab_t:
         differ = len(set(vocab_s.items()) ^ set(vocab_t.items()))

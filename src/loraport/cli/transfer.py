@@ -37,8 +37,8 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     from ..transfer import DEFAULT_METHOD, DEFAULT_SUBSPACE_RANK
 
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory trained on the source base")
-    p.add_argument("--source-base", required=True, help="source base model: directory or hub id")
-    p.add_argument("--target-base", required=True, help="target base model: directory or hub id")
+    p.add_argument("--source-base", required=True, help="source base model: directory, hub id or .gguf file")
+    p.add_argument("--target-base", required=True, help="target base model: directory, hub id or .gguf file")
     p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
     p.add_argument(
         "--method",
