@@ -303,14 +303,7 @@ class GGUFCheckpoint(Checkpoint):
         return transformers_config_dict(self.header)
 
     def _read_index(self) -> dict[str, Path]:
-        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-        model = self._meta_model()
-        processor = self._tensor_processor()
-        try:
-            to_hf = get_gguf_hf_weights_map(model, processor)
-        except (NotImplementedError, ImportError) as exc:
-            raise CheckpointError(f"{self.file}: cannot map GGUF tensor names ({exc})") from None
+        to_hf = self._gguf_to_hf_names()
         self.gguf_names: dict[str, str] = {}
         for gguf_name in self.header.tensors:
             hf_name = to_hf.get(gguf_name)
@@ -322,6 +315,38 @@ class GGUFCheckpoint(Checkpoint):
         if unmapped:
             log.info("%s: %d GGUF tensor(s) not used by transformers: %s", self.file, len(unmapped), unmapped[:5])
         return dict.fromkeys(self.gguf_names, self.file)
+
+    def _gguf_to_hf_names(self) -> dict[str, str]:
+        """GGUF tensor name -> ``transformers`` parameter name, from ``gguf``'s tensor-name table.
+
+        The mapping rule of ``transformers``' ``get_gguf_hf_weights_map`` (each parameter's
+        name without ``.weight`` / ``.bias`` looked up in the table; a name not found is tried
+        again without its leading components, which is what its recursion over submodules
+        does), with the table built once: that function rebuilds it for every submodule, 794
+        times for SmolLM2 (26 s here).
+        """
+        import gguf
+
+        architecture = self.header.metadata["general.architecture"]
+        arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
+        if arch is None:
+            raise CheckpointError(f"{self.file}: the gguf package has no tensor-name table for {architecture!r}")
+        table = gguf.get_tensor_name_map(arch, int(self.config.get("num_hidden_layers") or 0))
+        processor = self._tensor_processor()
+        mapping: dict[str, str] = {}
+        for hf_name in self._meta_model().state_dict():
+            name = processor.preprocess_name(hf_name)
+            stem, suffix = name, ""
+            if name.endswith((".weight", ".bias")):
+                stem, _, last = name.rpartition(".")
+                suffix = "." + last
+            parts = stem.split(".")
+            for start in range(len(parts)):
+                gguf_stem = table.get_name(".".join(parts[start:]))
+                if gguf_stem is not None:
+                    mapping.setdefault(gguf_stem + suffix, hf_name)
+                    break
+        return mapping
 
     def _file_keys(self, path: Path) -> list[str]:
         return list(self.gguf_names)
