@@ -176,17 +176,34 @@ def cal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "Q": make_tiny_model("qwen2", root / "Q", seed=2, hidden=48, layers=2, heads=4, kv_heads=2, vocab=vocab),
     }
+    # Gemma-3: q/k norms, sliding and full layers with their own rotary bases, tied embeddings.
+    paths["G3"] = make_tiny_model(
+        "gemma3_text",
+        root / "G3",
+        seed=5,
+        hidden=48,
+        layers=3,
+        heads=2,
+        kv_heads=1,
+        intermediate=96,
+        head_dim=24,
+        vocab=vocab,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
     paths["P"] = make_tiny_model("phi3", root / "P", seed=3, layers=2, vocab=vocab)
     paths["T"] = make_tiny_model("gpt2", root / "T", seed=4, layers=2, vocab=vocab)
     paths["D"] = perturb_model(paths["S"], root / "D", 0.2)
     paths["P2"] = perturb_model(paths["P"], root / "P2", 0.2)
     paths["G2"] = perturb_model(paths["G"], root / "G2", 0.2)
     paths["Q2"] = perturb_model(paths["Q"], root / "Q2", 0.2)
-    for name in ("S", "D", "G", "G2", "Q", "Q2", "P", "P2", "T"):
+    paths["G32"] = perturb_model(paths["G3"], root / "G32", 0.2)
+    for name in ("S", "D", "G", "G2", "G3", "G32", "Q", "Q2", "P", "P2", "T"):
         tok.save_pretrained(str(paths[name]))
     paths["lora"] = make_random_adapter(paths["S"], root / "lora", r=4)
     paths["lora_G"] = make_random_adapter(paths["G"], root / "lora_G", r=4)
     paths["lora_Q"] = make_random_adapter(paths["Q"], root / "lora_Q", r=4)
+    paths["lora_G3"] = make_random_adapter(paths["G3"], root / "lora_G3", r=4)
     paths["lora_P"] = make_random_adapter(paths["P"], root / "lora_P", r=4)
     paths["lora_T"] = make_random_adapter(paths["T"], root / "lora_T", r=4)
     paths["text"] = write_lines(root / "calib.txt", CorpusGenerator(5).sentences(24))
@@ -321,7 +338,9 @@ def _reference_moments(teacher, student, adapter, ids: list[list[int]]) -> dict[
     return result
 
 
-@pytest.mark.parametrize("pair", [("S", "D", "lora"), ("G", "G2", "lora_G"), ("Q", "Q2", "lora_Q")])
+@pytest.mark.parametrize(
+    "pair", [("S", "D", "lora"), ("G", "G2", "lora_G"), ("Q", "Q2", "lora_Q"), ("G3", "G32", "lora_G3")]
+)
 def test_streamed_moments_equal_a_full_forward_pass(cal, pair) -> None:
     """Layer by layer, padded batches, early-stopped stages == whole models with the ports merged."""
     from loraport.calibrate import read_calibration_lines, shared_tokenizer, tokenize_calibration
