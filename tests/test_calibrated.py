@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loraport import LoraportError, load_adapter, transfer
-from loraport.calibrate import CalibrationSettings, Calibrator
+from loraport.calibrate import CalibrationOptions, Calibrator
 from loraport.checkpoints import Checkpoint
 from loraport.cli import main
 from loraport.methods.calibrated import (
@@ -211,8 +211,11 @@ def cal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _port(cal, tmp_path, source="S", target="D", adapter="lora", **options):
+    """A calibrated port; the solver itself unless a test asks for the no-harm rule or the mapped mode."""
     out = tmp_path / f"out-{source}-{target}-{len(list(tmp_path.glob('out-*')))}"
     options.setdefault("calibration", str(cal["text"]))
+    options.setdefault("no_harm", False)
+    options.setdefault("calib_mode", "shared")
     result = transfer(cal[adapter], cal[source], cal[target], out, method="calibrated", progress=False, **options)
     return result, out
 
@@ -357,7 +360,7 @@ def test_streamed_moments_equal_a_full_forward_pass(cal, pair) -> None:
         )
         report.records.append(record)
         parts.append((unit, record, unit.source_module.B, unit.source_module.A))
-    settings = CalibrationSettings(str(cal["text"]), samples=10, max_tokens=12, ridge=0.3, batch_size=4)
+    settings = CalibrationOptions(str(cal["text"]), samples=10, max_tokens=12, ridge=0.3, batch_size=4)
     calibrator = Calibrator(pairing, adapter, settings, report, progress=False)
     calibrator.recorded = {}
     results = calibrator.run(parts)
@@ -413,11 +416,12 @@ def test_cli_flags_reach_the_port(cal, tmp_path, capsys) -> None:
         ["transfer", "--adapter", str(cal["lora"]), "--source-base", str(cal["S"]), "--target-base", str(cal["D"]),
          "--out", str(out), "--method", "calibrated", "--calibration", str(cal["text"]), "--calib-samples", "8",
          "--calib-max-tokens", "6", "--ridge", "0.5", "--calib-output-weight", "0", "--calib-rank", "2",
-         "--report", str(tmp_path / "r.json"), "--quiet"]
+         "--keep-all", "--calib-mode", "shared", "--report", str(tmp_path / "r.json"), "--quiet"]
     )  # fmt: skip
     assert code == 0 and "calibration: 8 sample(s)" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["options"]["ridge"] == 0.5 and report["options"]["calib_output_weight"] == 0.0
+    calibrated = report["options"]["calibrated"]
+    assert calibrated["ridge"] == 0.5 and calibrated["output_weight"] == 0.0 and calibrated["no_harm"] is False
     assert all(m["rank"] <= 2 and m["calib_tokens"] <= 48 for m in report["modules"])
 
 
