@@ -68,7 +68,7 @@ class _Recorder(torch.nn.Module):
         return hidden_states
 
 
-def _resolve_key(ckpt: Checkpoint, name: str) -> str | None:
+def resolve_key(ckpt: Checkpoint, name: str) -> str | None:
     """The checkpoint's name for a model parameter, tolerating prefix differences."""
     if name in ckpt:
         return name
@@ -152,7 +152,7 @@ class StreamedModel:
             owner = self.model.get_submodule(owner_name)
             if owner._parameters[leaf].device.type != "meta":
                 continue
-            key = _resolve_key(self.ckpt, name)
+            key = resolve_key(self.ckpt, name)
             if key is None:
                 if id(param) in embed_ids:
                     raise LoraportError(f"{self.ckpt.name}: no tensor for {name} (the input embeddings)")
@@ -194,7 +194,7 @@ class StreamedModel:
         prefix = f"{self.layers_path}.{index}"
         for name, _ in list(layer.named_parameters()):
             full = f"{prefix}.{name}"
-            key = _resolve_key(self.ckpt, full)
+            key = resolve_key(self.ckpt, full)
             if key is None:
                 raise LoraportError(f"{self.ckpt.name}: no tensor for {full} (needed to run the model)")
             owner_name, _, leaf = name.rpartition(".")

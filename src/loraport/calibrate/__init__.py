@@ -21,9 +21,12 @@ than the alternatives (``no_harm``), and report what they left out.
 
 from __future__ import annotations
 
+import torch
+
 from ..adapters import LoraAdapter
 from ..pairing import Pairing
 from ..report import TransferReport
+from .mapped import MappedCalibrator
 from .options import (
     CALIBRATED,
     DEFAULT_INIT,
@@ -36,7 +39,43 @@ from .options import (
     CalibrationOptions,
 )
 from .shared import Calibrator, Part
-from .text import read_calibration_lines, shared_tokenizer, tokenize_calibration
+from .text import base_tokenizers, read_calibration_lines, same_vocabulary, shared_tokenizer, tokenize_calibration
+
+# Above this relative weight difference between paired source and target modules, two models of
+# one shape are treated as independently trained (no shared coordinates). Fine-tunes and
+# continued pretraining drift 3-30%; two independent trainings differ by about sqrt(2).
+MAX_SHARED_DRIFT = 0.7
+DRIFT_PROBES = 8
+
+
+def choose_mode(options: CalibrationOptions, pairing: Pairing) -> tuple[str, str]:
+    """``shared`` or ``mapped`` for ``options.mode == "auto"``, and why (a note for the report).
+
+    ``shared`` needs the same tokenizer, equal shapes for every paired module and weights
+    close enough to share coordinates (median relative difference of up to
+    ``DRIFT_PROBES`` paired matrices below ``MAX_SHARED_DRIFT``); otherwise ``mapped``.
+    """
+    if options.mode != "auto":
+        return options.mode, f"calibration mode {options.mode} (asked for)"
+    units = pairing.units
+    if any(u.source.shape != u.target.shape for u in units) or pairing.layers_s != pairing.layers_t:
+        return "mapped", "calibration mode mapped: the models differ in shape or depth"
+    tokenizer_s, tokenizer_t = base_tokenizers(pairing.src, pairing.tgt)
+    if not same_vocabulary(tokenizer_s, tokenizer_t):
+        return "mapped", "calibration mode mapped: the models have different tokenizers"
+    step = max(1, len(units) // DRIFT_PROBES)
+    drifts = []
+    for unit in units[::step][:DRIFT_PROBES]:
+        W_s = pairing.src.get(unit.source.key, unit.source.rows).double()
+        W_t = pairing.tgt.get(unit.target.key, unit.target.rows).double()
+        drifts.append(float(torch.linalg.matrix_norm(W_t - W_s) / torch.linalg.matrix_norm(W_s).clamp(min=1e-30)))
+    drift = sorted(drifts)[len(drifts) // 2] if drifts else 0.0
+    if drift > MAX_SHARED_DRIFT:
+        return "mapped", (
+            f"calibration mode mapped: same shapes and tokenizer, but the weights differ by {drift:.0%} "
+            f"(median of {len(drifts)} matrices): independently trained, no shared coordinates"
+        )
+    return "shared", f"calibration mode shared: same tokenizer and shapes, weights {drift:.1%} apart"
 
 
 def calibrate(
@@ -73,7 +112,9 @@ __all__ = [
     "INITS",
     "CalibrationOptions",
     "Calibrator",
+    "MappedCalibrator",
     "calibrate",
+    "choose_mode",
     "read_calibration_lines",
     "shared_tokenizer",
     "tokenize_calibration",

@@ -42,6 +42,9 @@ by the caller). Example::
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -280,6 +283,50 @@ def relative_fit_error(
     return error / target if target > 0 else 0.0
 
 
+def heldout_errors(
+    fold_stats: list[Moments],
+    candidates: dict[str, Callable[[Moments], tuple[torch.Tensor, torch.Tensor]]],
+    B_s: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    extra_weight: float = 0.0,
+) -> dict[str, float]:
+    """Cross-validated fit error of each candidate, relative to leaving the module out.
+
+    For each fold, every candidate is built from the other folds' moments
+    (``candidates[name](train) -> (B, A)``) and scored on the held-out fold with
+    :func:`fit_error`; the sums are divided by the held-out error of no update (``"none"``,
+    always included, = 1.0). Candidates that ignore their argument (the plain copy) are
+    scored the same way.
+    """
+    if len(fold_stats) < 2:
+        raise ValueError("held-out errors need at least two folds")
+    errors = dict.fromkeys([*candidates, "none"], 0.0)
+    for held in range(len(fold_stats)):
+        train = functools.reduce(operator.add, [fold_stats[f] for f in range(len(fold_stats)) if f != held])
+        for name, build in candidates.items():
+            B, A = build(train)
+            errors[name] += fit_error(B, A, B_s, fold_stats[held], scale=scale, extra_weight=extra_weight)[0]
+        none_B = B_s.new_zeros(B_s.shape[0], 0)
+        none_A = B_s.new_zeros(0, fold_stats[held].gram.shape[0])
+        errors["none"] += fit_error(none_B, none_A, B_s, fold_stats[held], scale=scale, extra_weight=extra_weight)[0]
+    reference = errors["none"] if errors["none"] > 0 else 1.0
+    return {name: value / reference for name, value in errors.items()}
+
+
+def least_harmful(errors: dict[str, float], preferred: str = "port", tolerance: float = 1e-3) -> str:
+    """The candidate with the smallest relative held-out error.
+
+    ``preferred`` is kept unless another candidate is better by more than ``tolerance``
+    (in units of the no-update error): differences at the level of float noise, as between
+    a port and the copy it reproduces, do not flip the decision.
+    """
+    best = min(errors, key=lambda name: (errors[name], name != preferred))
+    if preferred in errors and errors[preferred] - errors[best] <= tolerance:
+        return preferred
+    return best
+
+
 def dense_reference(
     dW_s: torch.Tensor, dW_0: torch.Tensor, X_s: torch.Tensor, X_t: torch.Tensor, lam: float
 ) -> torch.Tensor:
@@ -297,6 +344,8 @@ __all__ = [
     "calibrated_update",
     "dense_reference",
     "fit_error",
+    "heldout_errors",
+    "least_harmful",
     "moments",
     "relative_fit_error",
     "ridge_lambda",
