@@ -245,8 +245,8 @@ def transfer(
 
     mode = None
     if calibrated:
-        mode, why = choose_mode(options.calibrated, pairing)
-        report.notes.append(why)
+        mode, notes = choose_mode(options.calibrated, pairing)
+        report.notes += notes
     if pairing.layers_s != pairing.layers_t and options.layer_map is None and mode != "mapped":
         report.notes.append(
             f"depths differ ({pairing.layers_s} -> {pairing.layers_t}): layers paired by relative depth"
