@@ -172,8 +172,25 @@ def _token_text(token: str) -> str:
     return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n")
 
 
-def output_readout(ckpt: Any, tokenizer: Any, device: torch.device) -> tuple[dict[str, int], torch.Tensor]:
-    """Token text -> row, and ``(V, d)`` output-head rows times the final norm's per-feature gain.
+@dataclass
+class _Readout:
+    """How a model reads out tokens: its output-head tensor, the final norm's gain, its vocabulary."""
+
+    ckpt: Any
+    key: str
+    gain: torch.Tensor | None  # (d,)
+    vocab: dict[str, int]  # token text -> row
+
+    def rows(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        """Head rows ``ids`` (in that order) times the gain, reading only the spans that hold them."""
+        order = torch.tensor(ids)
+        unique, inverse = torch.unique(order, return_inverse=True)
+        rows = self.ckpt.get_rows(self.key, unique).to(device, torch.float32)[inverse.to(device)]
+        return rows * self.gain.to(device) if self.gain is not None else rows
+
+
+def output_readout(ckpt: Any, tokenizer: Any, device: torch.device) -> _Readout:
+    """The model's output-head tensor, its final norm's per-feature gain, and its vocabulary by token text.
 
     The gain is read by running the final norm (its weights loaded from the checkpoint) on
     ``+-1`` probes, so Gemma's ``1 + w`` convention, plain RMS norms and LayerNorms all come out right.
@@ -191,7 +208,8 @@ def output_readout(ckpt: Any, tokenizer: Any, device: torch.device) -> tuple[dic
         key = resolve_key(ckpt, names[id(model.get_input_embeddings().weight)])
     if key is None:
         raise TransferError(f"{ckpt.name}: no output head or input embeddings to read the vocabulary from")
-    rows = ckpt.get(key).to(device, torch.float32)
+    vocab_rows = ckpt.shape(key)[0]
+    gain = None
     decoder = model.get_decoder()
     norm = next((getattr(decoder, n) for n in _FINAL_NORMS if hasattr(decoder, n)), None)
     if norm is not None:
@@ -200,25 +218,24 @@ def output_readout(ckpt: Any, tokenizer: Any, device: torch.device) -> tuple[dic
             if found is None:
                 raise TransferError(f"{ckpt.name}: no tensor for the final norm's {leaf}")
             norm._parameters[leaf] = torch.nn.Parameter(ckpt.get(found).to(device, torch.float32), requires_grad=False)
-        probe = torch.ones(1, rows.shape[1], device=device)
+        probe = torch.ones(1, ckpt.shape(key)[1], device=device)
         probe[:, 1::2] = -1
         with torch.no_grad():
             gain = (norm(probe) - norm(-probe))[0] / (2 * probe[0])
-        rows = rows * gain
-    vocab = {_token_text(token): index for token, index in tokenizer.get_vocab().items() if index < rows.shape[0]}
-    return vocab, rows
+    vocab = {_token_text(token): index for token, index in tokenizer.get_vocab().items() if index < vocab_rows}
+    return _Readout(ckpt, key, gain, vocab)
 
 
 def output_anchor(src: Any, tgt: Any, tokenizer_s: Any, tokenizer_t: Any, device: torch.device) -> OutputAnchor:
     """The :class:`~loraport.calibrate.maps.OutputAnchor` over the tokens both vocabularies spell the same way."""
-    vocab_s, rows_s = output_readout(src, tokenizer_s, device)
-    vocab_t, rows_t = output_readout(tgt, tokenizer_t, device)
-    shared = sorted(set(vocab_s) & set(vocab_t))
+    readout_s = output_readout(src, tokenizer_s, device)
+    readout_t = output_readout(tgt, tokenizer_t, device)
+    shared = sorted(set(readout_s.vocab) & set(readout_t.vocab))
     if not shared:
         raise TransferError("the two vocabularies share no token: no output anchor")
-    index_s = torch.tensor([vocab_s[t] for t in shared], device=device)
-    index_t = torch.tensor([vocab_t[t] for t in shared], device=device)
-    return OutputAnchor.from_heads(rows_t.index_select(0, index_t), rows_s.index_select(0, index_s))
+    P = readout_t.rows([readout_t.vocab[t] for t in shared], device)
+    Q = readout_s.rows([readout_s.vocab[t] for t in shared], device)
+    return OutputAnchor.from_heads(P, Q)
 
 
 class MappedCalibrator:
