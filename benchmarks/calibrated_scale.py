@@ -6,9 +6,9 @@
 Runs ``LAYERS:BETA`` port the source's first layers to the same layers of a target with the
 same tokenizer (``shared`` mode); runs ``xLAYERS`` port them to the first layers of ``perf``'s
 Gemma-2-2B-shaped base (hidden 2304, intermediate 9216, 8 / 4 heads, head_dim 256, vocabulary
-256,000) served with a byte-level BPE tokenizer trained on the zoo's sentences: another
-tokenizer, widths and head layout, so the ``mapped`` mode (alignment, CKA depth pairing,
-maps, residual writers).
+256,000; Llama tensors, so served as a Llama of those shapes) with a byte-level BPE tokenizer
+trained on the zoo's sentences: another tokenizer, widths and head layout, so the ``mapped``
+mode (alignment, CKA depth pairing, maps, residual writers).
 
 The source is the first ``L`` layers of ``perf``'s synthetic Qwen2.5-1.5B-shaped base
 (hidden 1536, intermediate 8960, 12 / 2 heads, vocabulary 151,936), the target the same
@@ -112,7 +112,7 @@ print(json.dumps({"floor_seconds": time.perf_counter() - started}))
 
 
 def make_view(full: Path, out: Path, layers: int, tokenizer: Path, gemma: bool = False) -> Path:
-    """The first ``layers`` layers of a sharded base (symlinked shards) as a Llama or Gemma-2 config, plus tokenizer."""
+    """The first ``layers`` layers of a sharded base (symlinked shards) as a Llama config, plus a tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     index = json.loads((full / "model.safetensors.index.json").read_text())
 
@@ -125,18 +125,17 @@ def make_view(full: Path, out: Path, layers: int, tokenizer: Path, gemma: bool =
             (out / shard).symlink_to((full / shard).resolve())
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": keep}))
     config = json.loads((full / "config.json").read_text())
-    if gemma:
-        config.update(model_type="gemma2", architectures=["Gemma2ForCausalLM"], num_hidden_layers=layers)
-    else:
-        config.update(
-            model_type="llama",
-            architectures=["LlamaForCausalLM"],
-            num_hidden_layers=layers,
-            tie_word_embeddings=False,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=4096,
-            rope_theta=1e6,
-        )
+    # perf's Gemma-2-2B-shaped base has Llama's tensors (no Gemma post-norms): served as a Llama of
+    # Gemma-2-2B's shapes (head_dim 256), with the output head tied to the embeddings.
+    config.update(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        num_hidden_layers=layers,
+        tie_word_embeddings=gemma,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+    )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     for f in tokenizer.iterdir():
         shutil.copy(f, out / f.name)
@@ -242,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "per port. Source: the first L layers of `perf.py`'s synthetic Qwen2.5-1.5B-shaped base with the zoo's "
         "word-level tokenizer; rank-16 LoRA on all seven projections. *shared* rows: the target is the same "
         "layers (same tokenizer and shapes: the cost of a port to a fine-tune); *mapped* rows: the target is the "
-        "first L layers of `perf.py`'s Gemma-2-2B-shaped base with a byte-level BPE tokenizer (2,000 tokens) "
+        "first L layers of `perf.py`'s Gemma-2-2B-shaped base (Llama tensors of Gemma-2-2B's shapes) with a "
+        "byte-level BPE tokenizer (2,000 tokens) "
         f"trained on the zoo's sentences. Calibration: {args.samples} samples x {args.tokens} tokens. Floor: one "
         "process streaming the calibration text once through each base, layer by layer, plus the Gram "
         "products of the target's residual writers' inputs (what any calibrated method must do). Fit: mean "
