@@ -155,6 +155,7 @@ def calibrated_update(
     scale: float = 1.0,
     extra_weight: float = 0.0,
     chol: torch.Tensor | None = None,
+    lam_prime: float | None = None,
 ) -> CalibratedFactors:
     """Ridge regression of the adapter's contribution, reduced to rank ``<= rank``.
 
@@ -170,7 +171,10 @@ def calibrated_update(
         extra_weight: ``beta``; the target becomes ``Y = dW_s X_s + beta Y_extra`` with
             ``stats.target_cross = Y_extra X_t^T``. The solution is then dense (``m x n``)
             before truncation: meant for the exploration of output matching, not large models.
-        chol: the Cholesky factor of ``G + lam' I`` when the caller shares it between modules.
+        chol: the Cholesky factor of ``G + lam' I`` when the caller shares it between modules (or
+            factored it in place to save an ``n x n`` buffer; then pass ``lam_prime`` too:
+            ``stats.gram`` is not read).
+        lam_prime: the absolute ridge weight, when the caller computed it (with ``chol``).
 
     Returns:
         :class:`CalibratedFactors` with ``dW_t = s B A``.
@@ -182,9 +186,13 @@ def calibrated_update(
     if lam == float("inf"):
         f = balanced_factors(B_0, A_0, max_rank=rank)
         return CalibratedFactors(f.B, f.A, float("inf"), f.dropped_energy)
-    gram, Z = stats.gram.to(dtype), stats.cross.to(dtype)
-    lam_prime = ridge_lambda(gram, lam)
-    L = chol if chol is not None else _cholesky(gram, lam_prime)
+    Z = stats.cross.to(dtype)
+    if lam_prime is None or chol is None:
+        gram = stats.gram.to(dtype)
+        lam_prime = ridge_lambda(gram, lam)
+        L = chol if chol is not None else _cholesky(gram, lam_prime)
+    else:
+        L = chol
     if extra_weight:
         if stats.target_cross is None:
             raise ValueError("extra_weight needs stats.target_cross (moments built with an extra target)")
