@@ -12,20 +12,43 @@ from dataclasses import dataclass
 
 from .adapters import LoraAdapter, LoraModule
 from .architectures import KNOWN, Architecture, ModuleSpec, architecture_for, relative_layer_map
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, TensorSource
 from .errors import AdapterError, CheckpointError, TransferError
 from .report import ModuleRecord
 
 
 @dataclass
 class Side:
-    """One module (or one fused part of it) on one side of a pairing."""
+    """One module (or one fused part of it) on one side of a pairing.
+
+    Attributes:
+        module: the module's name (what the output adapter calls it).
+        key: the tensor name of its weight in ``checkpoint``.
+        rows: the part's rows inside a fused module's weight (``None``: the whole module).
+        shape: ``(out, in)`` of this part; a conv weight ``(out, in, kh, kw)`` counts as
+            ``(out, in * kh * kw)`` (SPEC sec. 11).
+        layer: decoder layer index (``-1`` where layers do not apply).
+        checkpoint: where the weight is read from.
+        transposed: the weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
+        module_rows: output rows of the whole module when this side is one fused part
+            (``None``: ``shape[0]``).
+        kernel: a conv weight's spatial kernel ``(kh, kw)`` (``None``: a linear weight).
+    """
 
     module: str
     key: str
-    rows: tuple[int, int] | None  # part rows inside the weight, None = whole
-    shape: tuple[int, int]  # (out, in) of this part
+    rows: tuple[int, int] | None
+    shape: tuple[int, int]
     layer: int
+    checkpoint: TensorSource
+    transposed: bool = False
+    module_rows: int | None = None
+    kernel: tuple[int, ...] | None = None
+
+    @property
+    def out_rows(self) -> int:
+        """Output rows of the whole module this side belongs to."""
+        return self.module_rows if self.module_rows is not None else self.shape[0]
 
 
 @dataclass
@@ -165,8 +188,8 @@ class Pairing:
                 if whole:
                     self.units.append(
                         Unit(
-                            Side(module.name, key_s, None, (m_s, n_s), s_layer),
-                            Side(name_t, key_t, None, shape_t, t_layer),
+                            Side(module.name, key_s, None, (m_s, n_s), s_layer, self.src, self.arch_s.transposed),
+                            Side(name_t, key_t, None, shape_t, t_layer, self.tgt, self.arch_t.transposed),
                             "+".join(spec_s.roles),
                             module,
                             1,
@@ -182,6 +205,9 @@ class Pairing:
                 None if not spec_s.fused else (rows.start, rows.stop),
                 (rows.stop - rows.start, n_s),
                 s_layer,
+                self.src,
+                self.arch_s.transposed,
+                m_s if spec_s.fused else None,
             )
             located = self.arch_t.locate(role)
             if located is None:
@@ -225,5 +251,8 @@ class Pairing:
                 None if not spec_t.fused else (part.start, part.stop),
                 (part.stop - part.start, shape_t[1]),
                 t_layer,
+                self.tgt,
+                self.arch_t.transposed,
+                shape_t[0] if spec_t.fused else None,
             )
             self.units.append(Unit(source, target, role, module, len(spec_t.parts), index))

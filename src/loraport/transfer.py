@@ -28,10 +28,10 @@ from .errors import TransferError
 from .io import atomic_directory, check_output_dir
 from .lowrank import balanced_factors, frobenius_norm
 from .methods import MethodContext, adapt_dimensions, get_method
-from .pairing import Pairing, Unit, linear_shape
+from .pairing import Pairing, Side, Unit
 from .report import ModuleRecord, TransferReport, peak_rss_mb
-from .store import SubspaceStore
-from .subspace import SubspaceCache, above_chance, chance_similarity, similarity
+from .store import Request, SubspaceStore
+from .subspace import Subspace, SubspaceCache, above_chance, chance_similarity, similarity
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def transfer(
             options.device,
         )
         try:
-            parts = _run_units(pairing, method, options, store, report, progress)
+            parts = run_units(pairing.units, method, options, store, report, progress)
         finally:
             store.close()
         cache = store.cache
@@ -275,7 +275,7 @@ def transfer(
     if cache is not None:
         report.cache_hits, report.cache_misses = cache.hits, cache.misses
 
-    modules = _assemble(parts, pairing, adapter)
+    modules = assemble_modules(parts)
     report.output_modules = len(modules)
     target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
     report.seconds = time.perf_counter() - started
@@ -313,29 +313,33 @@ def _report_options(options: TransferOptions) -> dict[str, Any]:
     return values
 
 
-def _unit_requests(unit: Unit, pairing: Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Any]:
-    requests = []
-    if needs_source:
-        requests.append((pairing.src, pairing.arch_s, unit.source.key, unit.source.rows, k))
-    if needs_target:
-        requests.append((pairing.tgt, pairing.arch_t, unit.target.key, unit.target.rows, k))
-    return requests
+def _subspace(store: SubspaceStore, side: Side, k: int) -> Subspace:
+    return store.get(side.checkpoint, side.transposed, side.key, side.rows, k)
 
 
-def _run_units(
-    pairing: Pairing,
+def _unit_requests(unit: Unit, needs_source: bool, needs_target: bool, k: int) -> list[Request]:
+    sides = ([unit.source] if needs_source else []) + ([unit.target] if needs_target else [])
+    return [(side.checkpoint, side.transposed, side.key, side.rows, k) for side in sides]
+
+
+def run_units(
+    units: list[Unit],
     method: Any,
     options: TransferOptions,
     store: SubspaceStore,
     report: TransferReport,
     progress: bool,
 ) -> list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
-    """Run the method on every unit; returns the transferred (unit, record, B, A) in target coordinates."""
+    """Run the method on every unit; returns the transferred (unit, record, B, A) in target coordinates.
+
+    Appends one record per unit to ``report``. Any pairing that produces :class:`Unit` s
+    (decoder layers of LLMs, named modules of diffusion models) goes through this loop.
+    """
     fallback = get_method(options.fallback) if options.fallback != "skip" else None
     want_sim = options.wants_similarity(method.needs_source or method.needs_target)
     plans: list[tuple[Unit, int, bool, bool, bool]] = []
-    requests: list[Any] = []
-    for unit in pairing.units:
+    requests: list[Request] = []
+    for unit in units:
         same = unit.source.shape == unit.target.shape
         k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
         if method.same_shape_only and not same:
@@ -346,7 +350,7 @@ def _run_units(
         if fallback is not None and options.thresholded:
             need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
         plans.append((unit, k, same, need_s, need_t))
-        requests += _unit_requests(unit, pairing, need_s, need_t, k)
+        requests += _unit_requests(unit, need_s, need_t, k)
     store.plan(requests)
     clamped = [k for _, k, _, need_s, need_t in plans if (need_s or need_t) and k < options.subspace_rank]
     if clamped:
@@ -386,8 +390,8 @@ def _run_units(
             B=_as_float(B_s, options.device),
             A=_as_float(src_mod.A, options.device),
             target_shape=unit.target.shape,
-            source=store.get(pairing.src, pairing.arch_s, unit.source.key, rows, k) if need_s else None,
-            target=store.get(pairing.tgt, pairing.arch_t, unit.target.key, unit.target.rows, k) if need_t else None,
+            source=_subspace(store, unit.source, k) if need_s else None,
+            target=_subspace(store, unit.target, k) if need_t else None,
         )
         if need_s or need_t:
             record.k = k
@@ -420,15 +424,14 @@ def _run_units(
     return results
 
 
-def _assemble(
-    results: list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]], pairing: Pairing, adapter: LoraAdapter
-) -> dict[str, LoraModule]:
+def assemble_modules(results: list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]) -> dict[str, LoraModule]:
     """Group unit results by target module, stack fused parts, re-factorise with balanced factors.
 
     Plain modules keep rank <= r of their source; a fused target module built from parts
     gets rank <= sum of the parts' ranks (a q, k, v triple can need 3 r). The output alpha
     is the (first) source module's, the factors absorb any change of scale so that
-    ``scale_out * B @ A`` equals the transferred update exactly.
+    ``scale_out * B @ A`` equals the transferred update exactly. A conv target keeps its
+    kernel (the factors stay flattened, ``A: (r, in * kh * kw)``).
     """
     groups: dict[str, list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]] = {}
     for item in results:
@@ -438,7 +441,7 @@ def _assemble(
         first = items[0][0]
         alpha = first.source_module.alpha
         scale_ref = first.source_module.scale
-        m_t = linear_shape(pairing.tgt, first.target.key, pairing.arch_t)[0]
+        m_t = first.target.out_rows
         n_t = first.target.shape[1]
         if len(items) == 1 and first.target.rows is None:
             unit, _, B, A = items[0]
@@ -462,13 +465,14 @@ def _assemble(
                 item[1].decision, item[1].reason = "skipped", "transferred update is zero"
             continue
         # PEFT scales by alpha / r_out: fold the ratio into the (balanced) factors.
-        ratio = scale_ref / lora_scale(alpha, factors.rank, adapter.use_rslora)
+        use_rslora = first.source_module.use_rslora
+        ratio = scale_ref / lora_scale(alpha, factors.rank, use_rslora)
         root = ratio**0.5
         B_out = (factors.B * root).to("cpu", torch.float32)
         A_out = (factors.A * root).to("cpu", torch.float32)
         if B_out.shape[0] != m_t or A_out.shape[1] != n_t:
             raise TransferError(f"internal error: {name} factors {tuple(B_out.shape)} x {tuple(A_out.shape)}")
-        modules[name] = LoraModule(name, A_out, B_out, alpha, adapter.use_rslora)
+        modules[name] = LoraModule(name, A_out, B_out, alpha, use_rslora, kernel=first.target.kernel)
     return modules
 
 
