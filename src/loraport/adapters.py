@@ -131,7 +131,7 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT ``rank_pattern`` / ``alpha_pattern`` lookup (same matching rule as PEFT)."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
@@ -250,12 +250,12 @@ def load_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -
             missing = "lora_B" if "B" not in pair else "lora_A"
             raise AdapterError(f"{weights_path}: module {name} has no {missing}.weight")
         A, B = pair["A"], pair["B"]
-        alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
+        alpha = float(pattern_value(alpha_pattern, name, alpha_default))
         try:
             module = LoraModule.from_stored(name, A, B, alpha, use_rslora)
         except ValueError as exc:
             raise AdapterError(f"{weights_path}: module {name}: {exc}") from None
-        expected_rank = int(_pattern_value(rank_pattern, name, r_default))
+        expected_rank = int(pattern_value(rank_pattern, name, r_default))
         if A.shape[0] != expected_rank:
             raise AdapterError(
                 f"{weights_path}: module {name}: factors have rank {A.shape[0]} but the config says r={expected_rank}"

@@ -69,6 +69,8 @@ class TransferOptions:
             (:class:`~loraport.calibrate.CalibrationOptions`: text, samples, ridge, init, mode, ...).
             :func:`transfer` also takes them flat, spelled like the command-line flags
             (``calibration=``, ``calib_rank=``, ``ridge=``, ...; :data:`~loraport.calibrate.FLAG_FIELDS`).
+        out_format: image-model LoRAs only: ``kohya``, ``diffusers`` or ``peft`` (one PEFT
+            directory per component); ``None`` (default) writes the input's format.
     """
 
     method: str = DEFAULT_METHOD
@@ -89,6 +91,7 @@ class TransferOptions:
     drop_unsupported: bool = False
     report_similarity: bool | None = None
     calibrated: CalibrationOptions = field(default_factory=CalibrationOptions)
+    out_format: str | None = None
 
     def validate(self) -> None:
         if self.method == CALIBRATED:
@@ -109,6 +112,8 @@ class TransferOptions:
             raise TransferError(f"threshold_on must be one of {THRESHOLD_ON}, got {self.threshold_on!r}")
         if self.similarity not in SIMILARITY_MODES:
             raise TransferError(f"similarity must be one of {SIMILARITY_MODES}, got {self.similarity!r}")
+        if self.out_format not in (None, "kohya", "diffusers", "peft"):
+            raise TransferError(f"--out-format must be kohya, diffusers or peft, got {self.out_format!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TransferError("--device cuda requested but CUDA is not available")
 
@@ -181,9 +186,9 @@ def _as_float(x: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def transfer(
-    adapter: str | os.PathLike[str] | LoraAdapter,
-    source_base: str | os.PathLike[str] | Checkpoint,
-    target_base: str | os.PathLike[str] | Checkpoint,
+    adapter: str | os.PathLike[str] | LoraAdapter | Any,
+    source_base: str | os.PathLike[str] | Checkpoint | Any,
+    target_base: str | os.PathLike[str] | Checkpoint | Any,
     out: str | os.PathLike[str] | None = None,
     *,
     options: TransferOptions | None = None,
@@ -195,10 +200,16 @@ def transfer(
     """Port a LoRA adapter from ``source_base`` to ``target_base``.
 
     Args:
-        adapter: a PEFT adapter directory or a loaded :class:`~loraport.adapters.LoraAdapter`.
-        source_base / target_base: model directories, hub ids, or open checkpoints.
+        adapter: a PEFT adapter directory or a loaded :class:`~loraport.adapters.LoraAdapter`;
+            or an image-model LoRA (a kohya or diffusers ``.safetensors`` file, a directory
+            holding one, per-component PEFT directories, or a
+            :class:`~loraport.diffusion.DiffusionLora`), ported by
+            :func:`loraport.diffusion.transfer_diffusion`.
+        source_base / target_base: model directories, hub ids, or open checkpoints (for
+            image-model LoRAs: diffusers folders or single-file ``.safetensors`` checkpoints).
         out: if given, the target adapter is written there atomically (nothing is left
-            behind on failure; an existing directory needs ``overwrite=True``).
+            behind on failure; an existing directory needs ``overwrite=True``). Image-model
+            LoRAs may also go to a single ``.safetensors`` file.
         options: a :class:`TransferOptions`; keyword ``overrides`` set its fields
             (``method="lorax"``, ``subspace_rank=32``, ...).
         report_path: also write the report (``.json`` + ``.md``; ``.png`` adds a plot).
@@ -222,6 +233,17 @@ def transfer(
     for name, value in overrides.items():
         options.set(name, value)
     options.validate()
+    if not isinstance(adapter, LoraAdapter):
+        from .diffusion.formats import DiffusionLora, detect_format
+
+        if isinstance(adapter, DiffusionLora) or detect_format(adapter) is not None:
+            from .diffusion.port import transfer_diffusion
+
+            return transfer_diffusion(
+                adapter, source_base, target_base, out, options, report_path, overwrite, progress, started
+            )
+    if options.out_format not in (None, "peft"):
+        raise TransferError(f"--out-format {options.out_format} is for image-model LoRAs; LLM adapters are PEFT")
     if out is not None:
         check_output_dir(out, overwrite)
     if not isinstance(adapter, LoraAdapter):
@@ -232,15 +254,8 @@ def transfer(
     method = get_method(options.init_method if calibrated else options.method)
     pairing = Pairing(adapter, src, tgt, options.layer_map)
 
-    report = TransferReport(
-        method=options.method,
-        source_base=src.name,
-        target_base=tgt.name,
-        adapter=str(adapter.path) if adapter.path else "<in memory>",
-        options=_report_options(options),
-        layer_map=pairing.layer_map,
-        dropped=dict(adapter.dropped),
-    )
+    report = new_report(options, src.name, tgt.name, adapter)
+    report.layer_map = pairing.layer_map
     report.notes += pairing.arch_s.notes + pairing.arch_t.notes
 
     mode = None
@@ -254,40 +269,15 @@ def transfer(
     if mode == "mapped":
         # The adapter's effect goes to the target's residual writers: no per-module init to compute.
         parts = MappedCalibrator(pairing, adapter, options.calibrated, report, progress, options.device).run()
-        cache = None
     else:
-        store = SubspaceStore(
-            SubspaceCache(options.cache_dir) if options.use_cache else None,
-            options.svd,
-            options.oversample,
-            options.niter,
-            options.seed,
-            options.device,
-        )
-        try:
-            parts = run_units(pairing.units, method, options, store, report, progress)
-        finally:
-            store.close()
-        cache = store.cache
+        parts = port_units(pairing.units, method, options, report, progress)
         if calibrated:
             parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
     report.records += pairing.unpaired
-    if cache is not None:
-        report.cache_hits, report.cache_misses = cache.hits, cache.misses
 
     modules = assemble_modules(parts)
-    report.output_modules = len(modules)
     target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
-    report.seconds = time.perf_counter() - started
-    report.peak_rss_mb = peak_rss_mb()
-    if not modules:
-        if report_path is not None:
-            report.save(report_path)
-        reasons = sorted({r.reason for r in report.records if r.reason})
-        raise TransferError(
-            f"every module was skipped ({len(report.records)} unit(s); "
-            f"{'; '.join(reasons[:3]) or 'no units'}); no adapter written"
-        )
+    check_written(report, modules, started, report_path)
     config = adapter_config_for(
         target_adapter, tgt.name, _target_modules_field(modules, pairing), fan_in_fan_out=pairing.arch_t.transposed
     )
@@ -311,6 +301,59 @@ def _report_options(options: TransferOptions) -> dict[str, Any]:
     if options.method == CALIBRATED:
         values["calibrated"] = options_summary(options.calibrated)
     return values
+
+
+def new_report(options: TransferOptions, source: str, target: str, adapter: LoraAdapter) -> TransferReport:
+    """An empty report for a port of ``adapter`` (options, bases, dropped parts)."""
+    return TransferReport(
+        method=options.method,
+        source_base=source,
+        target_base=target,
+        adapter=str(adapter.path) if adapter.path else "<in memory>",
+        options=_report_options(options),
+        dropped=dict(adapter.dropped),
+    )
+
+
+def port_units(
+    units: list[Unit], method: Any, options: TransferOptions, report: TransferReport, progress: bool
+) -> list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
+    """:func:`run_units` with a subspace store (memory, disk cache, prefetching reads) opened and closed around it."""
+    store = SubspaceStore(
+        SubspaceCache(options.cache_dir) if options.use_cache else None,
+        options.svd,
+        options.oversample,
+        options.niter,
+        options.seed,
+        options.device,
+    )
+    try:
+        parts = run_units(units, method, options, store, report, progress)
+    finally:
+        store.close()
+    if store.cache is not None:
+        report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
+    return parts
+
+
+def check_written(
+    report: TransferReport,
+    modules: dict[str, LoraModule],
+    started: float,
+    report_path: str | os.PathLike[str] | None,
+) -> None:
+    """Fill the report's totals; with no module to write, save the report (if asked) and raise ``TransferError``."""
+    report.output_modules = len(modules)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_mb = peak_rss_mb()
+    if not modules:
+        if report_path is not None:
+            report.save(report_path)
+        reasons = sorted({r.reason for r in report.records if r.reason})
+        raise TransferError(
+            f"every module was skipped ({len(report.records)} unit(s); "
+            f"{'; '.join(reasons[:3]) or 'no units'}); no adapter written"
+        )
 
 
 def _subspace(store: SubspaceStore, side: Side, k: int) -> Subspace:
@@ -491,4 +534,15 @@ def _target_modules_field(modules: dict[str, LoraModule], pairing: Pairing) -> l
     return leaves if len(matching) == len(modules) else sorted(modules)
 
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_SUBSPACE_RANK", "TransferOptions", "TransferResult", "transfer"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "DEFAULT_SUBSPACE_RANK",
+    "TransferOptions",
+    "TransferResult",
+    "assemble_modules",
+    "check_written",
+    "new_report",
+    "port_units",
+    "run_units",
+    "transfer",
+]
