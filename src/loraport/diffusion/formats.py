@@ -469,11 +469,17 @@ def write_kohya(
 def write_diffusers(
     path: Path, modules: dict[str, LoraModule], metadata: dict[str, str], provenance: dict[str, str], dtype: torch.dtype
 ) -> Path:
-    """Write a diffusers LoRA file; ranks and alphas go to ``lora_adapter_metadata`` (read by load_lora_weights)."""
+    """Write a diffusers LoRA file; ranks and alphas go to ``lora_adapter_metadata`` (read by load_lora_weights).
+
+    Text encoder modules keep ``text_model.`` in the tensor keys (diffusers drops it for a
+    transformers >= 5 ``CLIPTextModel``), but not in the metadata's ``target_modules`` and
+    patterns, which PEFT matches as name endings: so they match with and without it.
+    """
     tensors: dict[str, torch.Tensor] = {}
     adapter_metadata: dict[str, Any] = {}
     for component, own in _by_component(modules).items():
-        config = _component_config(own, None)
+        relative = {n.removeprefix("text_model.") if component != "unet" else n: m for n, m in own.items()}
+        config = _component_config(relative, None)
         for field_name in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora"):
             adapter_metadata[f"{component}.{field_name}"] = config[field_name]
         for name, module in own.items():
@@ -488,7 +494,9 @@ def write_diffusers(
     return path
 
 
-def write_peft_components(root: Path, modules: dict[str, LoraModule], target: DiffusionBase, dtype: torch.dtype) -> Path:
+def write_peft_components(
+    root: Path, modules: dict[str, LoraModule], target: DiffusionBase, dtype: torch.dtype
+) -> Path:
     """Write one PEFT adapter directory per component under ``root`` (loadable with ``PeftModel.from_pretrained``).
 
     Module names are those of the target's files (:meth:`ComponentWeights.stored_name`), so a

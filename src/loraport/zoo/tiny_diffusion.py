@@ -216,7 +216,8 @@ def make_random_kohya_lora(
         sgm = sd.sgm_unet_names() if sdxl else {}
         groups.append(("lora_unet", "unet", {sgm.get(n, n): unet[n] for n in names}))
         if text_encoders:
-            for component, prefix in (("text_encoder", "lora_te1" if sdxl else "lora_te"), ("text_encoder_2", "lora_te2")):
+            prefixes = (("text_encoder", "lora_te1" if sdxl else "lora_te"), ("text_encoder_2", "lora_te2"))
+            for component, prefix in prefixes:
                 if component in sd.components:
                     own = sd.components[component].modules()
                     groups.append((prefix, component, {n: own[n] for n in _targets(list(own), CLIP_TARGETS)}))
