@@ -344,7 +344,8 @@ def read_diffusers(path: Path, drop_unsupported: bool = False) -> DiffusionLora:
         if "lora_alpha" in config:
             alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
         modules[name] = _checked_module(path, name, parts["A"], parts["B"], alpha, bool(config.get("use_rslora")))
-    return DiffusionLora(_adapter(modules, path, dropped), "diffusers", metadata, path=path, dropped=dropped)
+    carried = {k: v for k, v in metadata.items() if k not in ("format", DIFFUSERS_METADATA_KEY)}  # diffusers' own
+    return DiffusionLora(_adapter(modules, path, dropped), "diffusers", carried, path=path, dropped=dropped)
 
 
 def read_peft_components(root: Path, drop_unsupported: bool = False) -> DiffusionLora:

@@ -136,7 +136,7 @@ def perturb_sd(source: str | os.PathLike[str], path: str | os.PathLike[str], dri
 
 def save_single_file(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Write a tiny SD folder as one single-file checkpoint in the original (ldm / sgm, OpenCLIP) layouts."""
-    from ..diffusion.bases import LDM_UNET_PREFIX, diffusers_to_sgm_names
+    from ..diffusion.bases import CLIP_TOP, LDM_UNET_PREFIX, diffusers_to_sgm_names
 
     root = Path(folder)
     unet = _weights(root / "unet")
@@ -149,7 +149,9 @@ def save_single_file(folder: str | os.PathLike[str], path: str | os.PathLike[str
         state[f"{LDM_UNET_PREFIX}{sgm[module]}.{param}"] = tensor
     two = (root / "text_encoder_2").is_dir()
     prefix = "conditioner.embedders.0.transformer." if two else "cond_stage_model.transformer."
-    state.update({prefix + k: v for k, v in _weights(root / "text_encoder").items()})
+    # Original checkpoints name CLIP weights as transformers < 5 did (text_model.encoder...).
+    clip = {(f"text_model.{k}" if k.startswith(CLIP_TOP) else k): v for k, v in _weights(root / "text_encoder").items()}
+    state.update({prefix + k: v for k, v in clip.items()})
     if two:
         state.update(_open_clip_state(_weights(root / "text_encoder_2"), "conditioner.embedders.1.model."))
     save_file(state, str(path), metadata={"format": "pt"})
