@@ -56,6 +56,7 @@ COLOURS = {
 }
 NEW_COLOUR = ("purple", (0.6, 0.05, 0.85))
 TRIGGER = "zorp"
+OTHER = len(COLOURS) + 1  # the classifier's class for colours off the palette (blends, greys, ...)
 SHAPES = ("circle", "square", "triangle", "cross")
 WORDS = ["a", *COLOURS, NEW_COLOUR[0], TRIGGER, *SHAPES]
 PAD, BOS, EOS = 0, 1, 2
@@ -82,7 +83,7 @@ EVAL_TIMESTEPS = (50, 250, 450, 650, 850)
 class Recipe:
     """Training settings (recorded in the results)."""
 
-    base_steps: int = 1000
+    base_steps: int = 1200
     base_lr: float = 2e-3
     drift_lr: float = 2e-3
     drift_max_steps: int = 800
@@ -92,7 +93,7 @@ class Recipe:
     lora_rank: int = 4
     lora_alpha: float = 4.0
     batch: int = 32
-    classifier_steps: int = 600
+    classifier_steps: int = 800
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ class Probe:
 
 
 class Classifier(torch.nn.Module):
-    """A small CNN: colour (six + purple) and shape of a drawn image, on either background."""
+    """A small CNN: colour (six, purple, or off-palette) and shape of a drawn image, on either background."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -453,7 +454,7 @@ class Classifier(torch.nn.Module):
             torch.nn.Linear(32 * 16, 64),
             torch.nn.ReLU(),
         )
-        self.colour = torch.nn.Linear(64, len(COLOURS) + 1)
+        self.colour = torch.nn.Linear(64, OTHER + 1)
         self.shape = torch.nn.Linear(64, len(SHAPES))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,13 +462,30 @@ class Classifier(torch.nn.Module):
         return self.colour(h), self.shape(h)
 
 
-def train_classifier(steps: int) -> tuple[Classifier, float, float]:
+def off_palette(gen: torch.Generator, margin: float = 0.3) -> tuple[float, float, float]:
+    """A random colour farther than ``margin`` from every palette colour (purple included)."""
+    palette = torch.tensor([*COLOURS.values(), NEW_COLOUR[1]])
+    while True:
+        rgb = torch.rand(3, generator=gen)
+        if float((palette - rgb).norm(dim=1).min()) > margin:
+            return tuple(rgb.tolist())  # type: ignore[return-value]
+
+
+def classifier_batch(gen: torch.Generator, n: int, shifted: bool) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Drawn images in the seven named colours, and a quarter in off-palette colours (class ``OTHER``)."""
     colours = {**COLOURS, NEW_COLOUR[0]: NEW_COLOUR[1]}
+    x, _, c, s = batch(gen, n - n // 4, colours, shifted)
+    others = [(int(torch.randint(len(SHAPES), (), generator=gen)), off_palette(gen)) for _ in range(n // 4)]
+    x_other = torch.stack([draw(SHAPES[shape], rgb, gen, shifted) for shape, rgb in others])
+    return torch.cat([x, x_other]), c + [OTHER] * len(others), s + [shape for shape, _ in others]
+
+
+def train_classifier(steps: int) -> tuple[Classifier, float, float]:
     gen = torch.Generator().manual_seed(99)
     net = Classifier()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for step in range(steps):
-        x, _, c, s = batch(gen, 64, colours, shifted=step % 2 == 1)
+        x, c, s = classifier_batch(gen, 64, shifted=step % 2 == 1)
         logits_c, logits_s = net(x)
         loss = torch.nn.functional.cross_entropy(logits_c, torch.tensor(c)) + torch.nn.functional.cross_entropy(
             logits_s, torch.tensor(s)
@@ -476,7 +494,7 @@ def train_classifier(steps: int) -> tuple[Classifier, float, float]:
         loss.backward()
         opt.step()
     net.eval()
-    x, _, c, s = batch(gen, 512, colours)
+    x, c, s = classifier_batch(gen, 512, shifted=False)
     with torch.no_grad():
         logits_c, logits_s = net(x)
     acc_c = float((logits_c.argmax(1) == torch.tensor(c)).float().mean())
@@ -713,7 +731,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "diffusion"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "diffusion.md"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--samples", type=int, default=32, help="sampled images per row (0: skip sampling)")
+    parser.add_argument("--samples", type=int, default=64, help="sampled images per row (0: skip sampling)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny training, not a result")
     parser.add_argument("--fresh", action="store_true", help="retrain everything")
     args = parser.parse_args()
