@@ -289,9 +289,7 @@ def transfer(
             report.output = str(Path(out))
             report.save(tmp / "loraport_report.json")
         written = Path(out)
-    report.seconds = time.perf_counter() - started
-    if report_path is not None:
-        report.save(report_path)
+    finish_report(report, started, report_path)
     return TransferResult(target_adapter, report, written)
 
 
@@ -334,6 +332,13 @@ def port_units(
     if store.cache is not None:
         report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
     return parts
+
+
+def finish_report(report: TransferReport, started: float, report_path: str | os.PathLike[str] | None) -> None:
+    """Stamp the total time and write the report where asked."""
+    report.seconds = time.perf_counter() - started
+    if report_path is not None:
+        report.save(report_path)
 
 
 def check_written(
@@ -541,6 +546,7 @@ __all__ = [
     "TransferResult",
     "assemble_modules",
     "check_written",
+    "finish_report",
     "new_report",
     "port_units",
     "run_units",

@@ -25,6 +25,7 @@ from ..transfer import (
     TransferResult,
     assemble_modules,
     check_written,
+    finish_report,
     new_report,
     port_units,
 )
@@ -141,9 +142,7 @@ def transfer_diffusion(
                 write_port(tmp if fmt == "peft" else tmp / default_file_name(fmt), fmt, ported, lora, tgt, provenance)
                 report.save(tmp / "loraport_report.json")
         written = Path(out)
-    report.seconds = time.perf_counter() - started
-    if report_path is not None:
-        report.save(report_path)
+    finish_report(report, started, report_path)
     return TransferResult(ported, report, written)
 
 
