@@ -112,6 +112,7 @@ class Score:
     loss: float | None = None
     loss_recovery: float | None = None
     purple: float | None = None
+    purple_other: float | None = None  # the same samples, a second classifier (another seed)
     shape: float | None = None
     kept_energy: float | None = None
     sim: float | None = None
@@ -127,7 +128,7 @@ def score(
     oracle_effect: torch.Tensor | None,
     probe: Probe,
     losses: tuple[float, float] | None,
-    classifier: Classifier,
+    classifiers: list[Classifier],
     samples: int,
 ) -> Score:
     eps = probe.predict(model)
@@ -147,8 +148,9 @@ def score(
         prompts = [f"a {TRIGGER} {SHAPES[i % len(SHAPES)]}" for i in range(samples)]
         images = sample(model, prompts, seed=5)
         with torch.no_grad():
-            logits_c, logits_s = classifier(images)
+            (logits_c, logits_s), (other_c, _) = (net(images) for net in classifiers)
         result.purple = float((logits_c.argmax(1) == len(COLOURS)).float().mean())
+        result.purple_other = float((other_c.argmax(1) == len(COLOURS)).float().mean())
         expected = torch.tensor([i % len(SHAPES) for i in range(samples)])
         result.shape = float((logits_s.argmax(1) == expected).float().mean())
     return result
@@ -178,7 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = build(work, recipe, log)
     built = time.perf_counter() - started
     classifier, acc_c, acc_s = train_classifier(recipe.classifier_steps)
-    log(f"classifier: colour {acc_c:.3f}, shape {acc_s:.3f} on held-out drawn images")
+    other, acc_c2, acc_s2 = train_classifier(recipe.classifier_steps, seed=100)
+    log(f"classifiers: colour {acc_c:.3f} / {acc_c2:.3f}, shape {acc_s:.3f} / {acc_s2:.3f} on held-out drawn images")
     probe = Probe.make(per_t=8 if args.quick else 32)
     samples = 8 if args.quick else args.samples
     source_lora = work / manifest["loras"]["S"]["path"]
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         oracle_effect = oracle_eps - base_eps
         base_loss = float((base_eps - probe.noise).pow(2).mean())
         oracle_loss = float((oracle_eps - probe.noise).pow(2).mean())
-        common = (probe, (base_loss, oracle_loss), classifier, samples)
+        common = (probe, (base_loss, oracle_loss), [classifier, other], samples)
         rows.append(score(name, "base (no LoRA)", None, target, base_eps, oracle_effect, *common))
         rows.append(score(name, "oracle (LoRA trained on it)", None, oracle, base_eps, oracle_effect, *common))
         if name == "S":  # the floor: the same recipe with another seed, against the oracle
@@ -228,6 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "recipe": asdict(recipe),
         "manifest": manifest,
         "classifier": {"colour_accuracy": acc_c, "shape_accuracy": acc_s},
+        "classifier_other": {"colour_accuracy": acc_c2, "shape_accuracy": acc_s2},
         "prompt_fidelity": fidelity,
         "rows": [asdict(r) for r in rows],
         "seconds": {"build (cached: 0)": built, "total": time.perf_counter() - started},
@@ -303,6 +307,9 @@ def notes(data: dict[str, Any]) -> list[str]:
 
     subspace = [r for r in rows if r["method"] in ("project", "lorax", "procrustes")]
     gaps = [_row(rows, t, "prolora", 16)["effect_error"] - _row(rows, t, "identity")["effect_error"] for t in targets]
+    disagreement = max(
+        (abs(r["purple"] - r["purple_other"]) for r in data["rows"] if r.get("purple_other") is not None), default=0.0
+    )
     return [
         "## Notes",
         "",
@@ -318,9 +325,11 @@ def notes(data: dict[str, Any]) -> list[str]:
         f"{max(r['loss_recovery'] for r in subspace):.2f}; at most {max(r['purple'] or 0 for r in subspace):.2f} "
         "of their samples are purple. As for the LLM "
         "zoo (SPEC sec. 9), a standard LoRA lies mostly outside the base's top-k subspaces.",
-        "- Sampled images: the models follow colour words (prompt fidelity above) better than shape words "
-        "(S: near chance), so the *shape* column is mostly noise; 32 samples per row give a standard error "
-        "of about 0.09 on *purple*.",
+        "- Sampled images are the weak measure here: the models follow colour words (prompt fidelity above) "
+        "better than shape words, so the *shape* column is mostly noise; 32 samples per row give a standard "
+        "error of about 0.09 on *purple*, and two classifiers trained alike with other seeds disagree on the "
+        f"purple rate of the same samples by up to {disagreement:.2f}. The noise-prediction measures (effect "
+        "error, loss recovery) are deterministic and are the result.",
         "",
     ]
 
@@ -361,23 +370,27 @@ def markdown(data: dict[str, Any]) -> str:
         f"derivatives: further training on grey backgrounds and bigger shapes, lr {recipe['drift_lr']}; "
         f"LoRA: rank {recipe['lora_rank']}, alpha {recipe['lora_alpha']}, {recipe['lora_steps']} steps, lr "
         f"{recipe['lora_lr']}, half trigger images (purple, `a zorp <shape>`), half regular ones. "
-        f"Classifier on held-out drawn images: colour {data['classifier']['colour_accuracy']:.3f}, "
-        f"shape {data['classifier']['shape_accuracy']:.3f}.",
+        f"Classifiers on held-out drawn images: colour {data['classifier']['colour_accuracy']:.3f} / "
+        f"{data['classifier_other']['colour_accuracy']:.3f}, shape {data['classifier']['shape_accuracy']:.3f} / "
+        f"{data['classifier_other']['shape_accuracy']:.3f}.",
         "",
         "## Ported LoRA vs the oracle, per target",
         "",
         "effect error: `||e_port - e_oracle||^2 / ||e_oracle||^2` (0 = the oracle's effect, 1 = none); "
         "cos: cosine of the two effects; loss recovery: `(L_T - L_port) / (L_T - L_oracle)`; purple / shape: "
-        "sampled trigger images the classifier calls purple / the prompted shape.",
+        "sampled trigger images the classifier calls purple / the prompted shape; purple (2nd): the same "
+        "images, a classifier trained with another seed.",
         "",
-        "| target | method | k | effect error | cos | loss | loss recovery | purple | shape | kept energy | sim |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | method | k | effect error | cos | loss | loss recovery | purple | purple (2nd) | shape | "
+        "kept energy | sim |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
         lines.append(
             f"| {r['target']} | {r['method']} | {r['k'] or '-'} | {fmt(r['effect_error'])} | "
             f"{fmt(r['effect_cosine'])} | {fmt(r['loss'], 4)} | {fmt(r['loss_recovery'], 2)} | "
-            f"{fmt(r['purple'], 2)} | {fmt(r['shape'], 2)} | {fmt(r['kept_energy'])} | {fmt(r['sim'])} |"
+            f"{fmt(r['purple'], 2)} | {fmt(r.get('purple_other'), 2)} | {fmt(r['shape'], 2)} | "
+            f"{fmt(r['kept_energy'])} | {fmt(r['sim'])} |"
         )
     return "\n".join(lines) + "\n"
 

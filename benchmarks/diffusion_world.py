@@ -407,8 +407,9 @@ def classifier_batch(gen: torch.Generator, n: int, shifted: bool) -> tuple[torch
     return torch.cat([x, x_other]), c + [OTHER] * len(others), s + [shape for shape, _ in others]
 
 
-def train_classifier(steps: int) -> tuple[Classifier, float, float]:
-    gen = torch.Generator().manual_seed(99)
+def train_classifier(steps: int, seed: int = 99) -> tuple[Classifier, float, float]:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the weights' initialisation (library imports may have used the global generator)
     net = Classifier()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for step in range(steps):
