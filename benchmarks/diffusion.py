@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = build(work, recipe, log)
     built = time.perf_counter() - started
     classifier, acc_c, acc_s = train_classifier(recipe.classifier_steps)
-    other, acc_c2, acc_s2 = train_classifier(recipe.classifier_steps, seed=100)
+    second, acc_c2, acc_s2 = train_classifier(recipe.classifier_steps, seed=100)
     log(f"classifiers: colour {acc_c:.3f} / {acc_c2:.3f}, shape {acc_s:.3f} / {acc_s2:.3f} on held-out drawn images")
     probe = Probe.make(per_t=8 if args.quick else 32)
     samples = 8 if args.quick else args.samples
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         oracle_effect = oracle_eps - base_eps
         base_loss = float((base_eps - probe.noise).pow(2).mean())
         oracle_loss = float((oracle_eps - probe.noise).pow(2).mean())
-        common = (probe, (base_loss, oracle_loss), [classifier, other], samples)
+        common = (probe, (base_loss, oracle_loss), [classifier, second], samples)
         rows.append(score(name, "base (no LoRA)", None, target, base_eps, oracle_effect, *common))
         rows.append(score(name, "oracle (LoRA trained on it)", None, oracle, base_eps, oracle_effect, *common))
         if name == "S":  # the floor: the same recipe with another seed, against the oracle
@@ -322,8 +322,8 @@ def notes(data: dict[str, Any]) -> list[str]:
         "with the complement kept, the subspace rotation changes little at these drifts.",
         f"- `project` / `lorax` / `procrustes` keep {min(r['kept_energy'] for r in subspace):.2f}-"
         f"{max(r['kept_energy'] for r in subspace):.2f} of the update's norm and recover at most "
-        f"{max(r['loss_recovery'] for r in subspace):.2f}; at most {max(r['purple'] or 0 for r in subspace):.2f} "
-        "of their samples are purple. As for the LLM "
+        f"{max(r['loss_recovery'] for r in subspace):.2f}; their purple rate is at most "
+        f"{max(r['purple'] or 0 for r in subspace):.2f}. As for the LLM "
         "zoo (SPEC sec. 9), a standard LoRA lies mostly outside the base's top-k subspaces.",
         "- Sampled images are the weak measure here: the models follow colour words (prompt fidelity above) "
         "better than shape words, so the *shape* column is mostly noise; 32 samples per row give a standard "
