@@ -39,20 +39,23 @@ BASE_KEYS = ("source_base", "target_base")  # a directory when one exists there,
 BATCH_KEYS = ("name",)  # manifest keys that are not transfer flags
 # transfer flags a job may not set: the batch decides them for every job.
 RESERVED_KEYS = {
-    "overwrite": "the batch replaces only outputs it wrote (use loraport batch --overwrite)",
-    "quiet": "the batch shows its own progress (use loraport batch --quiet)",
-    "cache_dir": "the batch shares one subspace cache between jobs (use loraport batch --cache-dir)",
-    "no_cache": "the batch shares one subspace cache between jobs",
+    "overwrite": "the batch replaces only outputs it wrote; see loraport batch --overwrite",
+    "quiet": "the batch shows its own progress; see loraport batch --quiet",
+    "cache_dir": "every job shares the batch's subspace cache; see loraport batch --cache-dir",
+    "no_cache": "every job shares the batch's subspace cache",
     "help": "not a job setting",
 }
 
 
-class ManifestError(LoraportError):
-    """A manifest that cannot run: every problem found, one per line, before any work starts."""
+Problem = tuple[int, str]  # (job index, 0 for the manifest itself; one-line message)
 
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = list(problems)
-        lines = [f"{source}: {len(problems)} problem(s), nothing was run:"] + [f"  {p}" for p in problems]
+
+class ManifestError(LoraportError):
+    """A manifest that cannot run: every problem found, one per line in job order, before any work starts."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.problems = [text for _, text in sorted(problems, key=lambda problem: problem[0])]
+        lines = [f"{source}: {len(problems)} problem(s), nothing was run:"] + [f"  {p}" for p in self.problems]
         super().__init__("\n".join(lines))
 
 
@@ -160,27 +163,33 @@ def job_options(
     if parser is None or flags is None:
         parser, flags = transfer_flags()
     argv: list[str] = []
+    problems: list[str] = []
     for key, value in entry.items():
+        action = flags.get(key)
         if key in BATCH_KEYS:
             continue
         if key in RESERVED_KEYS:
-            raise LoraportError(f"{key}: not allowed in a job ({RESERVED_KEYS[key]})")
-        action = flags.get(key)
-        if action is None:
-            raise LoraportError(f"unknown key {key!r} (keys are loraport transfer flags with underscores)")
-        try:
-            argv += _flag_value(key, value, action)
-        except _FlagError as exc:
-            raise LoraportError(str(exc)) from None
+            problems.append(f"{key}: not allowed in a job: {RESERVED_KEYS[key]}")
+        elif action is None:
+            problems.append(f"unknown key {key!r} (keys are loraport transfer flags with underscores)")
+        else:
+            try:
+                argv += _flag_value(key, value, action)
+            except _FlagError as exc:
+                problems.append(str(exc))
     try:
         args = parser.parse_args(argv)
+        options = options_from_args(args)
+        options.cache_dir = str(cache_dir)
+        options.use_cache = True
+        # The driver may have no GPU while the workers do: check everything but the device here.
+        dataclasses.replace(options, device="cpu").validate()
     except _FlagError as exc:
-        raise LoraportError(str(exc).replace("argument --", "--")) from None
-    options = options_from_args(args)
-    options.cache_dir = str(cache_dir)
-    options.use_cache = True
-    # The driver may have no GPU while the workers do: check everything but the device here.
-    dataclasses.replace(options, device="cpu").validate()
+        problems.append(str(exc).replace("argument --", "--"))
+    except LoraportError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise LoraportError("; ".join(problems))
     return args, options, argv
 
 
@@ -188,7 +197,7 @@ def load_jobs(
     manifest: str | os.PathLike[str] | Mapping[str, Any],
     cache_dir: str | os.PathLike[str],
     device: str | None = None,
-) -> tuple[list[Job], list[str], str]:
+) -> tuple[list[Job], list[Problem], str]:
     """Read a manifest (a file or an already parsed mapping) into jobs.
 
     ``device`` is the default ``device`` of jobs that do not set one (``cuda`` when the batch
@@ -201,25 +210,25 @@ def load_jobs(
         data, root, source = read_manifest(manifest), Path(manifest).resolve().parent, str(manifest)
     if not isinstance(data, Mapping):
         raise ManifestError(source, ["expected a mapping with 'jobs' (and optionally 'defaults')"])
-    problems = [
-        f"unknown top-level key {key!r} (expected 'defaults' and 'jobs')"
+    problems: list[Problem] = [
+        (0, f"unknown top-level key {key!r} (expected 'defaults' and 'jobs')")
         for key in data
         if key not in ("defaults", "jobs")
     ]
     defaults = data.get("defaults") or {}
     entries = data.get("jobs")
     if not isinstance(defaults, Mapping):
-        problems.append("'defaults' must be a mapping of transfer options")
+        problems.append((0, "'defaults' must be a mapping of transfer options"))
         defaults = {}
     if not isinstance(entries, list) or not entries:
-        problems.append("'jobs' must be a non-empty list of mappings")
+        problems.append((0, "'jobs' must be a non-empty list of mappings"))
         entries = []
     parser, flags = transfer_flags()
     jobs: list[Job] = []
     outs: dict[str, int] = {}
     for index, raw in enumerate(entries, start=1):
         if not isinstance(raw, Mapping):
-            problems.append(f"job {index}: expected a mapping, got {type(raw).__name__}")
+            problems.append((index, f"job {index}: expected a mapping, got {type(raw).__name__}"))
             continue
         entry: dict[str, Any] = {"device": device} if device else {}
         entry.update(defaults)
@@ -228,16 +237,16 @@ def load_jobs(
         label = f"job {index} ({name})"
         missing = [key for key in REQUIRED_KEYS if not entry.get(key)]
         if missing:
-            problems.append(f"{label}: missing {', '.join(missing)}")
+            problems.append((index, f"{label}: missing {', '.join(missing)}"))
             continue
         entry = {key: _resolve(key, value, root) for key, value in entry.items()}
         try:
             args, options, argv = job_options(entry, cache_dir, parser, flags)
         except LoraportError as exc:
-            problems.append(f"{label}: {exc}")
+            problems.append((index, f"{label}: {exc}"))
             continue
         if entry["out"] in outs:
-            problems.append(f"{label}: out {entry['out']} is also the output of job {outs[entry['out']]}")
+            problems.append((index, f"{label}: out {entry['out']} is also the output of job {outs[entry['out']]}"))
             continue
         outs[entry["out"]] = index
         jobs.append(
@@ -256,4 +265,4 @@ def load_jobs(
     return jobs, problems, source
 
 
-__all__ = ["Job", "ManifestError", "job_options", "load_jobs", "read_manifest", "transfer_flags"]
+__all__ = ["Job", "ManifestError", "Problem", "job_options", "load_jobs", "read_manifest", "transfer_flags"]

@@ -28,7 +28,7 @@ from ..errors import LoraportError
 from ..pairing import Pairing, linear_shape
 from ..subspace import SubspaceCache
 from ..transfer import plan_units, port_method
-from .manifest import Job
+from .manifest import Job, Problem
 
 JOB_RECORD = "loraport_job.json"
 REPORT_NAME = "loraport_report.json"  # written by transfer() into every output directory
@@ -143,7 +143,7 @@ class BatchPlan:
     )
     distinct_subspaces: int = 0
     cached_subspaces: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def max_job_memory_mb(self) -> float:
@@ -193,7 +193,7 @@ def plan_batch(jobs: list[Job], cache_dir: str | os.PathLike[str], overwrite: bo
                 pairing = Pairing(adapter, src, tgt, options.layer_map)
                 _, requests = plan_units(pairing, port_method(options), options)
             except (LoraportError, OSError) as exc:
-                plan.problems.append(f"{job.label}: {exc}")
+                plan.problems.append((job.index, f"{job.label}: {exc}"))
                 continue
             plan.pending.append(job)
             plan.records[job.index] = record

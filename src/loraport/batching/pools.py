@@ -188,14 +188,16 @@ class RayPool:
 
 
 class TreeRss:
-    """Peak total RSS of this process and all its descendants, sampled every ``interval`` s (Linux).
+    """Peak total RSS of a process (default: this one) and all its descendants, sampled every
+    ``interval`` s (Linux; ``peak_mb`` stays ``None`` elsewhere).
 
     A sum of RSS counts pages shared between processes (the torch libraries) once per process,
     so it bounds the physical memory used from above.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, root: int | None = None) -> None:
         self.interval = interval
+        self.root = os.getpid() if root is None else root
         self.peak_mb: float | None = None
         self._stop = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -216,7 +218,7 @@ class TreeRss:
 
     def sample(self) -> float | None:
         total = 0
-        for pid in self._descendants(os.getpid()):
+        for pid in self._descendants(self.root):
             try:
                 total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self._page
             except (OSError, IndexError, ValueError):
