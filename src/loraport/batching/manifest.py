@@ -209,7 +209,7 @@ def load_jobs(
     else:
         data, root, source = read_manifest(manifest), Path(manifest).resolve().parent, str(manifest)
     if not isinstance(data, Mapping):
-        raise ManifestError(source, ["expected a mapping with 'jobs' (and optionally 'defaults')"])
+        raise ManifestError(source, [(0, "expected a mapping with 'jobs' (and optionally 'defaults')")])
     problems: list[Problem] = [
         (0, f"unknown top-level key {key!r} (expected 'defaults' and 'jobs')")
         for key in data
@@ -240,15 +240,15 @@ def load_jobs(
             problems.append((index, f"{label}: missing {', '.join(missing)}"))
             continue
         entry = {key: _resolve(key, value, root) for key, value in entry.items()}
+        if entry["out"] in outs:
+            problems.append((index, f"{label}: out {entry['out']} is also the output of job {outs[entry['out']]}"))
+            continue
+        outs[entry["out"]] = index
         try:
             args, options, argv = job_options(entry, cache_dir, parser, flags)
         except LoraportError as exc:
             problems.append((index, f"{label}: {exc}"))
             continue
-        if entry["out"] in outs:
-            problems.append((index, f"{label}: out {entry['out']} is also the output of job {outs[entry['out']]}"))
-            continue
-        outs[entry["out"]] = index
         jobs.append(
             Job(
                 index,

@@ -9,8 +9,10 @@ batch (the driver and every process under it).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -148,10 +150,16 @@ class RayPool:
         self.threads, self.gpus, self.job_memory_mb = threads, gpus, job_memory_mb
         self.started_here = not ray.is_initialized()
         if self.started_here:
+            previous = signal.getsignal(signal.SIGTERM)
             try:
                 ray.init(address=address, log_to_driver=False, include_dashboard=False)
             except Exception as exc:
                 raise LoraportError(f"cannot connect to the Ray cluster at {address or 'default'}: {exc}") from None
+            with contextlib.suppress(ValueError):  # ray.init replaces it; ours stops the batch cleanly
+                signal.signal(signal.SIGTERM, previous)
+        # A memory request no node can meet would leave the tasks pending forever.
+        largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
+        self.memory_bytes = int(min(job_memory_mb * 2**20, largest or job_memory_mb * 2**20))
         self._pending: list[Any] = []
 
     @property
@@ -164,9 +172,7 @@ class RayPool:
 
     def run(self, fn: Callable[..., Any], items: list[Any]) -> Iterator[tuple[Any, Any]]:
         ray = self.ray
-        remote = ray.remote(
-            num_cpus=self.threads, num_gpus=self.gpus, memory=int(self.job_memory_mb * 2**20), max_retries=0
-        )(fn)
+        remote = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, memory=self.memory_bytes, max_retries=0)(fn)
         refs = {remote.remote(item, self.threads): item for item in items}
         self._pending = list(refs)
         while self._pending:

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..io import atomic_write_text
 from ..report import finite_json, peak_rss_mb
 from ..subspace import default_cache_dir
 from .manifest import Job, ManifestError, load_jobs
-from .plan import REPORT_NAME, BatchPlan, plan_batch, subspace_tasks
+from .plan import REPORT_NAME, BatchPlan, job_state, plan_batch, subspace_tasks
 from .pools import LocalPool, RayPool, TreeRss, size_local_pool
 from .workers import JobOutcome, SubspaceOutcome, compute_subspaces, one_line, run_job
 
@@ -89,7 +90,7 @@ class BatchResult:
     @property
     def ok(self) -> bool:
         """Every job succeeded or was already up to date."""
-        return all(job.status != "failed" for job in self.jobs)
+        return all(job.status in ("ok", "up to date") for job in self.jobs)
 
     def table(self) -> str:
         """The summary table (Markdown): job, method, modules, mean kept energy, time, status."""
@@ -110,7 +111,9 @@ class BatchResult:
         sub = s["subspaces"]
         rss = s["peak_rss_mb"]["all_processes"]
         return (
-            f"{s['jobs_total']} job(s): {s['succeeded']} ok, {s['up_to_date']} up to date, {s['failed']} failed; "
+            f"{s['jobs_total']} job(s): {s['succeeded']} ok, {s['up_to_date']} up to date, {s['failed']} failed"
+            + (f", {s['interrupted']} interrupted" if s["interrupted"] else "")
+            + "; "
             f"{sub['distinct']} distinct subspace(s): {sub['cached_before']} cached, {sub['computed']} computed "
             f"in {sub['seconds']:.1f} s; total {s['wall_seconds']:.1f} s"
             + (f", peak RSS {rss:.0f} MB (all processes)" if rss is not None else "")
@@ -138,13 +141,20 @@ def _up_to_date(job: Job) -> JobOutcome:
     return outcome
 
 
-def _failed(job: Job, error: BaseException | str) -> JobOutcome:
-    message = error if isinstance(error, str) else f"worker process died ({one_line(error)})"
+def _failed(job: Job, error: BaseException) -> JobOutcome:
+    message = f"worker process died ({one_line(error)})"
     return JobOutcome(job.index, job.name, job.out, "failed", job.options.method, error=message)
 
 
+def _stopped(job: Job, record: dict[str, Any]) -> JobOutcome:
+    """A job whose result never came back because the batch was interrupted: ``ok`` if its worker
+    finished writing it before stopping, else ``interrupted`` (no output: it runs on the next try)."""
+    status = "ok" if job_state(job, record) == "done" else "interrupted"
+    return JobOutcome(job.index, job.name, job.out, status, job.options.method)
+
+
 def batch(
-    manifest: str | os.PathLike[str] | dict[str, Any],
+    manifest: str | os.PathLike[str] | Mapping[str, Any],
     *,
     options: BatchOptions | None = None,
     summary_path: str | os.PathLike[str] | None = None,
@@ -192,7 +202,7 @@ def batch(
     problems += plan.problems
     if problems:
         raise ManifestError(source, problems)
-    if summary_path is None and not isinstance(manifest, dict):
+    if summary_path is None and not isinstance(manifest, Mapping):
         path = Path(manifest)
         summary_path = path.with_name(f"{path.stem}.summary.json")
 
@@ -217,18 +227,7 @@ def batch(
     with TreeRss() as rss:
         if plan.pending:
             _clean_stale_temporaries(plan.pending)
-            pool: LocalPool | RayPool
-            if options.ray is not None:
-                pool = RayPool(options.ray.address, options.threads_per_job, gpus, job_memory)
-                parallel = max(1, int(pool.ray.cluster_resources().get("CPU", 1)) // options.threads_per_job)
-                executor = {"kind": "ray", "address": options.ray.address, "gpus_per_job": gpus}
-            else:
-                size = size_local_pool(len(plan.pending), options.threads_per_job, job_memory, options.workers)
-                pool, parallel = LocalPool(size), size.workers
-                executor = {"kind": "local", "workers": size.workers, "peak_bound_mb": size.peak_bound_mb}
-            executor.update(
-                description=pool.description, threads_per_job=options.threads_per_job, job_memory_mb=job_memory
-            )
+            pool, parallel, executor = _make_pool(options, len(plan.pending), job_memory)
             if progress:
                 print(f"loraport batch: {pool.description}", file=sys.stderr)
             try:
@@ -237,11 +236,28 @@ def batch(
             except BaseException:  # interrupted (or a bug): stop the workers, keep what finished
                 pool.close(interrupted=True)
                 for job in plan.pending:
-                    outcomes.setdefault(job.index, _failed(job, "interrupted"))
+                    outcomes.setdefault(job.index, _stopped(job, plan.records[job.index]))
                 finish()
                 raise
             pool.close()
     return finish()
+
+
+def _make_pool(
+    options: BatchOptions, jobs: int, job_memory_mb: float
+) -> tuple[LocalPool | RayPool, int, dict[str, Any]]:
+    """The pool, how many tasks it runs at once, and its description for the summary."""
+    pool: LocalPool | RayPool
+    if options.ray is not None:
+        pool = RayPool(options.ray.address, options.threads_per_job, options.ray.gpus_per_job, job_memory_mb)
+        parallel = max(1, int(pool.ray.cluster_resources().get("CPU", 1)) // options.threads_per_job)
+        executor = {"kind": "ray", "address": options.ray.address, "gpus_per_job": options.ray.gpus_per_job}
+    else:
+        size = size_local_pool(jobs, options.threads_per_job, job_memory_mb, options.workers)
+        pool, parallel = LocalPool(size), size.workers
+        executor = {"kind": "local", "workers": size.workers, "peak_bound_mb": size.peak_bound_mb}
+    executor.update(description=pool.description, threads_per_job=options.threads_per_job, job_memory_mb=job_memory_mb)
+    return pool, parallel, executor
 
 
 def _check_version(version: str | None, warnings: list[str]) -> None:
@@ -320,11 +336,12 @@ def _result(
     job_peaks = [o.peak_rss_mb for o in ordered if o.peak_rss_mb is not None]
     summary = {
         "manifest": source,
-        "ok": all(o.status != "failed" for o in ordered),
+        "ok": all(o.status in ("ok", "up to date") for o in ordered),
         "jobs_total": len(jobs),
         "succeeded": sum(o.status == "ok" for o in ordered),
         "up_to_date": sum(o.status == "up to date" for o in ordered),
         "failed": sum(o.status == "failed" for o in ordered),
+        "interrupted": sum(o.status == "interrupted" for o in ordered),
         "wall_seconds": time.perf_counter() - started,
         "cache_dir": str(cache_dir),
         "subspaces": subspaces,

@@ -42,8 +42,9 @@ class SubspaceOutcome:
 class JobOutcome:
     """One line of the batch summary.
 
-    ``status`` is ``ok``, ``up to date`` (skipped: output, report and record matched) or ``failed``
-    (``error`` holds the one-line message); ``modules`` counts the target modules written.
+    ``status`` is ``ok``, ``up to date`` (skipped: output, report and record matched), ``failed``
+    (``error`` holds the one-line message) or ``interrupted`` (the batch was stopped before it
+    finished; nothing was written); ``modules`` counts the target modules written.
     """
 
     index: int
