@@ -66,8 +66,9 @@ class PoolSize:
 
     def describe(self) -> str:
         memory = "unknown memory" if self.available_mb is None else f"{self.available_mb / 1024:.1f} GB available"
+        workers = "1 worker (this process)" if self.workers == 1 else f"{self.workers} worker processes"
         return (
-            f"local pool: {self.workers} worker(s) x {self.threads} thread(s) ({self.chosen_by}; {self.cores} core(s), "
+            f"local pool: {workers} x {self.threads} thread(s) ({self.chosen_by}; {self.cores} core(s), "
             f"{memory}, about {self.job_memory_mb:.0f} MB per job: peak about {self.peak_bound_mb:.0f} MB)"
         )
 

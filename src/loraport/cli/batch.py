@@ -98,6 +98,8 @@ def _batch(args: argparse.Namespace) -> int:
         result = batch(args.manifest, options=options, summary_path=args.summary, progress=not args.quiet)
     print(result.table())
     print(result.totals_line())
+    if "description" in result.summary["executor"]:
+        print(result.summary["executor"]["description"])
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if result.summary_path is not None:
