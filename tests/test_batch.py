@@ -81,6 +81,8 @@ def test_job_keys_go_through_the_transfer_command_line(tmp_path: Path) -> None:
         "layer_map": "0:0,1:0",
         "drop_unsupported": True,
         "svd": "exact",
+        "keep_all": True,  # a switch whose dest (no_harm) is not its name
+        "calib_rank": 4,  # a calibrated-group flag
     }
     _, options, argv = job_options(entry, tmp_path)
     cli = build_parser().parse_args(["transfer", *argv])
@@ -89,9 +91,10 @@ def test_job_keys_go_through_the_transfer_command_line(tmp_path: Path) -> None:
     assert asdict(options) == asdict(expected)
     assert options.subspace_rank == 32 and options.threshold_by_type == {"q_proj": 0.2}
     assert options.layer_map == {0: 0, 1: 0} and options.drop_unsupported and options.svd == "exact"
+    assert options.calibrated.no_harm is False and options.calibrated.rank == 4
     # Every transfer flag but the batch-controlled ones is a manifest key.
     _, flags = transfer_flags()
-    assert {"calibration", "calib_rank", "ridge", "init", "threshold", "fallback"} <= set(flags)
+    assert {"calibration", "calib_rank", "ridge", "init", "threshold", "fallback", "keep_all"} <= set(flags)
     assert set(RESERVED_KEYS) - {"help"} <= set(flags)
 
 

@@ -59,6 +59,9 @@ class ModuleRecord:
     fit_before: float | None = None
     fit_copy: float | None = None
     fit_after: float | None = None
+    # No-harm rule: held-out fit error of each candidate ("port", "copy" where shapes match,
+    # "none" = left out), relative to leaving the module out.
+    heldout: dict[str, float] | None = None
 
     @property
     def transferred(self) -> bool:
@@ -205,13 +208,14 @@ class TransferReport:
         if calibrated:
             lines += [
                 "",
-                "| target | ridge | lam' | tokens | fit init | fit copy | fit after |",
-                "|---|---|---|---|---|---|---|",
+                "| target | ridge | lam' | tokens | fit init | fit copy | fit after | held-out port / copy / none |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for r in calibrated:
+                held = " / ".join(num((r.heldout or {}).get(k)) or "-" for k in ("port", "copy", "none"))
                 lines.append(
                     f"| {r.target_module} | {num(r.ridge, 3)} | {num(r.ridge_abs, 3)} | {r.calib_tokens} | "
-                    f"{num(r.fit_before)} | {num(r.fit_copy)} | {num(r.fit_after)} |"
+                    f"{num(r.fit_before)} | {num(r.fit_copy)} | {num(r.fit_after)} | {held if r.heldout else ''} |"
                 )
         return "\n".join(lines) + "\n"
 

@@ -92,13 +92,10 @@ class StreamedModel:
     """
 
     def __init__(self, ckpt: Checkpoint, arch: Architecture, device: str, dtype: torch.dtype = torch.float32) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.ckpt, self.arch, self.device, self.dtype = ckpt, arch, torch.device(device), dtype
-        try:
-            config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=False)
-        except Exception as exc:
-            raise LoraportError(f"{ckpt.name}: cannot read the model config to run the model ({exc})") from None
+        config = ckpt.transformers_config()
         config.use_cache = False
         with parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)

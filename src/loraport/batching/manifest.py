@@ -101,7 +101,13 @@ def transfer_flags() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action
 
     parser = _JobParser(prog="loraport transfer", add_help=False)
     _transfer_args(parser)
-    flags = {action.dest: action for action in parser._actions if action.option_strings}
+    # Keyed by the flag's name, not its dest: ``keep_all: true`` is ``--keep-all`` (dest ``no_harm``).
+    flags = {
+        option[2:].replace("-", "_"): action
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
     return parser, flags
 
 
@@ -123,7 +129,7 @@ def read_manifest(path: str | os.PathLike[str]) -> Any:
 
 def _flag_value(key: str, value: Any, action: argparse.Action) -> list[str]:
     """``key: value`` as command-line words (``--subspace-rank 32``; ``true`` for a switch)."""
-    flag = action.option_strings[0]
+    flag = "--" + key.replace("_", "-")
     if action.nargs == 0:  # a switch such as --drop-unsupported
         if not isinstance(value, bool):
             raise _FlagError(f"{key}: expected true or false, got {value!r}")

@@ -71,7 +71,7 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
 def job_record(job: Job, source: Checkpoint, target: Checkpoint) -> dict[str, Any]:
     """What must be unchanged for a finished job to count as done (JSON-normal: compares with a re-read file)."""
     options = {k: v for k, v in asdict(job.options).items() if k not in ("cache_dir", "use_cache")}
-    calibration = job.options.calibration
+    calibration = job.options.calibrated.text
     inputs = {
         "adapter": adapter_fingerprint(job.adapter),
         "source_base": checkpoint_fingerprint(source),
