@@ -41,6 +41,7 @@ from perf import GEMMA, QWEN, write_adapter, write_base
 from safetensors.torch import load_file
 
 from loraport.batching.pools import TreeRss
+from loraport.lowrank import frobenius_norm
 
 FLOOR_SCRIPT = r"""
 import json, sys, time
@@ -94,15 +95,16 @@ def tensors_equal(a: Path, b: Path) -> bool:
 
 
 def max_relative_difference(a: Path, b: Path) -> float:
-    """max over modules of ||B_a A_a - B_b A_b||_F / ||B_a A_a||_F (factors are unique only up to rotation)."""
+    """max over modules of ||B_a A_a - B_b A_b||_F / ||B_a A_a||_F, in factored form (factors are unique
+    only up to rotation; ``B_a A_a - B_b A_b = [B_a, -B_b] [A_a; A_b]``)."""
     ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     assert ta.keys() == tb.keys()
     worst = 0.0
     for key in (k for k in ta if ".lora_A." in k):
         up = key.replace("lora_A", "lora_B")
-        da = ta[up].double() @ ta[key].double()
-        db = tb[up].double() @ tb[key].double()
-        worst = max(worst, float((da - db).norm() / da.norm()))
+        Ba, Aa, Bb, Ab = (t[name].double() for t, name in ((ta, up), (ta, key), (tb, up), (tb, key)))
+        difference = frobenius_norm(torch.cat([Ba, -Bb], dim=1), torch.cat([Aa, Ab], dim=0))
+        worst = max(worst, difference / frobenius_norm(Ba, Aa))
     return worst
 
 

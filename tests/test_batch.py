@@ -115,9 +115,11 @@ def test_a_new_transfer_flag_is_a_manifest_key_without_changes(tmp_path: Path, m
 
 def test_defaults_are_overridden_and_paths_are_relative_to_the_manifest(bases, tmp_path: Path) -> None:
     defaults, jobs = three_jobs(bases)
+    jobs[0]["report"] = "reports/one.json"
     manifest = write_manifest(tmp_path / "ports.yaml", defaults, jobs)
     loaded, problems, _ = load_jobs(manifest, tmp_path / "cache")
     assert problems == []
+    assert loaded[0].report == str(tmp_path / "reports" / "one.json") and loaded[1].report is None
     assert [job.options.subspace_rank for job in loaded] == [16, 16, 64]
     assert loaded[2].target_base == str(bases["gemma"]) and loaded[0].target_base == str(bases["derivative"])
     assert loaded[0].out == str(tmp_path / "out" / "one") and loaded[0].name == "one"
