@@ -54,7 +54,7 @@ def _stage(assets: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 def base_path(work: Path, assets: dict[str, Any], name: str) -> str:
     """A base as the benchmark reads it: the GGUF file for the packaged models, else the directory."""
-    model = _stage(assets, "models")["models"].get(name) if name in ("smollm2", "gemma3") else None  # type: ignore[index]
+    model = (_stage(assets, "models") or {}).get(name) if name in ("smollm2", "gemma3") else None
     if model is not None and model.get("gguf") and Path(model["gguf"]).exists():
         return str(model["gguf"])
     return str(work / "models" / name)
