@@ -15,8 +15,8 @@ from loraport.checkpoints import Checkpoint, GGUFCheckpoint
 from loraport.cli import main
 from loraport.errors import CheckpointError
 from loraport.evaluate import evaluate_path
-from loraport.zoo.gguf_export import make_bpe_tokenizer, write_gguf
-from loraport.zoo.tiny import make_random_adapter, make_tiny_model, perturb_model
+from loraport.zoo.gguf_export import write_gguf
+from loraport.zoo.tiny import make_bpe_tokenizer, make_random_adapter, make_tiny_model, perturb_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -141,6 +141,14 @@ class TransferReport:
                 f"calibration: {c['samples']} sample(s), {c['tokens']} token(s) from {c['source']}, "
                 f"{c['seconds']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB"
             )
+            if c.get("mode") == "mapped":
+                lines.append(
+                    f"mapped: {c['aligned_share']:.0%} of target positions aligned, layers paired by {c['depth']}, "
+                    f"mean held-out R^2 of the {c['map']} maps {c['mean_map_r2']:.2f}"
+                )
+        for note in self.notes:
+            if note.startswith("WARNING"):
+                lines.append(note)
         reasons: dict[str, int] = {}
         for record in self.skipped:
             reasons[record.reason] = reasons.get(record.reason, 0) + 1

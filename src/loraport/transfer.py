@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, lora_scale, save_adapter
-from .calibrate import CALIBRATED, FLAG_FIELDS, CalibrationOptions, calibrate
+from .calibrate import CALIBRATED, FLAG_FIELDS, CalibrationOptions, MappedCalibrator, calibrate, choose_mode
 from .calibrate.options import options_summary
 from .checkpoints import Checkpoint
 from .errors import TransferError
@@ -245,28 +245,38 @@ def transfer(
         dropped=dict(adapter.dropped),
     )
     report.notes += pairing.arch_s.notes + pairing.arch_t.notes
-    if pairing.layers_s != pairing.layers_t and options.layer_map is None:
+
+    mode = None
+    if calibrated:
+        mode, notes = choose_mode(options.calibrated, pairing)
+        report.notes += notes
+    if pairing.layers_s != pairing.layers_t and options.layer_map is None and mode != "mapped":
         report.notes.append(
             f"depths differ ({pairing.layers_s} -> {pairing.layers_t}): layers paired by relative depth"
         )
-
-    store = SubspaceStore(
-        SubspaceCache(options.cache_dir) if options.use_cache else None,
-        options.svd,
-        options.oversample,
-        options.niter,
-        options.seed,
-        options.device,
-    )
-    try:
-        parts = _run_units(pairing, method, options, store, report, progress)
-    finally:
-        store.close()
-    if calibrated:
-        parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
+    if mode == "mapped":
+        # The adapter's effect goes to the target's residual writers: no per-module init to compute.
+        parts = MappedCalibrator(pairing, adapter, options.calibrated, report, progress, options.device).run()
+        cache = None
+    else:
+        store = SubspaceStore(
+            SubspaceCache(options.cache_dir) if options.use_cache else None,
+            options.svd,
+            options.oversample,
+            options.niter,
+            options.seed,
+            options.device,
+        )
+        try:
+            parts = _run_units(pairing, method, options, store, report, progress)
+        finally:
+            store.close()
+        cache = store.cache
+        if calibrated:
+            parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
     report.records += pairing.unpaired
-    if store.cache is not None:
-        report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
+    if cache is not None:
+        report.cache_hits, report.cache_misses = cache.hits, cache.misses
 
     modules = _assemble(parts, pairing, adapter)
     report.output_modules = len(modules)

@@ -15,6 +15,7 @@ MODES = ("auto", "shared", "mapped")
 DEPTHS = ("cka", "relative")
 MAPS = ("ridge", "orthogonal", "cca")
 WRITERS = ("o,down", "down")
+ANCHOR_LAYERS = ("last", "all")
 DEFAULT_RIDGE: float | str = 0.1
 DEFAULT_OUTPUT_WEIGHT = 1.0
 DEFAULT_INIT = "auto"
@@ -55,6 +56,10 @@ class CalibrationOptions:
             ``cca`` (ridge through the top canonical directions).
         map_ridge: relative ridge weight of the maps.
         writers: ``mapped`` only: the target modules that carry the effect (``o,down`` or ``down``).
+        anchor: ``mapped`` only: weight of the output anchor in the maps (0: activations only): the
+            mapped states should decode to the same tokens through each model's final norm and
+            output head, over the tokens both vocabularies spell the same way.
+        anchor_layers: ``last`` (the map at the last target layer) or ``all`` layers (logit lens).
         no_harm: keep a ported module only when it brings the target closer to the teacher on
             held-out calibration text than the alternatives (leaving it out, or the copy where
             shapes match); what was left out is listed in the report.
@@ -77,6 +82,8 @@ class CalibrationOptions:
     map: str = "ridge"
     map_ridge: float = DEFAULT_MAP_RIDGE
     writers: str = "o,down"
+    anchor: float = 1.0
+    anchor_layers: str = "last"
     no_harm: bool = True
     min_aligned: float = DEFAULT_MIN_ALIGNED
 
@@ -86,7 +93,14 @@ class CalibrationOptions:
 
         if self.text is None:
             raise TransferError("--method calibrated needs --calibration FILE (unlabeled text, one sample per line)")
-        choices = {"init": INITS, "mode": MODES, "depth": DEPTHS, "map": MAPS, "writers": WRITERS}
+        choices = {
+            "init": INITS,
+            "mode": MODES,
+            "depth": DEPTHS,
+            "map": MAPS,
+            "writers": WRITERS,
+            "anchor_layers": ANCHOR_LAYERS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TransferError(
@@ -111,6 +125,8 @@ class CalibrationOptions:
             raise TransferError(f"calib_init_scale must be none or fit, got {self.init_scale!r}")
         if not self.map_ridge >= 0:
             raise TransferError(f"--calib-map-ridge must be >= 0, got {self.map_ridge}")
+        if not self.anchor >= 0:
+            raise TransferError(f"--calib-anchor must be >= 0, got {self.anchor}")
         if not 0 <= self.min_aligned <= 1:
             raise TransferError(f"min_aligned must be in [0, 1], got {self.min_aligned}")
         read_calibration_lines(self.text)
@@ -135,6 +151,8 @@ FLAG_FIELDS: dict[str, str] = {
     "calib_map": "map",
     "calib_map_ridge": "map_ridge",
     "calib_writers": "writers",
+    "calib_anchor": "anchor",
+    "calib_anchor_layers": "anchor_layers",
     "no_harm": "no_harm",
     "calib_min_aligned": "min_aligned",
 }

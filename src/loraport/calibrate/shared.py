@@ -46,7 +46,14 @@ from ..adapters import LoraAdapter
 from ..errors import TransferError
 from ..lowrank import frobenius_norm
 from ..methods.base import importance_map, scatter_rows
-from ..methods.calibrated import Moments, calibrated_update, fit_error, relative_fit_error
+from ..methods.calibrated import (
+    Moments,
+    calibrated_update,
+    fit_error,
+    heldout_errors,
+    least_harmful,
+    relative_fit_error,
+)
 from ..pairing import Pairing, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
 from ..streaming import Stop, Stream, StreamedModel, make_chunks
@@ -84,6 +91,17 @@ class _UnitPlan:
 
     def output_weight(self, settings: CalibrationOptions) -> float:
         return 0.0 if self.cross else settings.output_weight
+
+
+def adapter_deltas(adapter: LoraAdapter, arch: Any, layer: int) -> dict[str, torch.Tensor]:
+    """The adapter's updates of one decoder layer, as additions to the layer's parameters (float32)."""
+    extra: dict[str, torch.Tensor] = {}
+    for module in adapter.modules.values():
+        parsed = arch.parse(module.name)
+        if parsed is not None and parsed[0] == layer:
+            dW = module.scale * (module.B.float() @ module.A.float())  # the layers run in float32
+            extra[f"{parsed[1].suffix}.weight"] = dW.mT if arch.transposed else dW
+    return extra
 
 
 def _init_shrinkage(plan: _UnitPlan, stats: Moments) -> float:
@@ -200,15 +218,7 @@ class Calibrator:
         return scatter_rows(B_s, *importance_map(*norms), unit.target.shape[0])
 
     def _teacher_extra(self, layer: int) -> dict[str, torch.Tensor]:
-        """The adapter's updates of one source layer, as additions to the layer's parameters."""
-        extra: dict[str, torch.Tensor] = {}
-        arch = self.pairing.arch_s
-        for module in self.adapter.modules.values():
-            parsed = arch.parse(module.name)
-            if parsed is not None and parsed[0] == layer:
-                dW = module.scale * (module.B.float() @ module.A.float())  # the layers run in float32
-                extra[f"{parsed[1].suffix}.weight"] = dW.mT if arch.transposed else dW
-        return extra
+        return adapter_deltas(self.adapter, self.pairing.arch_s, layer)
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, parts: list[Part]) -> list[Part]:
@@ -429,25 +439,20 @@ class Calibrator:
         left out), and the report says which and why.
         """
         beta, truncation = plan.output_weight(self.settings), self.settings.truncation
-        errors = {"port": 0.0, "copy": 0.0, "none": 0.0}
-        can_copy = plan.unit.source.shape == plan.unit.target.shape and not plan.cross
-        for held_fold in range(self.folds):
-            held = acc.moments(index, [held_fold])
-            train = acc.moments(index, [g for g in range(self.folds) if g != held_fold])
+
+        def port(train: Moments) -> tuple[torch.Tensor, torch.Tensor]:
             f = calibrated_update(
                 plan.B_s, plan.A_s, B0, A0, train, lam, plan.rank, truncation, scale=plan.scale, extra_weight=beta
             )
-            errors["port"] += fit_error(f.B, f.A, plan.B_s, held, scale=plan.scale, extra_weight=beta)[0]
-            none_B, none_A = plan.B_s.new_zeros(plan.B_s.shape[0], 0), plan.B_s.new_zeros(0, held.gram.shape[0])
-            errors["none"] += fit_error(none_B, none_A, plan.B_s, held, scale=plan.scale, extra_weight=beta)[0]
-            if can_copy:
-                errors["copy"] += fit_error(plan.B_s, plan.A_s, plan.B_s, held, scale=plan.scale, extra_weight=beta)[0]
-        if not can_copy:
-            del errors["copy"]
-        reference = errors["none"] or 1.0
+            return f.B, f.A
+
+        candidates: dict[str, Any] = {"port": port}
+        if plan.unit.source.shape == plan.unit.target.shape and not plan.cross:
+            candidates["copy"] = lambda train: (plan.B_s, plan.A_s)
+        folds = [acc.moments(index, [f]) for f in range(self.folds)]
         record = plan.record
-        record.heldout = {name: value / reference for name, value in errors.items()}
-        best = min(errors, key=lambda name: (errors[name], name != "port"))
+        record.heldout = heldout_errors(folds, candidates, plan.B_s, scale=plan.scale, extra_weight=beta)
+        best = least_harmful(record.heldout)
         if best == "copy":
             plan.result = (plan.B_s.float(), plan.A_s.float())
             record.decision = "fallback:identity"

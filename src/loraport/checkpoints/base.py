@@ -247,6 +247,25 @@ class Checkpoint:
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
 
+    def get_rows(self, key: str, rows: torch.Tensor, block: int = 4096) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique indices) of a matrix, read in spans of at most ``block`` rows.
+
+        For a few thousand rows of a large vocabulary table: only the spans that hold them
+        are read, never the whole table.
+        """
+        picked = []
+        indices = rows.tolist()
+        start = 0
+        while start < len(indices):
+            first = indices[start]
+            stop = start
+            while stop < len(indices) and indices[stop] < first + block:
+                stop += 1
+            span = self.get(key, rows=(first, indices[stop - 1] + 1))
+            picked.append(span[torch.tensor(indices[start:stop]) - first])
+            start = stop
+        return torch.cat(picked) if picked else self.get(key, rows=(0, 0))
+
     def fingerprint(self, key: str) -> str:
         """A string that changes whenever the bytes of ``key`` may have changed.
 

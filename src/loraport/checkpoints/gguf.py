@@ -410,6 +410,10 @@ class GGUFCheckpoint(Checkpoint):
         tensor = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         return tensor if rows is None else tensor[rows[0] : rows[1]]
 
+    def get_rows(self, key: str, rows: torch.Tensor, block: int = 4096) -> torch.Tensor:
+        """Rows of a matrix: GGUF tensors are dequantized whole, so one read, then a selection."""
+        return self.get(key).index_select(0, rows)
+
     def _fd(self) -> int:
         handle = self._handles.get(self.file)
         if handle is None:
