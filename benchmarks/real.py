@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         for task in args.tasks:
             adapter = work / "loras" / f"{SOURCE}-{task}"
             examples = load_arc_jsonl(work / "tasks" / task / "eval.jsonl")
-            base, oracle = scores(assets, target, task)
             scorer: Any = None
             calibration = {
                 "generic": work / "calibration" / "generic.txt",
@@ -106,16 +105,14 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                               overwrite=True, progress=False, threads=args.threads,
                               cache_dir=str(work / "ports" / ".subspace-cache"), **options)  # fmt: skip
                 measured = port(kwargs, isolated=True)
-                row = {"task": task, "target": target, "name": name, "options": METHODS[name], "base": base,
-                       "oracle": oracle, "load": os.getloadavg()[0], **measured}  # fmt: skip
+                row = {"task": task, "target": target, "name": name, "options": METHODS[name],
+                       "load": os.getloadavg()[0], **measured}  # fmt: skip
                 row["acc"] = row["gain_recovery"] = row["stderr"] = None
                 if measured["error"] is None:
                     if scorer is None:
                         scorer = TargetScorer(target_base, examples, batch_size=args.batch_size)
                     result = scorer.with_adapter(out_dir)
                     row["acc"], row["stderr"] = result.acc, result.acc_stderr
-                    gain = None if oracle is None or base is None else oracle - base
-                    row["gain_recovery"] = (result.acc - base) / gain if gain and gain >= 0.05 else None
                     report = json.loads((out_dir / "loraport_report.json").read_text())
                     row["modules"] = report["totals"].get("output_modules")
                     row["notes"] = [n for n in report["notes"] if "mode" in n or n.startswith("WARNING")]
@@ -126,6 +123,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 acc = "-" if row["acc"] is None else f"{row['acc']:.3f}"
                 print(f"[real] {label}: acc {acc} ({measured['seconds']:.1f} s)"
                       + (f" error: {measured['error']}" if measured["error"] else ""), flush=True)  # fmt: skip
+    for row in rows:  # base and oracle from the assets as they are now (cached rows may predate them)
+        row["base"], row["oracle"] = scores(assets, row["target"], row["task"])
+        gain = None if row["oracle"] is None or row["base"] is None else row["oracle"] - row["base"]
+        ok = row["acc"] is not None and gain is not None and gain >= 0.05
+        row["gain_recovery"] = (row["acc"] - row["base"]) / gain if ok else None
     inspection = inspect_sources(work, assets, args.tasks)
     return rows, {"assets": assets, "inspection": inspection}
 
