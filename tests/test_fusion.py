@@ -17,9 +17,11 @@ from safetensors.torch import load_file, save_file
 from loraport.adapters import load_adapter
 from loraport.checkpoints import Checkpoint
 from loraport.cli import main
-from loraport.fusion import FUSION_METHODS, FusionError, fuse, fuse_adapters, rgsp_fuse
+from loraport.fusion import FUSION_METHODS, FusionError, fuse, fuse_adapters, iso_c, iso_cts, rgsp_fuse, tsv
 from loraport.fusion import baselines as B_
+from loraport.fusion.methods import tensor_generator
 from loraport.fusion.writer import ShardedWriter
+from loraport.zoo.corpus import SPECIAL_TOKENS, build_tokenizer
 from loraport.zoo.tiny import make_random_adapter, make_tiny_model, perturb_model
 
 SIZE = dict(hidden=32, intermediate=64, vocab=64)
@@ -46,6 +48,10 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "A": perturb_model(C, root / "A", drift=0.05, seed=1),
         "B": perturb_model(C, root / "B", drift=0.05, seed=2),
     }
+    # A word-level tokenizer over the tiny vocabulary (4 specials, the numbers 0-59): RegMean runs text.
+    tokenizer = build_tokenizer(SPECIAL_TOKENS + [str(i) for i in range(SIZE["vocab"] - len(SPECIAL_TOKENS))])
+    for name in ("C", "A", "B"):
+        tokenizer.save_pretrained(str(paths[name]))
     paths["X"] = make_random_adapter(C, root / "X", r=4, alpha=8, seed=0)
     paths["Y"] = make_random_adapter(C, root / "Y", r=2, alpha=4, target_modules=["q_proj", "v_proj"], seed=1)
     return paths
@@ -60,13 +66,31 @@ def _base_for(method: str, tiny) -> Path | None:
     return tiny["C"] if FUSION_METHODS[method].needs_base else None
 
 
+def _calibration_for(method: str, tiny) -> dict:
+    """RegMean's calibration text (token ids of the tiny vocabulary, as words)."""
+    if not FUSION_METHODS[method].calibrated:
+        return {}
+    path = tiny["root"] / "calibration.txt"
+    if not path.exists():
+        path.write_text("".join(" ".join(str(3 + (7 * i + j) % 50) for j in range(12)) + "\n" for i in range(8)))
+    return {"calibration": path}
+
+
 # -- invariants ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", list(FUSION_METHODS))
 def test_fuse_self_is_bit_exact_identity(method, tiny, tmp_path):
     """fuse(A, A) == A bit for bit, every method (identical tensors are kept)."""
-    result = fuse(tiny["A"], tiny["A"], tmp_path / "out", method=method, base=_base_for(method, tiny), progress=False)
+    result = fuse(
+        tiny["A"],
+        tiny["A"],
+        tmp_path / "out",
+        method=method,
+        base=_base_for(method, tiny),
+        progress=False,
+        **_calibration_for(method, tiny),
+    )
     a, out = _tensors(tiny["A"]), _tensors(result.output)
     assert out.keys() == a.keys()
     assert all(torch.equal(out[k], a[k]) for k in a)
@@ -135,7 +159,8 @@ def test_rgsp_output_format_loads_and_runs(tiny, tmp_path):
     assert [row["layer"] for row in saved["layers"]] == [0, 1]
 
 
-@pytest.mark.parametrize("method", list(FUSION_METHODS))
+# regmean's tensors are checked against Grams from an independent forward pass in tests/test_fusion_regmean.py.
+@pytest.mark.parametrize("method", [m for m in FUSION_METHODS if m != "regmean"])
 def test_each_tensor_gets_the_pure_function(method, tiny, tmp_path):
     """Orchestration wiring: selected tensors = the pure method, the rest averaged."""
     base = _base_for(method, tiny)
@@ -143,11 +168,16 @@ def test_each_tensor_gets_the_pure_function(method, tiny, tmp_path):
     a, b, out = _tensors(tiny["A"]), _tensors(tiny["B"]), _tensors(result.output)
     c = _tensors(tiny["C"])
     W_A, W_B, W_C = a[SELECTED], b[SELECTED], c[SELECTED]
+    taus = B_.task_vectors([W_A, W_B], W_C)
     expected = {
         "rgsp": lambda: rgsp_fuse(W_A, W_B)[0],
         "average": lambda: B_.average([W_A, W_B]),
         "task_arithmetic": lambda: B_.task_arithmetic([W_A, W_B], W_C, 1.0),
         "ties": lambda: B_.ties([W_A, W_B], W_C, 0.2, 1.0),
+        "dare": lambda: B_.dare([W_A, W_B], W_C, 0.5, 1.0, generator=tensor_generator(0, SELECTED)),
+        "tsv": lambda: B_.apply_task_vector(W_C, tsv(taus)),
+        "iso_c": lambda: B_.apply_task_vector(W_C, iso_c(taus)),
+        "iso_cts": lambda: B_.apply_task_vector(W_C, iso_cts(taus)),
     }[method]()
     assert torch.equal(out[SELECTED], expected)
     emb = "model.embed_tokens.weight"

@@ -58,7 +58,7 @@ from .methods.calibrated import (
 )
 from .pairing import Pairing, Unit
 from .report import ModuleRecord, TransferReport, peak_rss_mb
-from .streaming import Stop, Stream, StreamedModel, make_chunks
+from .streaming import Stop, Stream, StreamedModel, add_product, layer_updates, make_chunks
 
 log = logging.getLogger(__name__)
 
@@ -141,29 +141,31 @@ def tokenize_calibration(
     return ids
 
 
-def shared_tokenizer(src: Checkpoint, tgt: Checkpoint) -> Any:
-    """The tokenizer of both bases; an error unless their vocabularies are identical.
+def shared_tokenizer(*checkpoints: Checkpoint, purpose: str = "calibrated transfer") -> Any:
+    """The tokenizer of every model; an error unless their vocabularies are identical.
 
-    Teacher and student must see the same token ids for the regression to compare like
-    with like.
+    Teacher and student (or the models RegMean runs) must see the same token ids for their
+    activations to compare like with like; ``purpose`` names the caller in the error.
     """
     from transformers import AutoTokenizer
 
     tokenizers = []
-    for ckpt in (src, tgt):
+    for ckpt in checkpoints:
         try:
             tokenizers.append(AutoTokenizer.from_pretrained(str(ckpt.root), trust_remote_code=False))
         except Exception as exc:
             raise LoraportError(
-                f"{ckpt.name}: calibrated transfer needs the tokenizer saved beside the base model ({exc})"
+                f"{ckpt.name}: {purpose} needs the tokenizer saved beside the base model ({exc})"
             ) from None
-    vocab_s, vocab_t = (tok.get_vocab() for tok in tokenizers)
-    if vocab_s != vocab_t:
-        differ = len(set(vocab_s.items()) ^ set(vocab_t.items()))
-        raise LoraportError(
-            f"calibrated transfer needs the same tokenizer on both bases: {src.name} ({len(vocab_s)} tokens) and "
-            f"{tgt.name} ({len(vocab_t)} tokens) differ in {differ} vocabulary entries"
-        )
+    first = tokenizers[0].get_vocab()
+    for ckpt, tokenizer in zip(checkpoints[1:], tokenizers[1:], strict=True):
+        vocab = tokenizer.get_vocab()
+        if vocab != first:
+            differ = len(set(first.items()) ^ set(vocab.items()))
+            raise LoraportError(
+                f"{purpose} needs the same tokenizer on every model: {checkpoints[0].name} ({len(first)} tokens) and "
+                f"{ckpt.name} ({len(vocab)} tokens) differ in {differ} vocabulary entries"
+            )
     return tokenizers[0]
 
 
@@ -249,17 +251,6 @@ class _UnitPlan:
         return 0.0 if self.cross else settings.output_weight
 
 
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> None:
-    """``out += a^T b`` (``a: (T, p)``, ``b: (T, q)``): float32 products, float64 sums, in column blocks.
-
-    A whole ``q x q`` float32 product plus its float64 copy would be 1.5x the accumulator
-    (n = 9216: 1 GB); blocks of 1024 columns bound the temporaries to ``p x 1024``.
-    """
-    for start in range(0, b.shape[1], block):
-        stop = min(start + block, b.shape[1])
-        out[:, start:stop] += a.mT @ b[:, start:stop]
-
-
 class _Accumulator:
     """Moments of one stage: Grams per distinct input, cross moments per unit, per fold."""
 
@@ -294,15 +285,15 @@ class _Accumulator:
                 self.target_cross[index] = [torch.zeros(m, n, dtype=f64, device=self.device) for _ in range(self.folds)]
                 self.target_code[index] = [torch.zeros(r, m, dtype=f64, device=self.device) for _ in range(self.folds)]
                 self.target_energy[index] = [0.0] * self.folds
-        _add_product(self.cross[index][fold], code, x)
-        _add_product(self.code_gram[index][fold], code, code)
+        add_product(self.cross[index][fold], code, x)
+        add_product(self.code_gram[index][fold], code, code)
         if self.extra and extra is not None:
-            _add_product(self.target_cross[index][fold], extra, x)
-            _add_product(self.target_code[index][fold], code, extra)
+            add_product(self.target_cross[index][fold], extra, x)
+            add_product(self.target_code[index][fold], code, extra)
             self.target_energy[index][fold] += float(extra.square().sum(dtype=torch.float64))
 
     def add_gram(self, group: str, fold: int, x: torch.Tensor) -> None:
-        _add_product(self.grams[group][fold], x, x)
+        add_product(self.grams[group][fold], x, x)
 
     def moments(self, index: int, folds: Iterable[int]) -> Moments:
         group = self.group_of[index]
@@ -437,14 +428,7 @@ class Calibrator:
 
     def _teacher_extra(self, layer: int) -> dict[str, torch.Tensor]:
         """The adapter's updates of one source layer, as additions to the layer's parameters."""
-        extra: dict[str, torch.Tensor] = {}
-        arch = self.pairing.arch_s
-        for module in self.adapter.modules.values():
-            parsed = arch.parse(module.name)
-            if parsed is not None and parsed[0] == layer:
-                dW = module.scale * (module.B.float() @ module.A.float())  # the layers run in float32
-                extra[f"{parsed[1].suffix}.weight"] = dW.mT if arch.transposed else dW
-        return extra
+        return layer_updates(self.adapter, self.pairing.arch_s, layer)
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, parts: list[Part]) -> list[Part]:

@@ -23,13 +23,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .architectures import Architecture
 from .checkpoints import Checkpoint
 from .errors import LoraportError
+
+if TYPE_CHECKING:
+    from .adapters import LoraAdapter
 
 
 @contextlib.contextmanager
@@ -289,4 +292,42 @@ class Stream:
         self.index += 1
 
 
-__all__ = ["Chunk", "Stop", "Stream", "StreamedModel", "layer_output", "make_chunks", "parameters_on_meta"]
+def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> None:
+    """``out += a^T b`` (``a: (T, p)``, ``b: (T, q)``): float32 products, float64 sums, in column blocks.
+
+    Accumulates moments of activations (Gram matrices ``X^T X``) over chunks of tokens. A
+    whole ``q x q`` float32 product plus its float64 copy would be 1.5x the accumulator
+    (n = 9216: 1 GB); blocks of 1024 columns bound the temporaries to ``p x 1024``.
+    """
+    for start in range(0, b.shape[1], block):
+        stop = min(start + block, b.shape[1])
+        out[:, start:stop] += a.mT @ b[:, start:stop]
+
+
+def layer_updates(adapter: LoraAdapter, arch: Architecture, layer: int) -> dict[str, torch.Tensor]:
+    """An adapter's updates ``s B A`` of decoder layer ``layer``, keyed by parameter name in the layer.
+
+    The ``extra`` argument of :meth:`StreamedModel.load_layer`: running the base with these
+    additions runs the base with the adapter merged. float32 (the layers run in float32),
+    in the checkpoint's layout (transposed for ``Conv1D``).
+    """
+    extra: dict[str, torch.Tensor] = {}
+    for module in adapter.modules.values():
+        parsed = arch.parse(module.name)
+        if parsed is not None and parsed[0] == layer:
+            dW = module.scale * (module.B.float() @ module.A.float())
+            extra[f"{parsed[1].suffix}.weight"] = dW.mT if arch.transposed else dW
+    return extra
+
+
+__all__ = [
+    "Chunk",
+    "Stop",
+    "Stream",
+    "StreamedModel",
+    "add_product",
+    "layer_output",
+    "layer_updates",
+    "make_chunks",
+    "parameters_on_meta",
+]
