@@ -409,3 +409,53 @@ def test_cli_fuse_adapters_loads_in_peft(method, tiny, tmp_path, capsys):
     for name, delta in _deltas(fused).items():
         key = f"{name}.weight"
         torch.testing.assert_close(merged[key].double() - base[key].double(), delta, rtol=1e-4, atol=1e-6)
+
+
+# -- N >= 2 inputs, the subspace methods end to end, rgsp's extrapolation note --------------------
+
+
+def test_cli_fuses_three_models_with_tsv(tiny, tmp_path, capsys):
+    third = perturb_model(tiny["C"], tmp_path / "D", drift=0.05, seed=3)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    argv = ["fuse", "--models", str(tiny["A"]), str(tiny["B"]), str(third), "--base", str(tiny["C"])]
+    rc = main([*argv, "--method", "tsv", "--scaling", "0.8", "--out", str(out), "--report", str(report), "--quiet"])
+    assert rc == 0 and "tsv (model)" in capsys.readouterr().out
+    fused, c = _tensors(out), _tensors(tiny["C"])
+    taus = [_tensors(p)[SELECTED] - c[SELECTED] for p in (tiny["A"], tiny["B"], third)]
+    torch.testing.assert_close(fused[SELECTED], c[SELECTED] + 0.8 * tsv(taus))
+    saved = json.loads(report.read_text())
+    assert len(saved["inputs"]) == 3 and saved["options"]["scaling"] == 0.8 and "density" not in saved["options"]
+
+
+def test_rgsp_takes_two_models_only(tiny, tmp_path, capsys):
+    argv = ["fuse", "--models", str(tiny["A"]), str(tiny["B"]), str(tiny["C"]), "--out", str(tmp_path / "o")]
+    rc = main([*argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "rgsp is defined for 2 models" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_rgsp_report_says_when_it_extrapolates_past_b(tiny, tmp_path):
+    seed_default = fuse(tiny["A"], tiny["B"], tmp_path / "g1", progress=False)
+    note = [n for n in seed_default.report.notes if n.startswith("extrapolation:")]
+    assert note and "position 1.50" in note[0] and "past B" in note[0] and "gamma = 1" in note[0]
+    assert "past B" in seed_default.report.summary()
+    average_like = fuse(tiny["A"], tiny["B"], tmp_path / "g0", gamma=0.0, progress=False)
+    assert not any(n.startswith("extrapolation:") for n in average_like.report.notes)
+
+
+def test_three_adapters_in_core_space_match_the_dense_method(tiny, tmp_path):
+    from loraport.fusion.subspace_merge import iso_cts
+
+    z = make_random_adapter(tiny["C"], tmp_path / "Z", r=3, alpha=3, seed=2)
+    result = fuse_adapters(tiny["X"], tiny["Y"], more=[z], method="iso_cts", progress=False)
+    x, y, zd = _deltas(tiny["X"]), _deltas(tiny["Y"]), _deltas(z)
+    fused = _deltas(result.adapter)
+    for name in y:  # in all three adapters: core size 4 + 2 + 3
+        expected = iso_cts([x[name], y[name], zd[name]], dim=9)
+        torch.testing.assert_close(fused[name], expected, rtol=1e-4, atol=1e-6)
+    for name in set(x) - set(y):  # in X and Z only: fused between those two (core size 7)
+        torch.testing.assert_close(fused[name], iso_cts([x[name], zd[name]], dim=7), rtol=1e-4, atol=1e-6)
+    assert {r.action for r in result.report.records} == {"iso_cts"}
+    with pytest.raises(FusionError, match="rgsp is defined for 2 adapters"):
+        fuse_adapters(tiny["X"], tiny["Y"], more=[z], method="rgsp", progress=False)

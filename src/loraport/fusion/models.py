@@ -339,9 +339,6 @@ def _fuse_one(
     if options.keep_identical and all(w.dtype == W_A.dtype and torch.equal(W_A, w) for w in weights[1:]):
         record.action = "identical"
         return W_A, record
-    if not options.selected(name, W_A.ndim):
-        record.action = "average"
-        return average(weights).to(W_A.dtype), record
     W_C = None
     if options.needs_base:
         assert c is not None
@@ -350,11 +347,15 @@ def _fuse_one(
             record.note = "not in base" if name not in c else f"base has shape {c.shape(name)}"
             return average(weights).to(W_A.dtype), record
         W_C = c.get(name)
+    module = grams.module_of(name) if grams is not None else None
+    if grams is not None and (module is None or not options.selected(name, W_A.ndim)):
+        return _regmean_fallback(weights, W_C, options, record)
+    if not options.selected(name, W_A.ndim):
+        record.action = "average"
+        return average(weights).to(W_A.dtype), record
     module_grams = None
     if grams is not None:
-        module = grams.module_of(name)
-        if module is None:
-            return _regmean_fallback(weights, W_C, options, record)
+        assert module is not None
         module_grams = grams.get(*module)
         if grams.arch.transposed:  # Conv1D stores (in, out): RegMean works in Linear layout
             weights = [w.mT for w in weights]
@@ -371,14 +372,14 @@ def _fuse_one(
 def _regmean_fallback(
     weights: list[torch.Tensor], W_C: torch.Tensor | None, options: FuseOptions, record: TensorRecord
 ) -> tuple[torch.Tensor, TensorRecord]:
-    """A selected tensor that is not a decoder layer's linear weight: RegMean's stated fallback."""
+    """A tensor RegMean does not merge (not a decoder layer's linear weight, or not selected): its fallback."""
     if options.regmean.fallback == "task_arithmetic" and W_C is not None:
         merged = task_arithmetic(weights, W_C, options.scaling)
         record.action = "task_arithmetic"
     else:
         merged = average(weights)
         record.action = "average"
-    record.note = "regmean fallback: not a linear layer of a decoder layer"
+    record.note = "regmean fallback: not a selected linear layer of a decoder layer"
     if len(weights) == 2:
         record.position = position_on_line(weights[0], weights[1], merged)
     return merged.to(weights[0].dtype), record
