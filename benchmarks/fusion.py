@@ -57,6 +57,8 @@ MERGES["all three"] = TASK_NAMES
 REGIMES = ("full", "lora", "adapter")
 SCALINGS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+FALLBACKS = ("average", "task_arithmetic")
+ALL_TENSORS = {"include": ".", "exclude": ""}
 
 
 @dataclass
@@ -110,7 +112,12 @@ METHODS = [
     Method("tsv", "tsv", grid={"scaling": SCALINGS}),
     Method("iso_c", "iso_c", grid={"scaling": SCALINGS}),
     Method("iso_cts", "iso_cts", grid={"scaling": SCALINGS}),
-    Method("regmean", "regmean"),
+    Method("regmean (generic text)", "regmean", {"calibration": "generic"}),
+    Method("regmean (task inputs)", "regmean", {"calibration": "task"}, grid={"fallback": FALLBACKS}),
+    # Full fine-tunes also change the embeddings and the head, which the default selection averages.
+    Method("task_arithmetic, all tensors", "task_arithmetic", ALL_TENSORS, {"scaling": SCALINGS}, ("full",)),
+    Method("ties, all tensors", "ties", ALL_TENSORS, {"density": (0.2, 0.5), "scaling": SCALINGS}, ("full",)),
+    Method("tsv, all tensors", "tsv", ALL_TENSORS, {"scaling": SCALINGS}, ("full",)),
     Method("task_arithmetic, rank 16", "task_arithmetic", grid={"scaling": SCALINGS}, regimes=("adapter",), rank=16),
     Method("iso_cts, rank 16", "iso_cts", grid={"scaling": SCALINGS}, regimes=("adapter",), rank=16),
 ]
@@ -134,7 +141,7 @@ def build_tasks(quick: bool) -> dict[str, Any]:
         }
     return {
         "facts": facts_task(SEED, people=60, n_dev=40),
-        "addition": addition_task(SEED, n_dev=100),
+        "addition": addition_task(SEED, max_operand=29, n_dev=100),
         "smaller": smaller_task(SEED),
     }
 
@@ -291,19 +298,28 @@ def selection_key(scores: dict[str, dict[str, float]], refs: dict[str, Any]) -> 
 
 
 def run_fusion(
-    method: Method, params: dict[str, Any], regime: str, inputs: list[Path], out: Path, ctx: dict[str, Any]
+    method: Method,
+    params: dict[str, Any],
+    regime: str,
+    names: tuple[str, ...],
+    inputs: list[Path],
+    out: Path,
+    ctx: dict[str, Any],
 ) -> Any:
     from loraport.fusion import fuse, fuse_adapters
 
     options = {**method.options, **params}
-    if method.method == "regmean":
+    if options.get("calibration") == "task":  # each model's own unlabeled task questions (RegMean's setting)
+        options["model_calibration"] = [ctx["task_text"][t] for t in names]
+        del options["calibration"]
+    elif options.get("calibration") == "generic":  # one generic text for every model
         options["calibration"] = ctx["calibration"]
     common = dict(method=method.method, overwrite=True, progress=False, more=inputs[2:], **options)
     if regime == "adapter":
         base = ctx["source"] if method.method == "regmean" else None
         return fuse_adapters(inputs[0], inputs[1], out, rank=method.rank, base=base, **common)
-    base = ctx["source"] if method.method in ctx["needs_base"] else None
-    return fuse(inputs[0], inputs[1], out, base=base, **common)
+    uses_base = method.method in ctx["needs_base"] or options.get("fallback") == "task_arithmetic"
+    return fuse(inputs[0], inputs[1], out, base=ctx["source"] if uses_base else None, **common)
 
 
 def score_fused(regime: str, out: Path, names: tuple[str, ...], split: str, ctx: dict[str, Any]) -> Any:
@@ -321,7 +337,7 @@ def run_method(method: Method, regime: str, merge: str, ctx: dict[str, Any], ref
     best: tuple[tuple[float, float], dict[str, Any]] | None = None
     candidates = method.candidates()
     for params in candidates:
-        run_fusion(method, params, regime, inputs, out, ctx)
+        run_fusion(method, params, regime, names, inputs, out, ctx)
         if len(candidates) == 1:
             break  # nothing to choose: no dev evaluation needed
         dev = score_fused(regime, out, names, "dev", ctx)
@@ -334,7 +350,7 @@ def run_method(method: Method, regime: str, merge: str, ctx: dict[str, Any], ref
     result = None
     for _ in range(ctx["repeats"]):
         started = time.perf_counter()
-        result = run_fusion(method, chosen, regime, inputs, out, ctx)
+        result = run_fusion(method, chosen, regime, names, inputs, out, ctx)
         times.append(time.perf_counter() - started)
     assert result is not None
     scores = score_fused(regime, out, names, "eval", ctx)
@@ -449,8 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     calibration = Path(args.calibration) if args.calibration else demo_dir() / "calibration.txt"
     loadavg = " ".join(f"{x:.2f}" for x in os.getloadavg())
     tasks = build_tasks(quick)
+    task_text = {}
     for name, task in tasks.items():
         task.write(work / "tasks" / name)
+        # RegMean's "task inputs": the training questions in the prompt format, without answers.
+        task_text[name] = work / "tasks" / name / "unlabeled.txt"
+        task_text[name].write_text("".join(f"Question: {r['question']} Answer:\n" for r in task.train))
     t0 = time.perf_counter()
     inputs = build_inputs(source, tasks, work, quick, args.retrain)
     train_seconds = time.perf_counter() - t0
@@ -461,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         "work": work,
         "source": source,
         "calibration": calibration,
+        "task_text": task_text,
         "paths": inputs["paths"],
         "score": score,
         "repeats": args.repeats or (1 if quick else 3),

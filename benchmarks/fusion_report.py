@@ -39,7 +39,7 @@ def row_metrics(scores: dict[str, Any], refs: dict[str, Any], tasks: tuple[str, 
 def _chosen(row: dict[str, Any]) -> str:
     if not row["grid"]:
         return "fixed"
-    return ", ".join(f"{k} {v:g}" for k, v in row["chosen"].items())
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in row["chosen"].items())
 
 
 def merge_table(block: dict[str, Any], regime: str) -> list[str]:

@@ -16,8 +16,9 @@ import torch
 
 from loraport.checkpoints import Checkpoint
 from loraport.cli import main
-from loraport.fusion import FusionError, RegMeanOptions, fuse, fuse_adapters, regmean
+from loraport.fusion import FusionError, RegMeanOptions, fuse, fuse_adapters
 from loraport.fusion.grams import LayerGrams
+from loraport.fusion.regmean import regmean
 from loraport.zoo.corpus import SPECIAL_TOKENS, build_tokenizer
 from loraport.zoo.tiny import make_random_adapter, make_tiny_model, perturb_model
 
@@ -109,7 +110,7 @@ def test_streamed_grams_match_a_plain_forward_pass(models):
 
         grams = LayerGrams([a, b], architecture_for(a.config), settings)
         streamed = {(layer, s): grams.get(layer, s) for layer in range(2) for s in LINEAR}
-    assert grams.samples == 20 and grams.tokens == sum(len(line.split()) for line in _lines(models))
+    assert grams.samples == 40 and grams.tokens == 2 * sum(len(line.split()) for line in _lines(models))
     for index, name in enumerate(("A", "B")):
         names = [f"model.layers.{layer}.{s}" for layer in range(2) for s in LINEAR]
         expected = reference_grams(_model(models[name]), _tokenizer(models[name]), _lines(models), names)
@@ -136,8 +137,8 @@ def test_fused_model_is_regmean_of_its_linear_layers(models, tmp_path):
     assert actions["regmean"] == 14 and actions["average"] == 2  # 7 linear x 2 layers; embed, lm_head
     records = {r.name: r for r in result.report.records}
     assert "regmean fallback" in records[emb].note
-    assert result.report.calibration["samples"] == 20
-    assert any(n.startswith("regmean: input Grams from 20 sample(s)") for n in result.report.notes)
+    assert result.report.calibration["samples"] == 40
+    assert any(n.startswith("regmean: input Grams of 2 models from 40 sample(s)") for n in result.report.notes)
 
 
 def test_regmean_task_arithmetic_fallback_and_three_models(models, tmp_path):
@@ -215,3 +216,21 @@ def test_regmean_bad_inputs(models, tmp_path, capsys):
                "--method", "regmean", "--calibration", str(missing)])  # fmt: skip
     assert rc == 2 and "calibration file not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_each_model_can_bring_its_own_calibration_text(models, tmp_path, capsys):
+    """RegMean's own setting: model i's Gram from unlabeled inputs of its own task (one file per model)."""
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(" ".join(str((11 * i + j) % 60) for j in range(6)) for i in range(12)) + "\n")
+    out = tmp_path / "out"
+    argv = ["fuse", "--models", str(models["A"]), str(models["B"]), "--out", str(out), "--method", "regmean"]
+    assert main([*argv, "--calibration", str(models["text"]), str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    name = "model.layers.1.self_attn.v_proj"
+    texts = {"A": _lines(models), "B": other.read_text().splitlines()}
+    grams = {n: reference_grams(_model(models[n]), _tokenizer(models[n]), texts[n], [name])[name] for n in "AB"}
+    a, b, fused = _state(models["A"]), _state(models["B"]), _state(out)
+    key = f"{name}.weight"
+    assert_rel_close(fused[key], regmean([a[key], b[key]], [grams["A"], grams["B"]]), 1e-5)
+    rc = main([*argv, "--calibration", str(other), str(other), str(other), "--quiet", "--overwrite"])
+    assert rc == 2 and "3 calibration texts for 2 models" in capsys.readouterr().err

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from loraport.fusion import FuseOptions, core_space, iso_c, iso_cts, merge_task_matrices, regmean, regmean_factors, tsv
+from loraport.fusion import FuseOptions, iso_c, iso_cts, merge_task_matrices, tsv
 from loraport.fusion import baselines as B_
-from loraport.fusion.regmean import shrink_gram
+from loraport.fusion.core_space import core_space
+from loraport.fusion.regmean import regmean, regmean_factors, shrink_gram
 from loraport.fusion.subspace_merge import orthogonalize
 
 F64 = torch.float64

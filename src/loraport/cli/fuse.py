@@ -99,7 +99,13 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     )
 
     g = p.add_argument_group("regmean")
-    g.add_argument("--calibration", default=None, metavar="FILE", help="unlabeled text, one sample per line")
+    g.add_argument(
+        "--calibration",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="unlabeled text, one sample per line: one file for every model, or one per model (in --models order)",
+    )
     g.add_argument(
         "--calib-samples", type=int, default=d.regmean.samples, help=f"samples used (default {d.regmean.samples})"
     )
@@ -146,7 +152,8 @@ def _options(args: argparse.Namespace) -> object:
         ),
         iso_cts=IsoCtsOptions(common_fraction=args.common_fraction),
         regmean=RegMeanOptions(
-            calibration=args.calibration,
+            calibration=args.calibration[0] if args.calibration and len(args.calibration) == 1 else None,
+            model_calibration=args.calibration if args.calibration and len(args.calibration) > 1 else None,
             samples=args.calib_samples,
             max_tokens=args.calib_max_tokens,
             shrinkage=args.shrinkage,

@@ -4,10 +4,12 @@ Methods (:data:`FUSION_METHODS`): ``rgsp`` (RGSP-TEFM, seed 004, two models), ``
 ``task_arithmetic``, ``ties``, ``dare``, the subspace methods ``tsv``, ``iso_c``, ``iso_cts``
 (all of these need the common base C) and ``regmean`` (needs calibration text). The per-matrix
 math is in :mod:`~loraport.fusion.baselines`, :mod:`~loraport.fusion.subspace_merge`,
-:mod:`~loraport.fusion.regmean` and :mod:`~loraport.fusion.rgsp` (pure functions);
-:func:`fuse` and :func:`fuse_adapters` do the I/O for ``N >= 2`` inputs. Adapters are fused
-in their Core Space (:mod:`~loraport.fusion.core_space`), never densified. ``docs/fusion.md``
-has the math, every interpretation, and the measured comparison.
+:mod:`~loraport.fusion.regmean` and :mod:`~loraport.fusion.rgsp` (pure functions; the
+functions of :mod:`~loraport.fusion.regmean` and :mod:`~loraport.fusion.core_space` are not
+re-exported here, so those module names stay importable). :func:`fuse` and
+:func:`fuse_adapters` do the I/O for ``N >= 2`` inputs. Adapters are fused in their Core Space
+(:mod:`~loraport.fusion.core_space`), never densified. ``docs/fusion.md`` has the math, every
+interpretation, and the measured comparison.
 
 Example::
 
@@ -22,7 +24,7 @@ Example::
 from __future__ import annotations
 
 from .baselines import average, dare, task_arithmetic, ties
-from .core_space import CoreSpace, core_space
+from .core_space import CoreSpace
 from .lora import fuse_adapters
 from .methods import FUSION_METHODS, FusionMethod, merge_task_matrices
 from .models import FusionResult, fuse
@@ -36,7 +38,6 @@ from .options import (
     RgspOptions,
     TiesOptions,
 )
-from .regmean import regmean, regmean_factors
 from .report import FusionReport, TensorRecord
 from .rgsp import RgspAlignment, RgspRecord, rgsp_align, rgsp_fuse
 from .subspace_merge import iso_c, iso_cts, tsv
@@ -59,15 +60,12 @@ __all__ = [
     "TensorRecord",
     "TiesOptions",
     "average",
-    "core_space",
     "dare",
     "fuse",
     "fuse_adapters",
     "iso_c",
     "iso_cts",
     "merge_task_matrices",
-    "regmean",
-    "regmean_factors",
     "rgsp_align",
     "rgsp_fuse",
     "task_arithmetic",

@@ -65,14 +65,21 @@ class LayerGrams:
         self.extras = list(extras) if extras is not None else [None] * len(checkpoints)
         distinct = list({id(c): c for c in checkpoints}.values())
         tokenizer = shared_tokenizer(*distinct, purpose="regmean")
-        samples, self.source = read_calibration_lines(settings.calibration)  # type: ignore[arg-type]
-        ids = tokenize_calibration(samples, tokenizer, settings.samples, settings.max_tokens, self.source)
+        texts = settings.model_calibration or [settings.calibration] * len(checkpoints)
+        if len(texts) != len(checkpoints):
+            raise FusionError(f"{len(texts)} calibration texts for {len(checkpoints)} models (give one per model)")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        chunks = make_chunks(ids, pad, settings.batch_size)
-        self.samples = len(ids)
-        self.tokens = sum(c.tokens for c in chunks)
         self.device = torch.device(settings.device)
-        self.streams = [Stream(StreamedModel(c, arch, settings.device), chunks) for c in checkpoints]
+        self.streams, sources, self.samples, self.tokens = [], [], 0, 0
+        for ckpt, text in zip(checkpoints, texts, strict=True):
+            samples, name = read_calibration_lines(text)  # type: ignore[arg-type]
+            ids = tokenize_calibration(samples, tokenizer, settings.samples, settings.max_tokens, name)
+            chunks = make_chunks(ids, pad, settings.batch_size)
+            self.streams.append(Stream(StreamedModel(ckpt, arch, settings.device), chunks))
+            sources.append(name)
+            self.samples += len(ids)
+            self.tokens += sum(c.tokens for c in chunks)
+        self.source = sources[0] if len(set(sources)) == 1 else ", ".join(sources)
         self.layers = len(self.streams[0].model.layers)
         self.layer = -1
         self._grams: dict[str, list[torch.Tensor]] = {}

@@ -245,8 +245,9 @@ def fuse_adapters(
     if grams is not None:
         report.calibration = {"source": grams.source, "samples": grams.samples, "tokens": grams.tokens}
         report.notes.append(
-            f"regmean: input Grams from {grams.samples} sample(s), {grams.tokens} token(s) of {grams.source} "
-            f"per adapter ({grams.seconds:.1f} s)"
+            f"regmean: input Grams of {len(grams.streams)} models from {grams.samples} sample(s), {grams.tokens} "
+            f"token(s) in all ({grams.source}; "
+            f"{grams.seconds:.1f} s)"
         )
     report.notes.extend(report.extrapolation_notes())
     report.seconds = time.perf_counter() - started

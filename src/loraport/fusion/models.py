@@ -224,8 +224,9 @@ def _finish(report: FusionReport, grams: LayerGrams | None, started: float) -> N
             "seconds": grams.seconds,
         }
         report.notes.append(
-            f"regmean: input Grams from {grams.samples} sample(s), {grams.tokens} token(s) of {grams.source} "
-            f"per model ({grams.seconds:.1f} s)"
+            f"regmean: input Grams of {len(grams.streams)} models from {grams.samples} sample(s), {grams.tokens} "
+            f"token(s) in all ({grams.source}; "
+            f"{grams.seconds:.1f} s)"
         )
     report.notes.extend(report.extrapolation_notes())
     report.seconds = time.perf_counter() - started

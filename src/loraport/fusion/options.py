@@ -136,8 +136,11 @@ class RegMeanOptions:
     """RegMean: input Gram matrices from unlabeled text run through each model.
 
     Attributes:
-        calibration: a UTF-8 text file (one sample a line) or a list of strings; required.
-        samples, max_tokens, batch_size: how much of it is used and in what batches.
+        calibration: a UTF-8 text file (one sample a line) or a list of strings, run through
+            every model; or ``model_calibration``: one file (or list of strings) per input
+            model, in order, each run through its own model (the RegMean paper's setting: each
+            model's Gram from unlabeled inputs of its own task). One of the two is required.
+        samples, max_tokens, batch_size: how much of it is used (per model) and in what batches.
         shrinkage: ``a``, the factor on off-diagonal Gram entries (paper and SPEC: 0.9).
         ridge: relative ridge toward the average (keeps dead inputs solvable; 0 = exact formula).
         fallback: what tensors other than the decoder layers' linear weights get (embeddings,
@@ -147,6 +150,7 @@ class RegMeanOptions:
     """
 
     calibration: str | os.PathLike[str] | Sequence[str] | None = None
+    model_calibration: Sequence[str | os.PathLike[str] | Sequence[str]] | None = None
     samples: int = 256
     max_tokens: int = 128
     batch_size: int = 16
@@ -157,8 +161,9 @@ class RegMeanOptions:
 
     def validate(self) -> None:
         _check(
-            self.calibration is not None,
-            "regmean needs calibration text (--calibration FILE: unlabeled text, one sample per line)",
+            (self.calibration is None) != (self.model_calibration is None),
+            "regmean needs calibration text (--calibration FILE: unlabeled text, one sample per line; or one "
+            "file per model)",
         )
         _check(0 <= self.shrinkage <= 1, f"shrinkage must be in [0, 1], got {self.shrinkage}")
         _check(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
@@ -255,10 +260,12 @@ class FuseOptions:
             shared.pop("scaling")
         group = self.group()
         settings = dataclasses.asdict(group) if group is not None else {}
-        if isinstance(settings.get("calibration"), list | tuple):
-            settings["calibration"] = f"<list of {len(settings['calibration'])} strings>"
-        elif settings.get("calibration") is not None:
-            settings["calibration"] = str(settings["calibration"])
+        for key in ("calibration", "model_calibration"):
+            if key in settings and settings[key] is not None:
+                value = settings[key]
+                texts = value if key == "model_calibration" else [value]
+                named = [f"<list of {len(t)} strings>" if isinstance(t, list | tuple) else str(t) for t in texts]
+                settings[key] = named if key == "model_calibration" else named[0]
         return {**shared, **settings}
 
 
