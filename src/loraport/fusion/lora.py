@@ -54,12 +54,11 @@ from ..checkpoints import Checkpoint
 from ..errors import LoraportError
 from ..io import atomic_directory, check_output_dir
 from ..lowrank import DEFAULT_RTOL, Factors, balanced_factors, factors_from_svd, frobenius_norm
-from ..report import peak_rss_mb
 from ..streaming import layer_updates
 from .core_space import core_space
 from .grams import LayerGrams
 from .methods import merge_task_matrices, rgsp_with_options
-from .models import FusionResult, role_name
+from .models import FusionResult, finish_report, role_name
 from .options import FuseOptions, FusionError, resolve_options
 from .regmean import regmean_factors
 from .report import FusionReport, TensorRecord, layer_of
@@ -242,16 +241,7 @@ def fuse_adapters(
     fused = LoraAdapter(modules=modules, config=config, dtype=adapters[0].dtype)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
     fused.config = adapter_config_for(fused, bases[0], leaves, bool(adapters[0].config.get("fan_in_fan_out", False)))
-    if grams is not None:
-        report.calibration = {"source": grams.source, "samples": grams.samples, "tokens": grams.tokens}
-        report.notes.append(
-            f"regmean: input Grams of {len(grams.streams)} models from {grams.samples} sample(s), {grams.tokens} "
-            f"token(s) in all ({grams.source}; "
-            f"{grams.seconds:.1f} s)"
-        )
-    report.notes.extend(report.extrapolation_notes())
-    report.seconds = time.perf_counter() - started
-    report.peak_rss_mb = peak_rss_mb()
+    finish_report(report, grams, started)
     written: Path | None = None
     if out is not None:
         with atomic_directory(out, overwrite=overwrite) as tmp:

@@ -205,7 +205,7 @@ def fuse(
             copied = _copy_side_files(ckpts[0].root, tmp)
             if "config.json" not in copied:
                 report.notes.append(f"{ckpts[0].name} has no config.json: the output is not loadable by transformers")
-            _finish(report, grams, started)
+            finish_report(report, grams, started)
             report.output = str(out_path)
             report.save(tmp / REPORT_NAME)
     report.seconds = time.perf_counter() - started
@@ -214,8 +214,8 @@ def fuse(
     return FusionResult(out_path, report)
 
 
-def _finish(report: FusionReport, grams: LayerGrams | None, started: float) -> None:
-    """Closing notes: what RegMean ran on; where rgsp's gamma put the result on the A -> B line."""
+def finish_report(report: FusionReport, grams: LayerGrams | None, started: float) -> None:
+    """Closing notes (what RegMean ran on; where rgsp's gamma put the result on the A -> B line), time, memory."""
     if grams is not None:
         report.calibration = {
             "source": grams.source,
@@ -225,8 +225,7 @@ def _finish(report: FusionReport, grams: LayerGrams | None, started: float) -> N
         }
         report.notes.append(
             f"regmean: input Grams of {len(grams.streams)} models from {grams.samples} sample(s), {grams.tokens} "
-            f"token(s) in all ({grams.source}; "
-            f"{grams.seconds:.1f} s)"
+            f"token(s) in all ({grams.source}; {grams.seconds:.1f} s)"
         )
     report.notes.extend(report.extrapolation_notes())
     report.seconds = time.perf_counter() - started
