@@ -155,7 +155,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             tasks = tuple(block["tasks"])
             labels = {r["label"]: (r, m) for r, m in ranked}
             parts = []
-            for label in ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "regmean", "average"):
+            for label in ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "regmean (task inputs)", "average"):
                 if label in labels:
                     m = labels[label][1]
                     parts.append(f"{label} {' / '.join(_pct(g) for g in m['gains'])}")
@@ -170,6 +170,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 def write_markdown(path: Path, data: dict[str, Any]) -> None:
     meta, results = data["meta"], data["results"]
+    scalings = next(m["grid"]["scaling"] for m in meta["methods"] if "scaling" in m["grid"])
     reused = any(b.get("reused") for regime in meta["builds"].values() for b in regime.values())
     lines = [
         "# Fusion benchmark (issues 4 and 13)",
@@ -227,13 +228,19 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         "Methods: every row runs through `loraport.fusion.fuse` (models) or `fuse_adapters` (adapters, Core "
         "Space; output rank = the sum of the input ranks unless the row says rank 16) with default options "
         "otherwise: every 2-D weight except the embeddings and the output head goes through the method, the "
-        "rest is averaged (RegMean: its `average` fallback), bit-identical tensors are copied. Task-vector "
-        "methods use C as the base. **Hyperparameters are chosen on the dev splits** (never the evaluation "
-        "questions), by the worst task's gain kept, ties broken by the mean normalised accuracy: "
-        "`scaling` in {" + ", ".join(f"{s:g}" for s in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)) + "} for task "
-        "arithmetic, TIES (and density in {0.2, 0.5}), DARE (keep probability 0.5, TIES sign election), TSV, "
-        "Iso-C and Iso-CTS (common fraction 0.8); rgsp's gamma in {0, 0.25, 0.5, 0.75, 1} (the seed's "
-        "gamma = 1 is a row of its own); `average` and `regmean` (shrinkage 0.9) have nothing to choose. "
+        "rest is averaged, bit-identical tensors are copied; the *all tensors* rows (full regime: the fine-tunes "
+        "changed the embeddings and the head too) send every tensor through the method (`include='.', "
+        "exclude=''`). Task-vector methods use C as the base. RegMean (shrinkage 0.9) runs either the shipped "
+        "generic calibration text through every model, or each model's own *task inputs*: the training "
+        "questions of its task in the prompt format, without answers (the RegMean paper uses each model's "
+        "unlabeled training inputs; for the memorised `facts` these are the evaluated questions themselves, "
+        "never their answers). **Hyperparameters are chosen on the dev splits** (never the evaluation "
+        "questions), by the worst task's gain kept, ties broken by the mean normalised accuracy: `scaling` in {"
+        + ", ".join(f"{s:g}" for s in scalings)
+        + "} for task arithmetic, TIES (and density in {0.2, 0.5}), DARE (keep probability 0.5, TIES sign "
+        "election), TSV, Iso-C and Iso-CTS (common fraction 0.8); rgsp's gamma in {0, 0.25, 0.5, 0.75, 1} (the "
+        "seed's gamma = 1 is a row of its own); RegMean's fallback for the tensors it does not merge (average or "
+        "task arithmetic) with task inputs; `average` and RegMean on generic text have nothing to choose. "
         "*gain kept* = (acc - C) / (specialist - C) per task; *normalised acc* = acc / specialist, averaged over "
         "the merged tasks; *position on A->B* (two inputs) = <W* - W_A, W_B - W_A> / ||W_B - W_A||^2 averaged "
         "over the fused tensors (0 = A, 0.5 = average, 1 = B, 1.5 = past B). Each eval set has 200 questions: "

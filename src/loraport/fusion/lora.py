@@ -58,7 +58,7 @@ from ..streaming import layer_updates
 from .core_space import core_space
 from .grams import LayerGrams
 from .methods import merge_task_matrices, rgsp_with_options
-from .models import FusionResult, finish_report, role_name
+from .models import FusionResult, copied_action, finish_report, role_name
 from .options import FuseOptions, FusionError, resolve_options
 from .regmean import regmean_factors
 from .report import FusionReport, TensorRecord, layer_of
@@ -269,9 +269,8 @@ def _fuse_named(
     first = present[0]
     record = TensorRecord(name, first.shape, str(first.A.dtype), options.method, layer=layer_of(name))
     if len(present) == 1:
-        who = role_name(holders[0])
-        record.action = f"copied_from_{who.replace(' ', '_').lower()}"
-        record.note = f"only in {who}"
+        record.action = copied_action(holders[0])
+        record.note = f"only in {role_name(holders[0])}"
         return record, _copy_module(first, use_rslora)
     odd = [i for i, m in zip(holders, present, strict=True) if m.shape != first.shape]
     if odd:
@@ -282,7 +281,7 @@ def _fuse_named(
                 f"{adapters[i].modules[name].shape} in {names_in[i]} "
                 "(pass allow_mismatch=True / --allow-mismatch to keep A's module)"
             )
-        record.action = f"copied_from_{role_name(holders[0]).replace(' ', '_').lower()}"
+        record.action = copied_action(holders[0])
         record.note = f"{role_name(odd[0])} has shape {adapters[odd[0]].modules[name].shape}"
         return record, _copy_module(first, use_rslora)
     if options.keep_identical and all(

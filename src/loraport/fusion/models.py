@@ -132,6 +132,11 @@ def role_name(index: int) -> str:
     return "AB"[index] if index < 2 else f"model {index + 1}"
 
 
+def copied_action(index: int) -> str:
+    """The report action of a tensor copied from input ``index``: ``copied_from_a``, ``copied_from_model_3``."""
+    return "copied_from_" + role_name(index).replace(" ", "_").lower()
+
+
 def fuse(
     model_a: ModelRef,
     model_b: ModelRef,
@@ -287,9 +292,7 @@ def _fuse_tensors(
         if owner > 0 or len(holders) == 1:
             tensor = ckpts[owner].get(name)
             who = role_name(owner)
-            record = TensorRecord(
-                name, tuple(tensor.shape), str(tensor.dtype), f"copied_from_{who.replace(' ', '_').lower()}"
-            )
+            record = TensorRecord(name, tuple(tensor.shape), str(tensor.dtype), copied_action(owner))
             record.note = f"only in {who}" if len(holders) == 1 else f"not in A; copied from {who}"
         elif len(holders) < len(ckpts) or any(ckpts[i].shape(name) != a.shape(name) for i in holders):
             tensor = a.get(name)
