@@ -58,6 +58,8 @@ REGIMES = ("full", "lora", "adapter")
 SCALINGS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FALLBACKS = ("average", "task_arithmetic")
+SHRINKAGES = (0.5, 0.9, 1.0)
+PROBE_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 ALL_TENSORS = {"include": ".", "exclude": ""}
 
 
@@ -112,8 +114,10 @@ METHODS = [
     Method("tsv", "tsv", grid={"scaling": SCALINGS}),
     Method("iso_c", "iso_c", grid={"scaling": SCALINGS}),
     Method("iso_cts", "iso_cts", grid={"scaling": SCALINGS}),
-    Method("regmean (generic text)", "regmean", {"calibration": "generic"}),
-    Method("regmean (task inputs)", "regmean", {"calibration": "task"}, grid={"fallback": FALLBACKS}),
+    Method("regmean (generic text)", "regmean", {"calibration": "generic"}, grid={"shrinkage": SHRINKAGES}),
+    Method(
+        "regmean (task inputs)", "regmean", {"calibration": "task"}, {"shrinkage": SHRINKAGES, "fallback": FALLBACKS}
+    ),
     # Full fine-tunes also change the embeddings and the head, which the default selection averages.
     Method("task_arithmetic, all tensors", "task_arithmetic", ALL_TENSORS, {"scaling": SCALINGS}, ("full",)),
     Method("ties, all tensors", "ties", ALL_TENSORS, {"density": (0.2, 0.5), "scaling": SCALINGS}, ("full",)),
@@ -417,6 +421,48 @@ def run_all(ctx: dict[str, Any], methods: list[Method]) -> dict[str, Any]:
     return results
 
 
+def interference_probe(ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """``C + dW_1 + w dW_2`` for the LoRA pairs: how much of one LoRA the other's task survives (eval questions).
+
+    Not a fusion method: a diagnostic of the LoRA regime. Every linear merge of two updates is a
+    point ``C + u dW_1 + v dW_2``; if a fraction of the second update already wipes out the first
+    task, no weight-space merge can keep both.
+    """
+    import torch
+
+    from loraport.adapters import load_adapter
+    from loraport.evaluate import evaluate, load_model, load_tokenizer
+
+    started = time.perf_counter()
+    score: Scorer = ctx["score"]
+    tokenizer = load_tokenizer(ctx["source"])
+    model = load_model(ctx["source"])
+    base = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    deltas = {
+        task: {f"{n}.weight": m.delta(torch.float32) for n, m in load_adapter(path).modules.items()}
+        for task, path in ctx["paths"]["adapter"].items()
+    }
+    rows = []
+    for merge, names in MERGES.items():
+        if len(names) != 2:
+            continue
+        for first, second in (names, names[::-1]):
+            for weight in PROBE_WEIGHTS:
+                state = {k: v.clone() for k, v in base.items()}
+                for key, delta in deltas[first].items():
+                    state[key] += delta
+                for key, delta in deltas[second].items():
+                    state[key] += weight * delta
+                model.load_state_dict(state)
+                accs = {
+                    t: evaluate(model, tokenizer, score.sets["eval"][t], batch_size=64, progress=False).acc
+                    for t in names
+                }
+                rows.append({"merge": merge, "full": first, "added": second, "weight": weight, "acc": accs})
+    score.seconds += time.perf_counter() - started
+    return rows
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -494,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     fuse_started = time.perf_counter()
     results = run_all(ctx, methods)
     fusion_seconds = time.perf_counter() - fuse_started - score.seconds
+    probe = interference_probe(ctx)
     command = shlex.join(["python", "benchmarks/fusion.py", *(sys.argv[1:] if argv is None else argv)])
     data = {
         "meta": {
@@ -529,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             "total_seconds": time.perf_counter() - started,
         },
         "results": results,
+        "probe": probe,
     }
     work.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps(data, indent=2, default=str))

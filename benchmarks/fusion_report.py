@@ -145,6 +145,25 @@ def cost_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def probe_table(probe: list[dict[str, Any]]) -> list[str]:
+    weights = sorted({row["weight"] for row in probe})
+    lines = [
+        "| C + LoRA X + w LoRA Y | " + " | ".join(f"w = {w:g}" for w in weights) + " |",
+        "|---" * (len(weights) + 1) + "|",
+    ]
+    seen: list[tuple[str, str]] = []
+    for row in probe:
+        if (row["full"], row["added"]) not in seen:
+            seen.append((row["full"], row["added"]))
+    for full, added in seen:
+        cells = []
+        for w in weights:
+            row = next(r for r in probe if r["full"] == full and r["added"] == added and r["weight"] == w)
+            cells.append(f"{row['acc'][full]:.3f} / {row['acc'][added]:.3f}")
+        lines.append(f"| X = {full}, Y = {added} ({full} acc / {added} acc) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     out = []
     for regime, merges in results.items():
@@ -154,12 +173,14 @@ def findings(results: dict[str, Any]) -> list[str]:
                 continue
             tasks = tuple(block["tasks"])
             labels = {r["label"]: (r, m) for r, m in ranked}
+            best, bm = ranked[0]
             parts = []
-            for label in ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "regmean (task inputs)", "average"):
+            for label in ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "regmean (task inputs)"):
+                if label == best["label"]:
+                    continue
                 if label in labels:
                     m = labels[label][1]
                     parts.append(f"{label} {' / '.join(_pct(g) for g in m['gains'])}")
-            best, bm = ranked[0]
             out.append(
                 f"- {REGIME_NAMES[regime]}, {merge} ({' / '.join(tasks)}): best worst-task gain kept "
                 f"**{best['label']}** ({' / '.join(_pct(g) for g in bm['gains'])}, mean normalised acc "
@@ -239,8 +260,9 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         + ", ".join(f"{s:g}" for s in scalings)
         + "} for task arithmetic, TIES (and density in {0.2, 0.5}), DARE (keep probability 0.5, TIES sign "
         "election), TSV, Iso-C and Iso-CTS (common fraction 0.8); rgsp's gamma in {0, 0.25, 0.5, 0.75, 1} (the "
-        "seed's gamma = 1 is a row of its own); RegMean's fallback for the tensors it does not merge (average or "
-        "task arithmetic) with task inputs; `average` and RegMean on generic text have nothing to choose. "
+        "seed's gamma = 1 is a row of its own); RegMean's shrinkage in {0.5, 0.9, 1} (and, with task inputs, its "
+        "fallback for the tensors it does not merge: average or task arithmetic at scaling 1); `average` has "
+        "nothing to choose. "
         "*gain kept* = (acc - C) / (specialist - C) per task; *normalised acc* = acc / specialist, averaged over "
         "the merged tasks; *position on A->B* (two inputs) = <W* - W_A, W_B - W_A> / ||W_B - W_A||^2 averaged "
         "over the fused tensors (0 = A, 0.5 = average, 1 = B, 1.5 = past B). Each eval set has 200 questions: "
@@ -262,6 +284,15 @@ def write_markdown(path: Path, data: dict[str, Any]) -> None:
         "extrapolation (the fusion report says so in a note). The gamma chosen on dev is in the next column.",
         "",
         *rgsp_table(results),
+        "",
+        "## Interference probe: how much of one LoRA the other task survives",
+        "",
+        "Not a method: C plus one LoRA in full and a fraction w of the other, scored on the evaluation "
+        "questions. Every task-arithmetic-style merge of two updates is a point C + u dW_1 + v dW_2; when a small "
+        "fraction of one update already wipes out the other task, such merges cannot keep both (the subspace "
+        "methods and RegMean also change the directions; the tables above show whether that escapes it).",
+        "",
+        *probe_table(data.get("probe", [])),
         "",
         "## Cost: median fuse time (s) per method",
         "",
