@@ -91,14 +91,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "calibration": "domain",
     },
 }
-# The table's rows: the library's defaults (nothing overridden but the text), and two options.
+# The table's rows: the library's defaults (nothing overridden but the text), and options.
 TABLE: dict[str, dict[str, Any]] = {
     "calibrated": {"method": "calibrated", "calibration": "generic"},
-    "calibrated --calib-rank 32": {"method": "calibrated", "calibration": "generic", "calib_rank": 32},
     "calibrated, domain text": {"method": "calibrated", "calibration": "domain"},
-    "prototype (beta 0, lam 1, svd)": VARIANTS["delta-svd-lam1"],
+    "calibrated --keep-all": {"method": "calibrated", "calibration": "generic", "no_harm": False},
+    "calibrated --calib-rank 32": {"method": "calibrated", "calibration": "generic", "calib_rank": 32},
+    "calibrated --calib-mode mapped": {"method": "calibrated", "calibration": "generic", "calib_mode": "mapped"},
+    "calibrated --calib-mode mapped, domain text": {
+        "method": "calibrated",
+        "calibration": "domain",
+        "calib_mode": "mapped",
+    },
 }
-DEFAULT_TARGETS = ["D5", "D15", "D30", "I"]
+DEFAULT_TARGETS = ["D5", "D15", "D30", "I", "X"]
 
 
 def domain_text(train_jsonl: Path, out: Path) -> Path:
@@ -306,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/calibrated.md")
     parser.add_argument("--explore", action="store_true", help="run every variant in-process (no memory column)")
     parser.add_argument("--variants", nargs="+", default=None, help="variant names (default: all, or the table's)")
-    parser.add_argument("--final", nargs="+", default=["identity", "project-full", "procrustes-96", "prolora-64",
-                        *TABLE], help="methods of the table")  # fmt: skip
+    parser.add_argument("--final", nargs="+", default=["identity", "prolora-64", *TABLE], help="methods of the table")
     parser.add_argument("--targets", nargs="+", default=None)
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--limit", type=int, default=None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loraport import LoraportError, load_adapter, transfer
-from loraport.calibrate import CalibrationSettings, Calibrator
+from loraport.calibrate import CalibrationOptions, Calibrator
 from loraport.checkpoints import Checkpoint
 from loraport.cli import main
 from loraport.methods.calibrated import (
@@ -176,17 +176,34 @@ def cal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "Q": make_tiny_model("qwen2", root / "Q", seed=2, hidden=48, layers=2, heads=4, kv_heads=2, vocab=vocab),
     }
+    # Gemma-3: q/k norms, sliding and full layers with their own rotary bases, tied embeddings.
+    paths["G3"] = make_tiny_model(
+        "gemma3_text",
+        root / "G3",
+        seed=5,
+        hidden=48,
+        layers=3,
+        heads=2,
+        kv_heads=1,
+        intermediate=96,
+        head_dim=24,
+        vocab=vocab,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
     paths["P"] = make_tiny_model("phi3", root / "P", seed=3, layers=2, vocab=vocab)
     paths["T"] = make_tiny_model("gpt2", root / "T", seed=4, layers=2, vocab=vocab)
     paths["D"] = perturb_model(paths["S"], root / "D", 0.2)
     paths["P2"] = perturb_model(paths["P"], root / "P2", 0.2)
     paths["G2"] = perturb_model(paths["G"], root / "G2", 0.2)
     paths["Q2"] = perturb_model(paths["Q"], root / "Q2", 0.2)
-    for name in ("S", "D", "G", "G2", "Q", "Q2", "P", "P2", "T"):
+    paths["G32"] = perturb_model(paths["G3"], root / "G32", 0.2)
+    for name in ("S", "D", "G", "G2", "G3", "G32", "Q", "Q2", "P", "P2", "T"):
         tok.save_pretrained(str(paths[name]))
     paths["lora"] = make_random_adapter(paths["S"], root / "lora", r=4)
     paths["lora_G"] = make_random_adapter(paths["G"], root / "lora_G", r=4)
     paths["lora_Q"] = make_random_adapter(paths["Q"], root / "lora_Q", r=4)
+    paths["lora_G3"] = make_random_adapter(paths["G3"], root / "lora_G3", r=4)
     paths["lora_P"] = make_random_adapter(paths["P"], root / "lora_P", r=4)
     paths["lora_T"] = make_random_adapter(paths["T"], root / "lora_T", r=4)
     paths["text"] = write_lines(root / "calib.txt", CorpusGenerator(5).sentences(24))
@@ -194,8 +211,11 @@ def cal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _port(cal, tmp_path, source="S", target="D", adapter="lora", **options):
+    """A calibrated port; the solver itself unless a test asks for the no-harm rule or the mapped mode."""
     out = tmp_path / f"out-{source}-{target}-{len(list(tmp_path.glob('out-*')))}"
     options.setdefault("calibration", str(cal["text"]))
+    options.setdefault("no_harm", False)
+    options.setdefault("calib_mode", "shared")
     result = transfer(cal[adapter], cal[source], cal[target], out, method="calibrated", progress=False, **options)
     return result, out
 
@@ -321,7 +341,9 @@ def _reference_moments(teacher, student, adapter, ids: list[list[int]]) -> dict[
     return result
 
 
-@pytest.mark.parametrize("pair", [("S", "D", "lora"), ("G", "G2", "lora_G"), ("Q", "Q2", "lora_Q")])
+@pytest.mark.parametrize(
+    "pair", [("S", "D", "lora"), ("G", "G2", "lora_G"), ("Q", "Q2", "lora_Q"), ("G3", "G32", "lora_G3")]
+)
 def test_streamed_moments_equal_a_full_forward_pass(cal, pair) -> None:
     """Layer by layer, padded batches, early-stopped stages == whole models with the ports merged."""
     from loraport.calibrate import read_calibration_lines, shared_tokenizer, tokenize_calibration
@@ -338,7 +360,7 @@ def test_streamed_moments_equal_a_full_forward_pass(cal, pair) -> None:
         )
         report.records.append(record)
         parts.append((unit, record, unit.source_module.B, unit.source_module.A))
-    settings = CalibrationSettings(str(cal["text"]), samples=10, max_tokens=12, ridge=0.3, batch_size=4)
+    settings = CalibrationOptions(str(cal["text"]), samples=10, max_tokens=12, ridge=0.3, batch_size=4)
     calibrator = Calibrator(pairing, adapter, settings, report, progress=False)
     calibrator.recorded = {}
     results = calibrator.run(parts)
@@ -394,11 +416,12 @@ def test_cli_flags_reach_the_port(cal, tmp_path, capsys) -> None:
         ["transfer", "--adapter", str(cal["lora"]), "--source-base", str(cal["S"]), "--target-base", str(cal["D"]),
          "--out", str(out), "--method", "calibrated", "--calibration", str(cal["text"]), "--calib-samples", "8",
          "--calib-max-tokens", "6", "--ridge", "0.5", "--calib-output-weight", "0", "--calib-rank", "2",
-         "--report", str(tmp_path / "r.json"), "--quiet"]
+         "--keep-all", "--calib-mode", "shared", "--report", str(tmp_path / "r.json"), "--quiet"]
     )  # fmt: skip
     assert code == 0 and "calibration: 8 sample(s)" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["options"]["ridge"] == 0.5 and report["options"]["calib_output_weight"] == 0.0
+    calibrated = report["options"]["calibrated"]
+    assert calibrated["ridge"] == 0.5 and calibrated["output_weight"] == 0.0 and calibrated["no_harm"] is False
     assert all(m["rank"] <= 2 and m["calib_tokens"] <= 48 for m in report["modules"])
 
 
@@ -419,8 +442,15 @@ def test_missing_calibration_and_other_tokenizer(cal, tmp_path, capsys) -> None:
     vocab[first], vocab[second] = vocab[second], vocab[first]
     vocab_file.write_text(json.dumps(data))
     cal["other"] = other
-    code, _ = _cli(cal, tmp_path, cal["text"], target="other")
-    assert code == 2 and "same tokenizer" in capsys.readouterr().err
+    # Shared coordinates need one tokenizer; the default mode maps across tokenizers instead.
+    with pytest.raises(LoraportError, match="same tokenizer"):
+        transfer(cal["lora"], cal["S"], other, method="calibrated", calibration=str(cal["text"]), calib_mode="shared",
+                 progress=False)  # fmt: skip
+    result = transfer(
+        cal["lora"], cal["S"], other, method="calibrated", calibration=str(cal["text"]), no_harm=False, progress=False
+    )
+    assert any("different tokenizers" in note for note in result.report.notes)
+    assert result.report.calibration["mode"] == "mapped"
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft probes a deprecated transformers attribute

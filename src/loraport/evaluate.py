@@ -50,6 +50,8 @@ from .errors import AdapterError, CheckpointError, LoraportError
 PROMPT = "Question: {question}\nAnswer:"
 TARGET_DELIMITER = " "
 DEFAULT_MAX_LENGTH = 2048
+# Most logits (rows x positions x vocabulary) one forward pass may produce: 2^27 floats = 512 MB.
+LOGIT_BUDGET = 2**27
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 
 
@@ -234,24 +236,65 @@ def loglikelihoods(
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]) - len(requests[i][1]), inputs[i]))
     scores: list[float] = [0.0] * len(requests)
     bar = tqdm(total=len(requests), desc="scoring choices", unit="req", file=sys.stderr, disable=not progress)
+    keep_arg = _accepts_logits_to_keep(model)
+    vocab = _vocab_size(model)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(inputs[i]) for i in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, : len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
-            mask[row, : len(inputs[i])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for row, i in enumerate(chunk):
-            length, continuation = len(inputs[i]), requests[i][1]
-            # log-softmax of the continuation positions only: (len(cont), vocab), not (B, L, vocab).
-            window = torch.log_softmax(logits[row, length - len(continuation) : length].float(), dim=-1)
-            target = torch.tensor(continuation, dtype=torch.long, device=window.device)
-            scores[i] = float(window.gather(1, target[:, None]).sum())
+        # Only the continuation positions are scored: ask the head for the last `keep` positions,
+        # and split the batch so that (rows x keep x vocab) logits stay within LOGIT_BUDGET (a
+        # 262k vocabulary x 32 rows x 40 positions would be 1.3 GB of float32 logits).
+        keep = max(len(inputs[i]) for i in chunk) - min(len(inputs[i]) - len(requests[i][1]) for i in chunk)
+        rows_fit = max(1, LOGIT_BUDGET // max(1, keep * vocab)) if vocab else len(chunk)
+        for sub_start in range(0, len(chunk), rows_fit):
+            _score_batch(model, chunk[sub_start : sub_start + rows_fit], inputs, requests, scores, device, keep_arg)
         bar.update(len(chunk))
     bar.close()
     return scores
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (through a ``PeftModel`` wrapper too)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else 0
+
+
+def _score_batch(
+    model: Any,
+    rows: list[int],
+    inputs: list[list[int]],
+    requests: list[tuple[list[int], list[int]]],
+    scores: list[float],
+    device: str,
+    keep_arg: bool,
+) -> None:
+    """Score ``rows`` (request indices) in one right-padded forward pass; fills ``scores``."""
+    width = max(len(inputs[i]) for i in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for row, i in enumerate(rows):
+        ids[row, : len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
+        mask[row, : len(inputs[i])] = 1
+    first = min(len(inputs[i]) - len(requests[i][1]) for i in rows)
+    kwargs = {"logits_to_keep": width - first} if keep_arg else {}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+    offset = width - logits.shape[1]  # position of logits[:, 0]
+    for row, i in enumerate(rows):
+        length, continuation = len(inputs[i]), requests[i][1]
+        # log-softmax of the continuation positions only: (len(cont), vocab), not (B, L, vocab).
+        window = torch.log_softmax(logits[row, length - len(continuation) - offset : length - offset].float(), dim=-1)
+        target = torch.tensor(continuation, dtype=torch.long, device=window.device)
+        scores[i] = float(window.gather(1, target[:, None]).sum())
 
 
 def choice_scores(
@@ -337,24 +380,21 @@ def evaluate(
     )
 
 
-def _model_dir(model: str | os.PathLike[str]) -> Path:
-    model_dir = Path(model)
-    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
-        raise CheckpointError(f"{model_dir}: not a local model directory (expected config.json, weights, tokenizer)")
-    return model_dir
+def _open_model(model: str | os.PathLike[str]) -> Any:
+    """The model's lazy checkpoint: a local directory, a hub id in the local cache, or a ``.gguf`` file."""
+    from .checkpoints import Checkpoint
+
+    path = Path(model)
+    if path.is_dir() and not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
+        raise CheckpointError(f"{path}: not a local model directory (expected config.json, weights, tokenizer)")
+    return Checkpoint.open(model)
 
 
 def load_model(
     model: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
 ) -> Any:
-    """``AutoModelForCausalLM`` from a local directory (no remote code), with a PEFT adapter if given."""
-    from transformers import AutoModelForCausalLM
-
-    model_dir = _model_dir(model)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{model_dir}: cannot load as a causal LM: {exc}") from None
+    """``AutoModelForCausalLM`` of a model directory or ``.gguf`` file (no remote code), plus an adapter if given."""
+    lm = _open_model(model).load_causal_lm(dtype)
     if adapter is None:
         return lm
     adapter_dir = Path(adapter)
@@ -368,21 +408,15 @@ def load_model(
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return PeftModel.from_pretrained(lm, str(adapter_dir))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise AdapterError(f"{adapter_dir}: cannot attach the adapter to {model_dir}: {exc}") from None
+        raise AdapterError(f"{adapter_dir}: cannot attach the adapter to {model}: {exc}") from None
 
 
 def load_tokenizer(model: str | os.PathLike[str], add_bos_token: bool | None = None) -> Any:
-    """The fast tokenizer saved with the model (lm-eval passes ``add_bos_token`` to it when set)."""
-    from transformers import AutoTokenizer
-
-    kwargs: dict[str, Any] = {"use_fast": True, "trust_remote_code": False}
+    """The fast tokenizer saved with the model, or a GGUF file's (lm-eval passes ``add_bos_token`` when set)."""
+    kwargs: dict[str, Any] = {"use_fast": True}
     if add_bos_token is not None:
         kwargs["add_bos_token"] = add_bos_token
-    model_dir = _model_dir(model)
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{model}: cannot load a tokenizer (save one beside the model): {exc}") from None
+    return _open_model(model).load_tokenizer(**kwargs)
 
 
 def evaluate_path(
@@ -397,7 +431,7 @@ def evaluate_path(
     *,
     add_bos_token: bool | None = None,
 ) -> EvalResult:
-    """Load model (+ adapter) and tokenizer from local directories and score the ARC JSONL ``data``.
+    """Load model (+ adapter) and tokenizer (directories or a ``.gguf`` file) and score the ARC JSONL ``data``.
 
     ``seconds`` covers loading and scoring.
     """

@@ -59,6 +59,9 @@ class ModuleRecord:
     fit_before: float | None = None
     fit_copy: float | None = None
     fit_after: float | None = None
+    # No-harm rule: held-out fit error of each candidate ("port", "copy" where shapes match,
+    # "none" = left out), relative to leaving the module out.
+    heldout: dict[str, float] | None = None
 
     @property
     def transferred(self) -> bool:
@@ -138,6 +141,14 @@ class TransferReport:
                 f"calibration: {c['samples']} sample(s), {c['tokens']} token(s) from {c['source']}, "
                 f"{c['seconds']:.1f} s, peak RSS {c['peak_rss_mb']:.0f} MB"
             )
+            if c.get("mode") == "mapped":
+                lines.append(
+                    f"mapped: {c['aligned_share']:.0%} of target positions aligned, layers paired by {c['depth']}, "
+                    f"mean held-out R^2 of the {c['map']} maps {c['mean_map_r2']:.2f}"
+                )
+        for note in self.notes:
+            if note.startswith("WARNING"):
+                lines.append(note)
         reasons: dict[str, int] = {}
         for record in self.skipped:
             reasons[record.reason] = reasons.get(record.reason, 0) + 1
@@ -205,13 +216,14 @@ class TransferReport:
         if calibrated:
             lines += [
                 "",
-                "| target | ridge | lam' | tokens | fit init | fit copy | fit after |",
-                "|---|---|---|---|---|---|---|",
+                "| target | ridge | lam' | tokens | fit init | fit copy | fit after | held-out port / copy / none |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for r in calibrated:
+                held = " / ".join(num((r.heldout or {}).get(k)) or "-" for k in ("port", "copy", "none"))
                 lines.append(
                     f"| {r.target_module} | {num(r.ridge, 3)} | {num(r.ridge_abs, 3)} | {r.calib_tokens} | "
-                    f"{num(r.fit_before)} | {num(r.fit_copy)} | {num(r.fit_after)} |"
+                    f"{num(r.fit_before)} | {num(r.fit_copy)} | {num(r.fit_after)} | {held if r.heldout else ''} |"
                 )
         return "\n".join(lines) + "\n"
 

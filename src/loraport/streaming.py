@@ -23,16 +23,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .architectures import Architecture
 from .checkpoints import Checkpoint
 from .errors import LoraportError
-
-if TYPE_CHECKING:
-    from .adapters import LoraAdapter
 
 
 @contextlib.contextmanager
@@ -71,7 +68,7 @@ class _Recorder(torch.nn.Module):
         return hidden_states
 
 
-def _resolve_key(ckpt: Checkpoint, name: str) -> str | None:
+def resolve_key(ckpt: Checkpoint, name: str) -> str | None:
     """The checkpoint's name for a model parameter, tolerating prefix differences."""
     if name in ckpt:
         return name
@@ -95,13 +92,10 @@ class StreamedModel:
     """
 
     def __init__(self, ckpt: Checkpoint, arch: Architecture, device: str, dtype: torch.dtype = torch.float32) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.ckpt, self.arch, self.device, self.dtype = ckpt, arch, torch.device(device), dtype
-        try:
-            config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=False)
-        except Exception as exc:
-            raise LoraportError(f"{ckpt.name}: cannot read the model config to run the model ({exc})") from None
+        config = ckpt.transformers_config()
         config.use_cache = False
         with parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -141,16 +135,18 @@ class StreamedModel:
         owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
 
     def _load_outer(self) -> None:
-        """Every weight outside the decoder layers except the output head (unless tied to the input embeddings).
+        """Every weight outside the decoder layers except the output head and the input embeddings.
 
-        The input embeddings stay in their stored dtype (a lookup is exact; a hook casts its
-        output): a 256k x 2304 table is 1.2 GB in bfloat16 and 2.4 GB in float32. They are
-        only needed for the preamble (:meth:`release_outer`).
+        The input embeddings are read later, only the rows of the tokens the calibration text
+        uses (:meth:`load_embedding_rows`): a 256k x 2304 table is 1.2 GB in bfloat16 and
+        2.4 GB in float32, of which a few thousand rows are needed.
         """
         head = self.model.get_output_embeddings()
-        embed_ids = {id(p) for p in self.model.get_input_embeddings().parameters()}
+        embedding = self.model.get_input_embeddings()
+        embed_ids = {id(p) for p in embedding.parameters()}
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
         prefix = self.layers_path + "."
+        self._embedding_key: str | None = None
         for name, param in list(self.model.named_parameters(remove_duplicate=False)):
             if name.startswith(prefix) or (id(param) in head_ids and id(param) not in embed_ids):
                 continue
@@ -158,12 +154,29 @@ class StreamedModel:
             owner = self.model.get_submodule(owner_name)
             if owner._parameters[leaf].device.type != "meta":
                 continue
-            key = _resolve_key(self.ckpt, name)
+            key = resolve_key(self.ckpt, name)
             if key is None:
                 if id(param) in embed_ids:
                     raise LoraportError(f"{self.ckpt.name}: no tensor for {name} (the input embeddings)")
                 continue  # e.g. the final norm: never run here
-            self._set(owner, leaf, key, cast=id(param) not in embed_ids)
+            if id(param) in embed_ids:
+                self._embedding_key = key
+                continue
+            self._set(owner, leaf, key)
+
+    def load_embedding_rows(self, token_ids: torch.Tensor) -> None:
+        """Give the input embeddings only the rows of ``token_ids`` (sorted, unique), in their stored dtype.
+
+        The preamble must then be called with ids remapped to positions in ``token_ids``
+        (:meth:`Stream.__init__` does). A lookup is exact; a hook casts its output.
+        """
+        embedding = self.model.get_input_embeddings()
+        if self._embedding_key is None:
+            raise LoraportError(f"{self.ckpt.name}: no input embeddings to read")
+        rows = self.ckpt.get_rows(self._embedding_key, token_ids).to(self.device)
+        embedding._parameters["weight"] = torch.nn.Parameter(rows, requires_grad=False)
+        if getattr(embedding, "padding_idx", None) is not None:
+            embedding.padding_idx = None  # an index into the full table; lookups only here
 
     def release_outer(self) -> None:
         """Free the weights outside the decoder layers (the preamble has run)."""
@@ -200,7 +213,7 @@ class StreamedModel:
         prefix = f"{self.layers_path}.{index}"
         for name, _ in list(layer.named_parameters()):
             full = f"{prefix}.{name}"
-            key = _resolve_key(self.ckpt, full)
+            key = resolve_key(self.ckpt, full)
             if key is None:
                 raise LoraportError(f"{self.ckpt.name}: no tensor for {full} (needed to run the model)")
             owner_name, _, leaf = name.rpartition(".")
@@ -265,8 +278,10 @@ class Stream:
         self.model, self.chunks = model, chunks
         self.states: list[torch.Tensor] = []
         self.layer_args: list[list[Any]] = []  # per chunk, per layer: (args, kwargs)
+        used = torch.unique(torch.cat([chunk.ids.reshape(-1) for chunk in chunks]))
+        model.load_embedding_rows(used)
         for chunk in chunks:
-            hidden, per_layer = model.preamble(chunk.ids, chunk.mask)
+            hidden, per_layer = model.preamble(torch.searchsorted(used, chunk.ids), chunk.mask)
             self.states.append(hidden)
             self.layer_args.append(per_layer)
         model.release_outer()
@@ -292,42 +307,4 @@ class Stream:
         self.index += 1
 
 
-def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> None:
-    """``out += a^T b`` (``a: (T, p)``, ``b: (T, q)``): float32 products, float64 sums, in column blocks.
-
-    Accumulates moments of activations (Gram matrices ``X^T X``) over chunks of tokens. A
-    whole ``q x q`` float32 product plus its float64 copy would be 1.5x the accumulator
-    (n = 9216: 1 GB); blocks of 1024 columns bound the temporaries to ``p x 1024``.
-    """
-    for start in range(0, b.shape[1], block):
-        stop = min(start + block, b.shape[1])
-        out[:, start:stop] += a.mT @ b[:, start:stop]
-
-
-def layer_updates(adapter: LoraAdapter, arch: Architecture, layer: int) -> dict[str, torch.Tensor]:
-    """An adapter's updates ``s B A`` of decoder layer ``layer``, keyed by parameter name in the layer.
-
-    The ``extra`` argument of :meth:`StreamedModel.load_layer`: running the base with these
-    additions runs the base with the adapter merged. float32 (the layers run in float32),
-    in the checkpoint's layout (transposed for ``Conv1D``).
-    """
-    extra: dict[str, torch.Tensor] = {}
-    for module in adapter.modules.values():
-        parsed = arch.parse(module.name)
-        if parsed is not None and parsed[0] == layer:
-            dW = module.scale * (module.B.float() @ module.A.float())
-            extra[f"{parsed[1].suffix}.weight"] = dW.mT if arch.transposed else dW
-    return extra
-
-
-__all__ = [
-    "Chunk",
-    "Stop",
-    "Stream",
-    "StreamedModel",
-    "add_product",
-    "layer_output",
-    "layer_updates",
-    "make_chunks",
-    "parameters_on_meta",
-]
+__all__ = ["Chunk", "Stop", "Stream", "StreamedModel", "layer_output", "make_chunks", "parameters_on_meta"]

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, lora_scale, save_adapter
-from .calibrate import (
-    CALIBRATED,
-    DEFAULT_INIT,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_OUTPUT_WEIGHT,
-    DEFAULT_RIDGE,
-    DEFAULT_SAMPLES,
-    calibrate,
-    validate_settings,
-)
+from .calibrate import CALIBRATED, FLAG_FIELDS, CalibrationOptions, MappedCalibrator, calibrate, choose_mode
+from .calibrate.options import options_summary
 from .checkpoints import Checkpoint
 from .errors import TransferError
 from .io import atomic_directory, check_output_dir
@@ -73,17 +65,10 @@ class TransferOptions:
             ``None`` (default): yes for methods that use subspaces, no for ``identity``
             (it would cost two SVDs per module for a number the method ignores);
             always on when a threshold is set.
-        calibration: ``method="calibrated"`` only (see :mod:`loraport.calibrate`): a text
-            file (one sample per line) or a list of strings; ``calib_samples`` /
-            ``calib_max_tokens`` bound how much of it is used; ``ridge`` is the relative
-            ridge weight (or ``"auto"``: per module, by held-out calibration fit);
-            ``init`` the start point's method (default ``auto``: the copy where shapes
-            match, ``prolora`` where they differ); ``calib_truncation`` ``rrr`` (reduced-rank)
-            or ``svd``; ``calib_output_weight`` ``beta``: 1 (default) matches the module's
-            whole output, 0 only the adapter's contribution (the prototype; always 0 for
-            modules whose output size differs, their rows paired by importance);
-            ``calib_init_scale="fit"`` shrinks the init by its fitted scale; ``calib_rank``
-            sets the output rank (default: the source module's rank).
+        calibrated: the settings of ``method="calibrated"``
+            (:class:`~loraport.calibrate.CalibrationOptions`: text, samples, ridge, init, mode, ...).
+            :func:`transfer` also takes them flat, spelled like the command-line flags
+            (``calibration=``, ``calib_rank=``, ``ridge=``, ...; :data:`~loraport.calibrate.FLAG_FIELDS`).
     """
 
     method: str = DEFAULT_METHOD
@@ -103,20 +88,11 @@ class TransferOptions:
     seed: int = 0
     drop_unsupported: bool = False
     report_similarity: bool | None = None
-    calibration: str | os.PathLike[str] | list[str] | None = None
-    calib_samples: int = DEFAULT_SAMPLES
-    calib_max_tokens: int = DEFAULT_MAX_TOKENS
-    ridge: float | str = DEFAULT_RIDGE
-    init: str = DEFAULT_INIT
-    calib_truncation: str = "rrr"
-    calib_output_weight: float = DEFAULT_OUTPUT_WEIGHT
-    calib_init_scale: str = "none"
-    calib_batch_size: int = 16
-    calib_rank: int | None = None
+    calibrated: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     def validate(self) -> None:
         if self.method == CALIBRATED:
-            validate_settings(self)
+            self.calibrated.validate()
         try:
             get_method(self.init_method if self.method == CALIBRATED else self.method)
             if self.fallback != "skip":
@@ -139,7 +115,16 @@ class TransferOptions:
     @property
     def init_method(self) -> str:
         """The per-module method whose output calibration starts from (``zero`` starts from the copy's units)."""
-        return "identity" if self.init == "zero" else self.init
+        return "identity" if self.calibrated.init == "zero" else self.calibrated.init
+
+    def set(self, name: str, value: Any) -> None:
+        """Set an option by its field name or its flag name (``calib_rank`` sets ``calibrated.rank``)."""
+        if name in FLAG_FIELDS:
+            setattr(self.calibrated, FLAG_FIELDS[name], value)
+        elif name in {f.name for f in fields(self)}:
+            setattr(self, name, value)
+        else:
+            raise TypeError(f"transfer() got an unknown option {name!r}")
 
     @property
     def thresholded(self) -> bool:
@@ -235,9 +220,7 @@ def transfer(
     started = time.perf_counter()
     options = options or TransferOptions()
     for name, value in overrides.items():
-        if not hasattr(options, name):
-            raise TypeError(f"transfer() got an unknown option {name!r}")
-        setattr(options, name, value)
+        options.set(name, value)
     options.validate()
     if out is not None:
         check_output_dir(out, overwrite)
@@ -254,33 +237,43 @@ def transfer(
         source_base=src.name,
         target_base=tgt.name,
         adapter=str(adapter.path) if adapter.path else "<in memory>",
-        options={k: v for k, v in asdict(options).items() if k not in ("cache_dir", "calibration")},
+        options=_report_options(options),
         layer_map=pairing.layer_map,
         dropped=dict(adapter.dropped),
     )
     report.notes += pairing.arch_s.notes + pairing.arch_t.notes
-    if pairing.layers_s != pairing.layers_t and options.layer_map is None:
+
+    mode = None
+    if calibrated:
+        mode, notes = choose_mode(options.calibrated, pairing)
+        report.notes += notes
+    if pairing.layers_s != pairing.layers_t and options.layer_map is None and mode != "mapped":
         report.notes.append(
             f"depths differ ({pairing.layers_s} -> {pairing.layers_t}): layers paired by relative depth"
         )
-
-    store = SubspaceStore(
-        SubspaceCache(options.cache_dir) if options.use_cache else None,
-        options.svd,
-        options.oversample,
-        options.niter,
-        options.seed,
-        options.device,
-    )
-    try:
-        parts = _run_units(pairing, method, options, store, report, progress)
-    finally:
-        store.close()
-    if calibrated:
-        parts = calibrate(parts, pairing, adapter, options, report, progress)
+    if mode == "mapped":
+        # The adapter's effect goes to the target's residual writers: no per-module init to compute.
+        parts = MappedCalibrator(pairing, adapter, options.calibrated, report, progress, options.device).run()
+        cache = None
+    else:
+        store = SubspaceStore(
+            SubspaceCache(options.cache_dir) if options.use_cache else None,
+            options.svd,
+            options.oversample,
+            options.niter,
+            options.seed,
+            options.device,
+        )
+        try:
+            parts = _run_units(pairing, method, options, store, report, progress)
+        finally:
+            store.close()
+        cache = store.cache
+        if calibrated:
+            parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
     report.records += pairing.unpaired
-    if store.cache is not None:
-        report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
+    if cache is not None:
+        report.cache_hits, report.cache_misses = cache.hits, cache.misses
 
     modules = _assemble(parts, pairing, adapter)
     report.output_modules = len(modules)
@@ -310,6 +303,14 @@ def transfer(
     if report_path is not None:
         report.save(report_path)
     return TransferResult(target_adapter, report, written)
+
+
+def _report_options(options: TransferOptions) -> dict[str, Any]:
+    """The options as the report records them: no cache path, the calibration text by name only."""
+    values = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "calibrated")}
+    if options.method == CALIBRATED:
+        values["calibrated"] = options_summary(options.calibrated)
+    return values
 
 
 def _unit_requests(unit: Unit, pairing: Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Any]:

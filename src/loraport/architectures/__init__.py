@@ -4,7 +4,9 @@ Each ``*.json`` file in this folder describes one family: the layer prefix
 (``model.layers.${layer}``), where the layer count lives in ``config.json``, whether the
 weights are stored transposed (GPT-2 ``Conv1D``), and for each adapted module its path in
 the layer and its *role* (``attn.q, attn.k, attn.v, attn.o, mlp.gate, mlp.up, mlp.down``).
-Fused modules (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``) list their parts as
+``post_norms`` names the norms some families (Gemma 2 and 3) apply to a residual-writing
+module's output before it joins the residual stream. Fused modules (Phi-3 ``qkv_proj``,
+GPT-2 ``c_attn``) list their parts as
 ``[role, size]`` row blocks, the size named by a config quantity (``q_dim``, ``kv_dim``,
 ``hidden``, ``intermediate``).
 
@@ -86,6 +88,8 @@ class Architecture:
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     transposed: bool = False
     inferred: bool = False
+    # role -> the norm applied to that module's output before the residual add (Gemma 2/3).
+    post_norms: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -206,6 +210,7 @@ def _from_json(data: dict[str, Any]) -> Architecture:
         modules=modules,
         num_layers_keys=tuple(data.get("num_layers", ["num_hidden_layers"])),
         transposed=bool(data.get("transposed", False)),
+        post_norms=dict(data.get("post_norms", {})),
     )
 
 

@@ -33,12 +33,14 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
         DEFAULT_SAMPLES,
         INITS,
     )
+    from ..calibrate.options import DEPTHS, MAPS, MODES, WRITERS, CalibrationOptions
     from ..methods import METHODS
     from ..transfer import DEFAULT_METHOD, DEFAULT_SUBSPACE_RANK
 
+    defaults = CalibrationOptions()
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory trained on the source base")
-    p.add_argument("--source-base", required=True, help="source base model: directory or hub id")
-    p.add_argument("--target-base", required=True, help="target base model: directory or hub id")
+    p.add_argument("--source-base", required=True, help="source base model: directory, hub id or .gguf file")
+    p.add_argument("--target-base", required=True, help="target base model: directory, hub id or .gguf file")
     p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
     p.add_argument(
         "--method",
@@ -133,10 +135,47 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
         metavar="R",
         help="rank of the ported modules (default: the source's; more rank = a bigger, often better adapter)",
     )
+    calib.add_argument(
+        "--calib-mode",
+        choices=list(MODES),
+        default=defaults.mode,
+        help="shared: module by module in shared coordinates; mapped: through maps learned between the two models' "
+        "hidden states (other tokenizer, widths, depth); auto (default): shared when tokenizer and shapes match",
+    )
+    calib.add_argument(
+        "--calib-depth",
+        choices=list(DEPTHS),
+        default=defaults.depth,
+        help="mapped: pair layers by activation similarity (cka, default) or relative depth",
+    )
+    calib.add_argument(
+        "--calib-map", choices=list(MAPS), default=defaults.map, help="mapped: the map between hidden states"
+    )
+    calib.add_argument(
+        "--calib-map-ridge",
+        type=float,
+        default=defaults.map_ridge,
+        metavar="MU",
+        help=f"mapped: relative ridge of the maps (default {defaults.map_ridge})",
+    )
+    calib.add_argument(
+        "--calib-writers",
+        choices=list(WRITERS),
+        default=defaults.writers,
+        help="mapped: target modules that carry the effect (default o,down)",
+    )
+    calib.add_argument(
+        "--keep-all",
+        dest="no_harm",
+        action="store_false",
+        help="keep every ported module (default: leave out a module that fits held-out text worse than leaving it "
+        "out, or than the copy where shapes match; the report lists them)",
+    )
 
 
 def _transfer(args: argparse.Namespace) -> int:
     from ..architectures import parse_layer_map
+    from ..calibrate import FLAG_FIELDS
     from ..transfer import TransferOptions, transfer
 
     options = TransferOptions(
@@ -153,14 +192,10 @@ def _transfer(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
         drop_unsupported=args.drop_unsupported,
-        calibration=args.calibration,
-        calib_samples=args.calib_samples,
-        calib_max_tokens=args.calib_max_tokens,
-        ridge=args.ridge,
-        init=args.init,
-        calib_output_weight=args.calib_output_weight,
-        calib_rank=args.calib_rank,
     )
+    for flag in FLAG_FIELDS:  # the calibrated group, by flag name
+        if hasattr(args, flag):
+            options.set(flag, getattr(args, flag))
     result = transfer(
         args.adapter,
         args.source_base,

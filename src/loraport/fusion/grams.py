@@ -3,7 +3,7 @@
 :class:`LayerGrams` runs the same unlabeled text through each model one decoder layer at a
 time (:mod:`loraport.streaming`: weights read lazily, GPTQ style), and for each linear module
 of a decoder layer accumulates ``G_i = X_i X_i^T`` over the real tokens of model ``i``'s own
-inputs, in float64 (:func:`~loraport.streaming.add_product`). Modules fed by one tensor (q, k,
+inputs, in float64 (:func:`~loraport.calibrate.accumulate.add_product`). Modules fed by one tensor (q, k,
 v; gate, up) share one Gram. Layers are served in increasing order; only the current layer's
 Grams are kept.
 
@@ -33,9 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import Architecture
-from ..calibrate import STAGES, read_calibration_lines, shared_tokenizer, tokenize_calibration
+from ..calibrate.accumulate import add_product
+from ..calibrate.shared import STAGES
+from ..calibrate.text import read_calibration_lines, shared_tokenizer, tokenize_calibration
 from ..checkpoints import Checkpoint
-from ..streaming import Stream, StreamedModel, add_product, make_chunks
+from ..streaming import Stream, StreamedModel, make_chunks
 from .options import FusionError, RegMeanOptions
 
 LayerExtras = Callable[[int], dict[str, torch.Tensor]]
@@ -64,7 +66,9 @@ class LayerGrams:
         self.arch = arch
         self.extras = list(extras) if extras is not None else [None] * len(checkpoints)
         distinct = list({id(c): c for c in checkpoints}.values())
-        tokenizer = shared_tokenizer(*distinct, purpose="regmean")
+        tokenizer = shared_tokenizer(distinct[0], distinct[0], "regmean")  # loads it, with a clear error
+        for other in distinct[1:]:
+            tokenizer = shared_tokenizer(distinct[0], other, "regmean")
         texts = settings.model_calibration or [settings.calibration] * len(checkpoints)
         if len(texts) != len(checkpoints):
             raise FusionError(f"{len(texts)} calibration texts for {len(checkpoints)} models (give one per model)")

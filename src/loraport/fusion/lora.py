@@ -50,11 +50,11 @@ from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
 from ..architectures import KNOWN, architecture_for
+from ..calibrate.shared import adapter_deltas
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
 from ..io import atomic_directory, check_output_dir
 from ..lowrank import DEFAULT_RTOL, Factors, balanced_factors, factors_from_svd, frobenius_norm
-from ..streaming import layer_updates
 from .core_space import core_space
 from .grams import LayerGrams
 from .methods import merge_task_matrices, rgsp_with_options
@@ -155,7 +155,7 @@ def _module_grams(
         raise FusionError(f"regmean on adapters needs the base model they were trained on (--base): {exc}") from None
     shapes = None if ckpt.model_type in KNOWN else {k: ckpt.shape(k) for k in ckpt.keys()}
     arch = architecture_for(ckpt.config, shapes)
-    extras = [lambda layer, ad=ad: layer_updates(ad, arch, layer) for ad in adapters]
+    extras = [lambda layer, ad=ad: adapter_deltas(ad, arch, layer) for ad in adapters]
     return LayerGrams([ckpt] * len(adapters), arch, options.regmean, extras, progress)
 
 

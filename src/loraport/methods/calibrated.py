@@ -42,6 +42,9 @@ by the caller). Example::
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +155,7 @@ def calibrated_update(
     scale: float = 1.0,
     extra_weight: float = 0.0,
     chol: torch.Tensor | None = None,
+    lam_prime: float | None = None,
 ) -> CalibratedFactors:
     """Ridge regression of the adapter's contribution, reduced to rank ``<= rank``.
 
@@ -167,7 +171,10 @@ def calibrated_update(
         extra_weight: ``beta``; the target becomes ``Y = dW_s X_s + beta Y_extra`` with
             ``stats.target_cross = Y_extra X_t^T``. The solution is then dense (``m x n``)
             before truncation: meant for the exploration of output matching, not large models.
-        chol: the Cholesky factor of ``G + lam' I`` when the caller shares it between modules.
+        chol: the Cholesky factor of ``G + lam' I`` when the caller shares it between modules (or
+            factored it in place to save an ``n x n`` buffer; then pass ``lam_prime`` too:
+            ``stats.gram`` is not read).
+        lam_prime: the absolute ridge weight, when the caller computed it (with ``chol``).
 
     Returns:
         :class:`CalibratedFactors` with ``dW_t = s B A``.
@@ -179,9 +186,13 @@ def calibrated_update(
     if lam == float("inf"):
         f = balanced_factors(B_0, A_0, max_rank=rank)
         return CalibratedFactors(f.B, f.A, float("inf"), f.dropped_energy)
-    gram, Z = stats.gram.to(dtype), stats.cross.to(dtype)
-    lam_prime = ridge_lambda(gram, lam)
-    L = chol if chol is not None else _cholesky(gram, lam_prime)
+    Z = stats.cross.to(dtype)
+    if lam_prime is None or chol is None:
+        gram = stats.gram.to(dtype)
+        lam_prime = ridge_lambda(gram, lam)
+        L = chol if chol is not None else _cholesky(gram, lam_prime)
+    else:
+        L = chol
     if extra_weight:
         if stats.target_cross is None:
             raise ValueError("extra_weight needs stats.target_cross (moments built with an extra target)")
@@ -280,6 +291,50 @@ def relative_fit_error(
     return error / target if target > 0 else 0.0
 
 
+def heldout_errors(
+    fold_stats: list[Moments],
+    candidates: dict[str, Callable[[Moments], tuple[torch.Tensor, torch.Tensor]]],
+    B_s: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    extra_weight: float = 0.0,
+) -> dict[str, float]:
+    """Cross-validated fit error of each candidate, relative to leaving the module out.
+
+    For each fold, every candidate is built from the other folds' moments
+    (``candidates[name](train) -> (B, A)``) and scored on the held-out fold with
+    :func:`fit_error`; the sums are divided by the held-out error of no update (``"none"``,
+    always included, = 1.0). Candidates that ignore their argument (the plain copy) are
+    scored the same way.
+    """
+    if len(fold_stats) < 2:
+        raise ValueError("held-out errors need at least two folds")
+    errors = dict.fromkeys([*candidates, "none"], 0.0)
+    for held in range(len(fold_stats)):
+        train = functools.reduce(operator.add, [fold_stats[f] for f in range(len(fold_stats)) if f != held])
+        for name, build in candidates.items():
+            B, A = build(train)
+            errors[name] += fit_error(B, A, B_s, fold_stats[held], scale=scale, extra_weight=extra_weight)[0]
+        none_B = B_s.new_zeros(B_s.shape[0], 0)
+        none_A = B_s.new_zeros(0, fold_stats[held].gram.shape[0])
+        errors["none"] += fit_error(none_B, none_A, B_s, fold_stats[held], scale=scale, extra_weight=extra_weight)[0]
+    reference = errors["none"] if errors["none"] > 0 else 1.0
+    return {name: value / reference for name, value in errors.items()}
+
+
+def least_harmful(errors: dict[str, float], preferred: str = "port", tolerance: float = 1e-3) -> str:
+    """The candidate with the smallest relative held-out error.
+
+    ``preferred`` is kept unless another candidate is better by more than ``tolerance``
+    (in units of the no-update error): differences at the level of float noise, as between
+    a port and the copy it reproduces, do not flip the decision.
+    """
+    best = min(errors, key=lambda name: (errors[name], name != preferred))
+    if preferred in errors and errors[preferred] - errors[best] <= tolerance:
+        return preferred
+    return best
+
+
 def dense_reference(
     dW_s: torch.Tensor, dW_0: torch.Tensor, X_s: torch.Tensor, X_t: torch.Tensor, lam: float
 ) -> torch.Tensor:
@@ -297,6 +352,8 @@ __all__ = [
     "calibrated_update",
     "dense_reference",
     "fit_error",
+    "heldout_errors",
+    "least_harmful",
     "moments",
     "relative_fit_error",
     "ridge_lambda",

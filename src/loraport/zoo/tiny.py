@@ -130,3 +130,28 @@ def make_random_adapter(
     peft_model.to(dtype)
     peft_model.save_pretrained(str(path))
     return Path(path)
+
+
+def make_bpe_tokenizer(path: str | os.PathLike[str], texts: list[str], vocab_size: int = 320) -> Path:
+    """Train a small byte-level BPE tokenizer on ``texts`` and save it (``tokenizer.json`` + config) under ``path``.
+
+    Special tokens ``<|endoftext|>`` (BOS and EOS) and ``<pad>``; no BOS added on encode.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<pad>"
+    )
+    tokenizer.save_pretrained(str(path))
+    return Path(path)

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Iterator
@@ -22,13 +23,26 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .files import BinFile, SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 _ADAPTER_FILES = {"adapter_model.safetensors", "adapter_model.bin"}
+# Files a model directory needs beside its weights: config, generation config, tokenizer.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+    "*.model",
+    "chat_template.*",
+)
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
@@ -81,7 +95,7 @@ class Checkpoint:
         self.root = Path(root)
         self.name = name if name is not None else str(root)
         self._stack = ExitStack()
-        self._handles: dict[Path, _SafetensorsFile | _BinFile] = {}
+        self._handles: dict[Path, SafetensorsFile | BinFile] = {}
         self._key_cache: dict[str, str | None] = {}
         self._fingerprints: dict[str, str] = {}
         self.config: dict[str, Any] = self._read_config()
@@ -89,8 +103,54 @@ class Checkpoint:
 
     @classmethod
     def open(cls, name_or_path: str | os.PathLike[str], revision: str | None = None) -> Checkpoint:
-        """Open a model directory or hub id (see :func:`resolve_model_dir`)."""
+        """Open a model directory, a hub id (see :func:`resolve_model_dir`), or a GGUF file.
+
+        A ``.gguf`` file, or a directory whose only weights are one ``.gguf`` file, opens as a
+        :class:`~loraport.checkpoints.gguf.GGUFCheckpoint` (same interface, tensors dequantized
+        to float32 and named as ``transformers`` names them).
+        """
+        from .gguf import GGUFCheckpoint, find_gguf
+
+        gguf_file = find_gguf(Path(name_or_path).expanduser())
+        if gguf_file is not None:
+            return GGUFCheckpoint(gguf_file, str(name_or_path))
         return cls(resolve_model_dir(name_or_path, revision), str(name_or_path))
+
+    # -- what transformers needs to run the model ---------------------------------------
+    def transformers_config(self) -> Any:
+        """The model's ``transformers`` config (``AutoConfig``; never remote code)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self.root), trust_remote_code=False)
+        except Exception as exc:
+            raise CheckpointError(f"{self.name}: cannot read the model config ({exc})") from None
+
+    def load_tokenizer(self, **kwargs: Any) -> Any:
+        """The tokenizer saved beside the weights (``AutoTokenizer``; ``kwargs`` passed on)."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.root), trust_remote_code=False, **kwargs)
+        except Exception as exc:
+            raise CheckpointError(f"{self.name}: cannot load a tokenizer (save one beside the model): {exc}") from None
+
+    def load_causal_lm(self, dtype: torch.dtype = torch.float32) -> Any:
+        """The whole model as an ``AutoModelForCausalLM`` (for evaluation; transfers never need it)."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(self.root), dtype=dtype, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.root}: cannot load as a causal LM: {exc}") from None
+
+    def side_files(self) -> dict[str, bytes]:
+        """Config and tokenizer files a model directory needs beside its weights (name -> content)."""
+        found: dict[str, bytes] = {}
+        for path in sorted(self.root.iterdir()):
+            if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in SIDE_FILES):
+                found[path.name] = path.read_bytes()  # follows hub-cache symlinks
+        return found
 
     # -- metadata -----------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
@@ -134,7 +194,7 @@ class Checkpoint:
         if not files:
             raise CheckpointError(
                 f"{root}: no model weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
-                f"{BIN_SINGLE} or {BIN_INDEX})"
+                f"{BIN_SINGLE}, {BIN_INDEX} or one .gguf file)"
             )
         weight_map: dict[str, Path] = {}
         for path in files:
@@ -145,13 +205,13 @@ class Checkpoint:
     def _file_keys(self, path: Path) -> list[str]:
         return self._handle(path).keys()
 
-    def _handle(self, path: Path) -> _SafetensorsFile | _BinFile:
+    def _handle(self, path: Path) -> SafetensorsFile | BinFile:
         handle = self._handles.get(path)
         if handle is None:
             if path.suffix == ".safetensors":
-                handle = _SafetensorsFile(path, self._stack)
+                handle = SafetensorsFile(path, self._stack)
             else:
-                handle = _BinFile(path)
+                handle = BinFile(path)
             self._handles[path] = handle
         return handle
 
@@ -178,7 +238,7 @@ class Checkpoint:
         path = self.file_of(key)
         try:
             handle = self._handle(path)
-            if isinstance(handle, _SafetensorsFile):
+            if isinstance(handle, SafetensorsFile):
                 return handle.get_tensor(key, rows)
             tensor = handle.get_tensor(key)
             return tensor if rows is None else tensor[rows[0] : rows[1]]
@@ -186,6 +246,25 @@ class Checkpoint:
             raise
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
+
+    def get_rows(self, key: str, rows: torch.Tensor, block: int = 4096) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique indices) of a matrix, read in spans of at most ``block`` rows.
+
+        For a few thousand rows of a large vocabulary table: only the spans that hold them
+        are read, never the whole table.
+        """
+        picked = []
+        indices = rows.tolist()
+        start = 0
+        while start < len(indices):
+            first = indices[start]
+            stop = start
+            while stop < len(indices) and indices[stop] < first + block:
+                stop += 1
+            span = self.get(key, rows=(first, indices[stop - 1] + 1))
+            picked.append(span[torch.tensor(indices[start:stop]) - first])
+            start = stop
+        return torch.cat(picked) if picked else self.get(key, rows=(0, 0))
 
     def fingerprint(self, key: str) -> str:
         """A string that changes whenever the bytes of ``key`` may have changed.
@@ -245,122 +324,3 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, model_type={self.model_type!r}, tensors={len(self._weight_map)})"
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_MAX_HEADER = 100 * 2**20
-
-
-class _SafetensorsFile:
-    """A safetensors file read with positioned reads (``pread``), not a memory map.
-
-    A memory map keeps every page it touched resident and counted in the process's RSS, so
-    reading a 5 GB model one tensor at a time through ``safe_open`` still ends at 5 GB RSS.
-    Positioned reads into a fresh buffer keep peak memory at about one tensor, and are
-    safe from several threads. The header is validated against the file size, so corrupt
-    or truncated files fail on open.
-    """
-
-    def __init__(self, path: Path, stack: ExitStack) -> None:
-        self.path = path
-        try:
-            handle = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - closed by the stack
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) != 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            header_len = int.from_bytes(prefix, "little")
-            if header_len > min(size - 8, _MAX_HEADER):
-                raise ValueError(f"header length {header_len} exceeds the file")
-            header = json.loads(handle.read(header_len))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
-        self._fd = handle.fileno()
-        base = 8 + header_len
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{path}: corrupt safetensors header entry {key!r} ({exc})") from exc
-            count = 1
-            for dim in shape:
-                count *= dim
-            if end - begin != count * dtype.itemsize or begin < 0 or base + end > size:
-                raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (tensor {key!r} spans bytes "
-                    f"{base + begin}-{base + end} of a {size}-byte file)"
-                )
-            self._entries[key] = (dtype, shape, base + begin, end - begin)
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
-    def _read(self, offset: int, length: int) -> torch.Tensor:
-        buffer = torch.empty(length, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        done = 0
-        while done < length:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"unexpected end of file at byte {offset + done}")
-            done += got
-        return buffer
-
-    def get_tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read a tensor, or only rows ``[start, stop)`` of a matrix (contiguous bytes)."""
-        dtype, shape, offset, length = self._entries[key]
-        if rows is not None and len(shape) >= 1:
-            row_bytes = length // shape[0] if shape[0] else 0
-            offset, length = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-            shape = (rows[1] - rows[0], *shape[1:])
-        return self._read(offset, length).view(dtype).reshape(shape)
-
-
-class _BinFile:
-    """A pickle checkpoint loaded with ``weights_only=True`` (memory-mapped when possible)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                # Legacy (non-zip) pickle files cannot be memory-mapped.
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load with weights_only=True ({exc})") from exc
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: expected a state dict of tensors")
-        self._state: dict[str, torch.Tensor] = state
-
-    def keys(self) -> list[str]:
-        return list(self._state)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._state[key].shape)
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self._state[key]

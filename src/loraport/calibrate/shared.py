@@ -1,4 +1,4 @@
-"""Calibrated transfer: stream unlabeled text through teacher and student, one layer at a time.
+"""Calibrated transfer in shared coordinates: module by module, teacher and student streamed layer by layer.
 
 The teacher is the source base with the adapter merged; the student is the target base
 with the adapters ported so far merged. Both run one decoder layer at a time
@@ -34,201 +34,43 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import LoraAdapter
-from .checkpoints import Checkpoint
-from .errors import LoraportError, TransferError
-from .lowrank import frobenius_norm
-from .methods.base import importance_map, scatter_rows
-from .methods.calibrated import (
+from ..adapters import LoraAdapter
+from ..errors import TransferError
+from ..lowrank import frobenius_norm
+from ..methods.base import importance_map, scatter_rows
+from ..methods.calibrated import (
     Moments,
     calibrated_update,
     fit_error,
+    heldout_errors,
+    least_harmful,
     relative_fit_error,
 )
-from .pairing import Pairing, Unit
-from .report import ModuleRecord, TransferReport, peak_rss_mb
-from .streaming import Stop, Stream, StreamedModel, add_product, layer_updates, make_chunks
+from ..pairing import Pairing, Unit
+from ..report import ModuleRecord, TransferReport, peak_rss_mb
+from ..streaming import Stop, Stream, StreamedModel, make_chunks
+from .accumulate import StageMoments
+from .options import CalibrationOptions
+from .text import read_calibration_lines, shared_tokenizer, tokenize_calibration
 
 log = logging.getLogger(__name__)
 
-CALIBRATED = "calibrated"
-INITS = ("auto", "identity", "project", "lorax", "procrustes", "prolora", "zero")
-DEFAULT_RIDGE: float | str = 0.1
-DEFAULT_OUTPUT_WEIGHT = 1.0
-DEFAULT_INIT = "auto"
-DEFAULT_SAMPLES = 256
-DEFAULT_MAX_TOKENS = 128
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-UNKNOWN_LIMIT = 0.5
 # Module roles in the order their inputs become available inside a decoder layer.
 STAGES: dict[str, int] = {"attn.q": 0, "attn.k": 0, "attn.v": 0, "attn.o": 1, "mlp.gate": 2, "mlp.up": 2, "mlp.down": 3}
 
 Part = tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]
 
 
-# -- calibration text ---------------------------------------------------------------------
-
-
-def read_calibration_lines(source: str | os.PathLike[str] | Sequence[str]) -> tuple[list[str], str]:
-    """Samples from a text file (one per line, blank lines ignored) or a list of strings.
-
-    Returns ``(samples, name)``; ``name`` is the file (or ``<list of N strings>``) for messages.
-
-    Raises:
-        LoraportError: missing file, binary content (NUL bytes or not UTF-8), no text.
-    """
-    if isinstance(source, str | os.PathLike):
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise LoraportError(f"{name}: calibration file not found")
-        data = path.read_bytes()
-        if b"\x00" in data[: 1 << 20]:
-            raise LoraportError(f"{name}: calibration file is binary (expected UTF-8 text, one sample per line)")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise LoraportError(
-                f"{name}: calibration file is not UTF-8 text (byte {exc.start}); expected one sample per line"
-            ) from None
-        lines = [line.strip() for line in text.splitlines()]
-    else:
-        items = list(source)
-        name = f"<list of {len(items)} strings>"
-        if not all(isinstance(item, str) for item in items):
-            raise LoraportError(f"calibration {name}: every item must be a string")
-        lines = [item.strip() for item in items]
-    samples = [line for line in lines if line]
-    if not samples:
-        raise LoraportError(f"{name}: no calibration text (expected one sample per line)")
-    return samples, name
-
-
-def tokenize_calibration(
-    samples: Sequence[str], tokenizer: Any, max_samples: int, max_tokens: int, name: str
-) -> list[list[int]]:
-    """Token ids of the first ``max_samples`` samples, each cut to ``max_tokens``.
-
-    Raises:
-        LoraportError: when more than half of the tokens are the tokenizer's unknown token
-            (text in another tokenizer's vocabulary), or when nothing is left.
-    """
-    chosen = list(samples[:max_samples])
-    encoded = tokenizer(chosen, truncation=True, max_length=max_tokens)["input_ids"]
-    ids = [list(row) for row in encoded if len(row) > 0]
-    if not ids:
-        raise LoraportError(f"{name}: the calibration text gives no tokens")
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is not None:
-        total = sum(len(row) for row in ids)
-        unknown = sum(row.count(unk) for row in ids)
-        if unknown > UNKNOWN_LIMIT * total:
-            raise LoraportError(
-                f"{name}: {unknown / total:.0%} of the calibration tokens are unknown to the base models' "
-                f"tokenizer (text for another tokenizer or language?)"
-            )
-    return ids
-
-
-def shared_tokenizer(*checkpoints: Checkpoint, purpose: str = "calibrated transfer") -> Any:
-    """The tokenizer of every model; an error unless their vocabularies are identical.
-
-    Teacher and student (or the models RegMean runs) must see the same token ids for their
-    activations to compare like with like; ``purpose`` names the caller in the error.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizers = []
-    for ckpt in checkpoints:
-        try:
-            tokenizers.append(AutoTokenizer.from_pretrained(str(ckpt.root), trust_remote_code=False))
-        except Exception as exc:
-            raise LoraportError(
-                f"{ckpt.name}: {purpose} needs the tokenizer saved beside the base model ({exc})"
-            ) from None
-    first = tokenizers[0].get_vocab()
-    for ckpt, tokenizer in zip(checkpoints[1:], tokenizers[1:], strict=True):
-        vocab = tokenizer.get_vocab()
-        if vocab != first:
-            differ = len(set(first.items()) ^ set(vocab.items()))
-            raise LoraportError(
-                f"{purpose} needs the same tokenizer on every model: {checkpoints[0].name} ({len(first)} tokens) and "
-                f"{ckpt.name} ({len(vocab)} tokens) differ in {differ} vocabulary entries"
-            )
-    return tokenizers[0]
-
-
 # -- the calibration run ------------------------------------------------------------------
-
-
-@dataclass
-class CalibrationSettings:
-    """What :func:`calibrate` needs from :class:`~loraport.transfer.TransferOptions`."""
-
-    calibration: Any
-    samples: int = DEFAULT_SAMPLES
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    ridge: float | str = DEFAULT_RIDGE
-    init: str = DEFAULT_INIT
-    truncation: str = "rrr"
-    output_weight: float = DEFAULT_OUTPUT_WEIGHT
-    init_scale: str = "none"
-    batch_size: int = 16
-    folds: int = 2
-    rank: int | None = None
-    device: str = "cpu"
-
-    @classmethod
-    def from_options(cls, options: Any) -> CalibrationSettings:
-        return cls(
-            calibration=options.calibration,
-            samples=options.calib_samples,
-            max_tokens=options.calib_max_tokens,
-            ridge=options.ridge,
-            init=options.init,
-            truncation=options.calib_truncation,
-            output_weight=options.calib_output_weight,
-            init_scale=options.calib_init_scale,
-            batch_size=options.calib_batch_size,
-            rank=options.calib_rank,
-            device=options.device,
-        )
-
-
-def validate_settings(options: Any) -> None:
-    """Check the calibrated-transfer fields of ``options`` (raises ``TransferError``)."""
-    if options.calibration is None:
-        raise TransferError("--method calibrated needs --calibration FILE (unlabeled text, one sample per line)")
-    if options.init not in INITS:
-        raise TransferError(f"--init must be one of {', '.join(INITS)}, got {options.init!r}")
-    ridge = options.ridge
-    if isinstance(ridge, str) and ridge != "auto":
-        try:
-            options.ridge = float(ridge)
-        except ValueError:
-            raise TransferError(f"--ridge must be a number >= 0 or 'auto', got {options.ridge!r}") from None
-    if not isinstance(options.ridge, str) and not options.ridge >= 0:
-        raise TransferError(f"--ridge must be >= 0 or 'auto', got {options.ridge!r}")
-    if options.calib_rank is not None and options.calib_rank < 1:
-        raise TransferError(f"calib_rank must be >= 1, got {options.calib_rank}")
-    if options.calib_samples < 1 or options.calib_max_tokens < 1 or options.calib_batch_size < 1:
-        raise TransferError("--calib-samples, --calib-max-tokens and the batch size must be >= 1")
-    if options.calib_truncation not in ("rrr", "svd"):
-        raise TransferError(f"calib_truncation must be rrr or svd, got {options.calib_truncation!r}")
-    if options.calib_init_scale not in ("none", "fit"):
-        raise TransferError(f"calib_init_scale must be none or fit, got {options.calib_init_scale!r}")
-    read_calibration_lines(options.calibration)  # fail before any work on a bad file
 
 
 @dataclass
@@ -247,71 +89,19 @@ class _UnitPlan:
     cross: bool = False  # output sizes differ: B_s is mapped to the target's rows, no output matching
     result: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def output_weight(self, settings: CalibrationSettings) -> float:
+    def output_weight(self, settings: CalibrationOptions) -> float:
         return 0.0 if self.cross else settings.output_weight
 
 
-class _Accumulator:
-    """Moments of one stage: Grams per distinct input, cross moments per unit, per fold."""
-
-    def __init__(self, folds: int, device: torch.device, extra: bool) -> None:
-        self.folds = folds
-        self.device = device
-        self.extra = extra
-        self.grams: dict[str, list[torch.Tensor]] = {}
-        self.group_of: dict[int, str] = {}  # plan index -> group key
-        self.cross: dict[int, list[torch.Tensor]] = {}
-        self.code_gram: dict[int, list[torch.Tensor]] = {}
-        self.tokens: list[int] = [0] * folds
-        self.target_cross: dict[int, list[torch.Tensor]] = {}
-        self.target_code: dict[int, list[torch.Tensor]] = {}
-        self.target_energy: dict[int, list[float]] = {}
-
-    def add(
-        self, index: int, group: str, fold: int, x: torch.Tensor, code: torch.Tensor, extra: torch.Tensor | None
-    ) -> None:
-        """``x: (T, n_t)`` student inputs, ``code: (T, r)`` teacher LoRA codes, ``extra: (T, m)``."""
-        f64 = torch.float64
-        if group not in self.grams:
-            n = x.shape[1]
-            self.grams[group] = [torch.zeros(n, n, dtype=f64, device=self.device) for _ in range(self.folds)]
-        self.group_of[index] = group
-        if index not in self.cross:
-            r, n = code.shape[1], x.shape[1]
-            self.cross[index] = [torch.zeros(r, n, dtype=f64, device=self.device) for _ in range(self.folds)]
-            self.code_gram[index] = [torch.zeros(r, r, dtype=f64, device=self.device) for _ in range(self.folds)]
-            if self.extra and extra is not None:
-                m = extra.shape[1]
-                self.target_cross[index] = [torch.zeros(m, n, dtype=f64, device=self.device) for _ in range(self.folds)]
-                self.target_code[index] = [torch.zeros(r, m, dtype=f64, device=self.device) for _ in range(self.folds)]
-                self.target_energy[index] = [0.0] * self.folds
-        add_product(self.cross[index][fold], code, x)
-        add_product(self.code_gram[index][fold], code, code)
-        if self.extra and extra is not None:
-            add_product(self.target_cross[index][fold], extra, x)
-            add_product(self.target_code[index][fold], code, extra)
-            self.target_energy[index][fold] += float(extra.square().sum(dtype=torch.float64))
-
-    def add_gram(self, group: str, fold: int, x: torch.Tensor) -> None:
-        add_product(self.grams[group][fold], x, x)
-
-    def moments(self, index: int, folds: Iterable[int]) -> Moments:
-        group = self.group_of[index]
-        extra = self.extra and index in self.target_cross
-        total = None
-        for fold in folds:
-            part = Moments(
-                self.grams[group][fold],
-                self.cross[index][fold],
-                self.code_gram[index][fold],
-                self.tokens[fold],
-                self.target_cross[index][fold] if extra else None,
-                self.target_energy[index][fold] if extra else 0.0,
-                self.target_code[index][fold] if extra else None,
-            )
-            total = part if total is None else total + part
-        assert total is not None
-        return total
+def adapter_deltas(adapter: LoraAdapter, arch: Any, layer: int) -> dict[str, torch.Tensor]:
+    """The adapter's updates of one decoder layer, as additions to the layer's parameters (float32)."""
+    extra: dict[str, torch.Tensor] = {}
+    for module in adapter.modules.values():
+        parsed = arch.parse(module.name)
+        if parsed is not None and parsed[0] == layer:
+            dW = module.scale * (module.B.float() @ module.A.float())  # the layers run in float32
+            extra[f"{parsed[1].suffix}.weight"] = dW.mT if arch.transposed else dW
+    return extra
 
 
 def _init_shrinkage(plan: _UnitPlan, stats: Moments) -> float:
@@ -335,14 +125,15 @@ class Calibrator:
         self,
         pairing: Pairing,
         adapter: LoraAdapter,
-        settings: CalibrationSettings,
+        settings: CalibrationOptions,
         report: TransferReport,
         progress: bool = True,
+        device: str = "cpu",
     ) -> None:
         self.pairing, self.adapter, self.settings = pairing, adapter, settings
         self.report, self.progress = report, progress
-        self.device = torch.device(settings.device)
-        self.folds = settings.folds if settings.ridge == "auto" else 1
+        self.device = torch.device(device)
+        self.folds = settings.folds
         self.extra = settings.output_weight != 0
         # Set to a dict to keep every unit's moments (keyed by target module [rows]): for tests.
         self.recorded: dict[str, Moments] | None = None
@@ -427,8 +218,7 @@ class Calibrator:
         return scatter_rows(B_s, *importance_map(*norms), unit.target.shape[0])
 
     def _teacher_extra(self, layer: int) -> dict[str, torch.Tensor]:
-        """The adapter's updates of one source layer, as additions to the layer's parameters."""
-        return layer_updates(self.adapter, self.pairing.arch_s, layer)
+        return adapter_deltas(self.adapter, self.pairing.arch_s, layer)
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, parts: list[Part]) -> list[Part]:
@@ -438,14 +228,14 @@ class Calibrator:
         self._check_layers()
         plans = self._plans(parts)
         tokenizer = shared_tokenizer(self.pairing.src, self.pairing.tgt)
-        samples, name = read_calibration_lines(settings.calibration)
+        samples, name = read_calibration_lines(settings.text)
         ids = tokenize_calibration(samples, tokenizer, settings.samples, settings.max_tokens, name)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         chunks = make_chunks(ids, pad, settings.batch_size, self.folds)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        teacher = Stream(StreamedModel(self.pairing.src, self.pairing.arch_s, settings.device), chunks)
-        student = Stream(StreamedModel(self.pairing.tgt, self.pairing.arch_t, settings.device), chunks)
+        teacher = Stream(StreamedModel(self.pairing.src, self.pairing.arch_s, str(self.device)), chunks)
+        student = Stream(StreamedModel(self.pairing.tgt, self.pairing.arch_t, str(self.device)), chunks)
         by_layer: dict[int, list[_UnitPlan]] = {}
         for plan in plans:
             by_layer.setdefault(plan.unit.target.layer, []).append(plan)
@@ -499,8 +289,9 @@ class Calibrator:
             teacher.model.release_layer(index)
 
     def _merge(self, layer: torch.nn.Module, plan: _UnitPlan) -> None:
-        """Add the ported update to the student's weight, so downstream modules see it."""
-        assert plan.result is not None
+        """Add the ported update to the student's weight, so downstream modules see it (nothing if left out)."""
+        if plan.result is None:
+            return
         B, A = plan.result
         module = layer.get_submodule(plan.suffix_t)
         delta = (plan.scale * (B.double() @ A.double())).to(module.weight)
@@ -521,9 +312,9 @@ class Calibrator:
         student: Stream,
         student_layer: torch.nn.Module,
         stage_plans: list[_UnitPlan],
-    ) -> _Accumulator:
+    ) -> StageMoments:
         """Moments of one stage: each chunk runs through the teacher, then the student, up to the stage's modules."""
-        acc = _Accumulator(self.folds, self.device, self.extra)
+        acc = StageMoments(self.folds, self.device, self.extra)
         captured: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # source suffix -> (code, base output)
         groups: dict[tuple[int, tuple[int, ...]], str] = {}
         seen: set[str] = set()
@@ -598,7 +389,7 @@ class Calibrator:
             bias = bias[rows[0] : rows[1]] if bias is not None else None
         return W, bias
 
-    def _solve(self, plan: _UnitPlan, acc: _Accumulator, index: int) -> None:
+    def _solve(self, plan: _UnitPlan, acc: StageMoments, index: int) -> None:
         settings = self.settings
         beta = plan.output_weight(settings)
         stats = acc.moments(index, range(self.folds))
@@ -635,9 +426,50 @@ class Calibrator:
         record.fit_after = fit(factors.B, factors.A)
         if notes:
             record.note = "; ".join(filter(None, [record.note, *notes]))
+        if settings.no_harm:
+            self._no_harm(plan, acc, index, B0, A0, lam)
+
+    def _no_harm(
+        self, plan: _UnitPlan, acc: StageMoments, index: int, B0: torch.Tensor, A0: torch.Tensor, lam: float
+    ) -> None:
+        """Keep the port only if, fitted without each fold, it is closer to the teacher on that fold.
+
+        The alternatives are leaving the module out and, where shapes match, the plain copy;
+        the best of the three on held-out calibration text is kept (``plan.result = None``:
+        left out), and the report says which and why.
+        """
+        beta, truncation = plan.output_weight(self.settings), self.settings.truncation
+
+        def port(train: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+            f = calibrated_update(
+                plan.B_s, plan.A_s, B0, A0, train, lam, plan.rank, truncation, scale=plan.scale, extra_weight=beta
+            )
+            return f.B, f.A
+
+        candidates: dict[str, Any] = {"port": port}
+        if plan.unit.source.shape == plan.unit.target.shape and not plan.cross:
+            candidates["copy"] = lambda train: (plan.B_s, plan.A_s)
+        folds = [acc.moments(index, [f]) for f in range(self.folds)]
+        record = plan.record
+        record.heldout = heldout_errors(folds, candidates, plan.B_s, scale=plan.scale, extra_weight=beta)
+        best = least_harmful(record.heldout)
+        if best == "copy":
+            plan.result = (plan.B_s.float(), plan.A_s.float())
+            record.decision = "fallback:identity"
+            record.reason = (
+                f"no-harm: the copy fits held-out text better (relative error {record.heldout['copy']:.3f} vs "
+                f"{record.heldout['port']:.3f})"
+            )
+        elif best == "none":
+            plan.result = None
+            record.decision = "skipped"
+            record.reason = (
+                f"no-harm: leaving the module out fits held-out text better than the port "
+                f"(relative error {record.heldout['port']:.3f})"
+            )
 
     def _choose_ridge(
-        self, plan: _UnitPlan, acc: _Accumulator, index: int, B0: torch.Tensor, A0: torch.Tensor
+        self, plan: _UnitPlan, acc: StageMoments, index: int, B0: torch.Tensor, A0: torch.Tensor
     ) -> tuple[float, float]:
         """The grid value with the lowest held-out fit error (k-fold over samples, rank-truncated solutions)."""
         beta, truncation = plan.output_weight(self.settings), self.settings.truncation
@@ -657,43 +489,3 @@ class Calibrator:
             if error < best_error:
                 best, best_error, best_target = lam, error, target
         return best, best_error / best_target if best_target > 0 else 0.0
-
-
-def calibrate(
-    parts: list[Part],
-    pairing: Pairing,
-    adapter: LoraAdapter,
-    options: Any,
-    report: TransferReport,
-    progress: bool = True,
-) -> list[Part]:
-    """Refine the init method's per-unit results by calibration (``options.method == "calibrated"``).
-
-    Args:
-        parts: ``(unit, record, B, A)`` from the init method, in target coordinates, source scale.
-        pairing / adapter: the port's module pairing and source adapter.
-        options: the :class:`~loraport.transfer.TransferOptions`.
-        report: gets per-module calibration fields and a ``calibration`` summary.
-
-    Returns:
-        The refined ``(unit, record, B, A)``, one per paired unit.
-    """
-    return Calibrator(pairing, adapter, CalibrationSettings.from_options(options), report, progress).run(parts)
-
-
-__all__ = [
-    "CALIBRATED",
-    "DEFAULT_INIT",
-    "DEFAULT_MAX_TOKENS",
-    "DEFAULT_OUTPUT_WEIGHT",
-    "DEFAULT_RIDGE",
-    "DEFAULT_SAMPLES",
-    "INITS",
-    "CalibrationSettings",
-    "Calibrator",
-    "calibrate",
-    "read_calibration_lines",
-    "shared_tokenizer",
-    "tokenize_calibration",
-    "validate_settings",
-]
