@@ -30,7 +30,7 @@ from .lowrank import balanced_factors, frobenius_norm
 from .methods import MethodContext, adapt_dimensions, get_method
 from .pairing import Pairing, Unit, linear_shape
 from .report import ModuleRecord, TransferReport, peak_rss_mb
-from .store import SubspaceStore
+from .store import Request, SubspaceStore
 from .subspace import SubspaceCache, above_chance, chance_similarity, similarity
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ def transfer(
     report_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    extra_files: dict[str, str] | None = None,
     **overrides: Any,
 ) -> TransferResult:
     """Port a LoRA adapter from ``source_base`` to ``target_base``.
@@ -203,6 +204,8 @@ def transfer(
             (``method="lorax"``, ``subspace_rank=32``, ...).
         report_path: also write the report (``.json`` + ``.md``; ``.png`` adds a plot).
         progress: show a progress bar on stderr.
+        extra_files: text files (name -> content) written into ``out`` in the same atomic
+            step as the adapter (``loraport batch`` records each job's identity this way).
 
     Returns:
         A :class:`TransferResult` with the ported adapter and its report.
@@ -229,7 +232,7 @@ def transfer(
     src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
     tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
     calibrated = options.method == CALIBRATED
-    method = get_method(options.init_method if calibrated else options.method)
+    method = port_method(options)
     pairing = Pairing(adapter, src, tgt, options.layer_map)
 
     report = TransferReport(
@@ -298,6 +301,8 @@ def transfer(
             save_adapter(target_adapter, tmp, config=config)
             report.output = str(Path(out))
             report.save(tmp / "loraport_report.json")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         written = Path(out)
     report.seconds = time.perf_counter() - started
     if report_path is not None:
@@ -313,7 +318,40 @@ def _report_options(options: TransferOptions) -> dict[str, Any]:
     return values
 
 
-def _unit_requests(unit: Unit, pairing: Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Any]:
+def port_method(options: TransferOptions) -> Any:
+    """The per-unit method a port runs (``calibrated`` starts from its init method's result)."""
+    return get_method(options.init_method if options.method == CALIBRATED else options.method)
+
+
+def plan_units(
+    pairing: Pairing, method: Any, options: TransferOptions
+) -> tuple[list[tuple[Unit, int, bool, bool, bool]], list[Request]]:
+    """Which subspaces each unit needs: ``(unit, k, same_shape, needs_source, needs_target)`` per unit,
+    and the subspace requests ``(checkpoint, architecture, tensor, rows, k)`` in the order they are used.
+
+    ``loraport batch`` plans every job's requests with this before any port runs, so that each
+    distinct subspace is computed once.
+    """
+    fallback = get_method(options.fallback) if options.fallback != "skip" else None
+    want_sim = options.wants_similarity(method.needs_source or method.needs_target)
+    plans: list[tuple[Unit, int, bool, bool, bool]] = []
+    requests: list[Request] = []
+    for unit in pairing.units:
+        same = unit.source.shape == unit.target.shape
+        k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
+        if method.same_shape_only and not same:
+            need_s = need_t = False
+        else:
+            need_s = method.needs_source or not same or want_sim
+            need_t = method.needs_target or not same or want_sim
+        if fallback is not None and options.thresholded:
+            need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
+        plans.append((unit, k, same, need_s, need_t))
+        requests += _unit_requests(unit, pairing, need_s, need_t, k)
+    return plans, requests
+
+
+def _unit_requests(unit: Unit, pairing: Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Request]:
     requests = []
     if needs_source:
         requests.append((pairing.src, pairing.arch_s, unit.source.key, unit.source.rows, k))
@@ -332,21 +370,7 @@ def _run_units(
 ) -> list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
     """Run the method on every unit; returns the transferred (unit, record, B, A) in target coordinates."""
     fallback = get_method(options.fallback) if options.fallback != "skip" else None
-    want_sim = options.wants_similarity(method.needs_source or method.needs_target)
-    plans: list[tuple[Unit, int, bool, bool, bool]] = []
-    requests: list[Any] = []
-    for unit in pairing.units:
-        same = unit.source.shape == unit.target.shape
-        k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
-        if method.same_shape_only and not same:
-            need_s = need_t = False
-        else:
-            need_s = method.needs_source or not same or want_sim
-            need_t = method.needs_target or not same or want_sim
-        if fallback is not None and options.thresholded:
-            need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
-        plans.append((unit, k, same, need_s, need_t))
-        requests += _unit_requests(unit, pairing, need_s, need_t, k)
+    plans, requests = plan_units(pairing, method, options)
     store.plan(requests)
     clamped = [k for _, k, _, need_s, need_t in plans if (need_s or need_t) and k < options.subspace_rank]
     if clamped:
@@ -487,4 +511,12 @@ def _target_modules_field(modules: dict[str, LoraModule], pairing: Pairing) -> l
     return leaves if len(matching) == len(modules) else sorted(modules)
 
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_SUBSPACE_RANK", "TransferOptions", "TransferResult", "transfer"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "DEFAULT_SUBSPACE_RANK",
+    "TransferOptions",
+    "TransferResult",
+    "plan_units",
+    "port_method",
+    "transfer",
+]
