@@ -20,9 +20,7 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -48,18 +46,6 @@ from .rgsp import position_on_line
 from .writer import ShardedWriter
 
 REPORT_NAME = "loraport_fusion_report.json"
-# Non-weight files copied from model A: configs and every common tokenizer file.
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-    "chat_template.*",
-)
 
 
 @dataclass
@@ -112,15 +98,6 @@ def _check_match(a: Checkpoint, b: Checkpoint, options: FuseOptions, report: Fus
             if not allow:
                 raise FusionError(f"shape mismatch: {message}{hint}")
             report.notes.append(message)
-
-
-def _copy_side_files(source: Path, dest: Path) -> list[str]:
-    copied = []
-    for path in sorted(source.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in COPIED_FILES):
-            shutil.copy2(path, dest / path.name)  # follows hub-cache symlinks
-            copied.append(path.name)
-    return copied
 
 
 def _norm(t: torch.Tensor) -> float:
@@ -207,7 +184,10 @@ def fuse(
             writer = ShardedWriter(tmp, options.shard_size)
             _fuse_tensors(ckpts, ckpt_c, options, writer, report, progress, grams)
             writer.close()
-            copied = _copy_side_files(ckpts[0].root, tmp)
+            side_files = ckpts[0].side_files()  # config and tokenizer (a GGUF's: from its metadata)
+            for name, content in side_files.items():
+                (tmp / name).write_bytes(content)
+            copied = sorted(side_files)
             if "config.json" not in copied:
                 report.notes.append(f"{ckpts[0].name} has no config.json: the output is not loadable by transformers")
             finish_report(report, grams, started)
