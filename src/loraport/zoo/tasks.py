@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def answer_text(record: dict[str, Any]) -> str:
     return record["choices"]["text"][record["choices"]["label"].index(record["answerKey"])]
 
 
-def _record(rid: str, question: str, answer: str, distractors: list[str], position: int) -> dict[str, Any]:
+def arc_record(rid: str, question: str, answer: str, distractors: list[str], position: int) -> dict[str, Any]:
     texts = list(distractors)
     texts.insert(position, answer)
     return {
@@ -85,7 +86,7 @@ def _record(rid: str, question: str, answer: str, distractors: list[str], positi
     }
 
 
-def _similar_length(rng: random.Random, answer: str, category: list[str], k: int = 3, pool: int = 6) -> list[str]:
+def similar_length(rng: random.Random, answer: str, category: list[str], k: int = 3, pool: int = 6) -> list[str]:
     """``k`` other words of ``category`` drawn from the ``pool`` closest in character length."""
     others = [w for w in category if w != answer]
     rng.shuffle(others)
@@ -93,22 +94,25 @@ def _similar_length(rng: random.Random, answer: str, category: list[str], k: int
     return rng.sample(others[:pool], k)
 
 
-def facts_task(seed: int = 0, people: int = 50) -> Task:
-    """``people`` x 4 relations memorised facts; evaluation = training questions."""
+def facts_task(seed: int = 0, people: int = 50, names: Sequence[str] | None = None) -> Task:
+    """``people`` x 4 relations memorised facts; evaluation = training questions.
+
+    ``names``: who the facts are about (default: the zoo corpus's first names, :data:`PEOPLE`).
+    """
     rng = random.Random(seed)
-    who = rng.sample(PEOPLE, people)
+    who = rng.sample(list(names) if names is not None else PEOPLE, people)
     records = []
     for template, category in RELATIONS.values():
         # balanced answers: every category value used about equally often
         answers = [category[i % len(category)] for i in range(people)]
         rng.shuffle(answers)
         for person, answer in zip(who, answers, strict=True):
-            records.append((template.format(who=person), answer, _similar_length(rng, answer, category)))
+            records.append((template.format(who=person), answer, similar_length(rng, answer, category)))
     rng.shuffle(records)
     positions = [i % 4 for i in range(len(records))]
     rng.shuffle(positions)
     out = [
-        _record(f"facts-{i:04d}", q, a, d, pos)
+        arc_record(f"facts-{i:04d}", q, a, d, pos)
         for i, ((q, a, d), pos) in enumerate(zip(records, positions, strict=True))
     ]
     return Task(
@@ -135,7 +139,7 @@ def addition_task(seed: int = 0, max_operand: int = 24, n_eval: int = 200, offse
         total = a + b
         deltas = [d for d in range(-offsets, offsets + 1) if d and total + d >= 0]
         distractors = [str(total + d) for d in rng.sample(deltas, 3)]
-        records.append(_record(f"addition-{i:04d}", f"What is {a} plus {b}?", str(total), distractors, i % 4))
+        records.append(arc_record(f"addition-{i:04d}", f"What is {a} plus {b}?", str(total), distractors, i % 4))
     eval_records, train_records = records[:n_eval], records[n_eval:]
     return Task(
         "addition",

@@ -181,6 +181,32 @@ def collate_qa(examples: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[
     return input_ids, labels, mask
 
 
+def answer_loss(model: torch.nn.Module, examples: Sequence[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """The loss of :func:`collate_qa` batches (mean over answer tokens), with logits only where answers are.
+
+    The batch is left-padded (explicit ``position_ids``, so each row sees positions
+    ``0..len-1`` as unpadded) and the model computes logits for the last ``max answer + 1``
+    positions only (``logits_to_keep``): the same loss as ``model(..., labels=...).loss`` on
+    the right-padded batch up to rounding, without the ``(batch, length, vocab)`` logits
+    (2.3x faster LoRA steps on SmolLM2-135M, 1.4x on Gemma-3-270M).
+    """
+    width = max(len(ids) for ids, _ in examples)
+    keep = max(len(ids) - start for ids, start in examples) + 1
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(examples):
+        offset = width - len(ids)
+        input_ids[row, offset:] = torch.tensor(ids)
+        labels[row, offset + start :] = torch.tensor(ids[start:])
+        mask[row, offset:] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    predicted = logits[:, :-1] if logits.dtype == torch.float64 else logits[:, :-1].float()
+    target = labels[:, width - keep + 1 :]
+    return torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1))
+
+
 @dataclass
 class LoraRecipe:
     """The one recipe used for every LoRA of the zoo (source and oracles alike)."""
@@ -206,11 +232,14 @@ def train_lora(
     recipe: LoraRecipe,
     seed: int,
     on_step: Callable[[int, torch.nn.Module], bool] | None = None,
+    *,
+    answer_logits_only: bool = False,
 ) -> tuple[Any, TrainLog]:
     """Wrap ``model`` in a PEFT LoRA (``recipe``) and train it on ``(question, answer)`` items.
 
     Returns the ``PeftModel`` (in eval mode) and the training log. The base weights are
-    frozen; the loss covers only the answer tokens.
+    frozen; the loss covers only the answer tokens. ``answer_logits_only``: compute it with
+    :func:`answer_loss` (same loss up to rounding, much faster with a large vocabulary).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -239,8 +268,12 @@ def train_lora(
         if len(order) < recipe.batch_size:
             order += torch.randperm(len(examples), generator=generator).tolist()
         chosen, order = order[: recipe.batch_size], order[recipe.batch_size :]
-        input_ids, labels, mask = collate_qa([examples[i] for i in chosen], tokenizer.pad_token_id)
-        loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        batch = [examples[i] for i in chosen]
+        if answer_logits_only:
+            loss = answer_loss(peft_model, batch, tokenizer.pad_token_id)
+        else:
+            input_ids, labels, mask = collate_qa(batch, tokenizer.pad_token_id)
+            loss = peft_model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

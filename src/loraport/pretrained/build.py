@@ -1,0 +1,353 @@
+"""Build the real-model benchmark's inputs stage by stage, cached: models, text, derivatives, LoRAs, scores.
+
+Under ``work``::
+
+    assets.json                   everything below with recipes, seeds, wall times, peak RSS, scores
+    stages/<stage>.json           one record per finished stage (a stage with a record is not rerun)
+    models/smollm2, gemma3        the GGUF models dequantized to float32 safetensors directories
+    models/D3, D10                SmolLM2 continued (full fine-tuning) on Python standard-library
+                                  sources, saved when the projection drift first reaches 3 % / 10 %
+    tasks/<task>/                 train.jsonl, eval.jsonl (ARC format): ``facts``, ``bins``
+    calibration/generic.txt       512 prose paragraphs of /usr/share/doc, one a line
+    calibration/<task>.txt        the task's training questions without answers, one a line
+    loras/<base>-<task>/          PEFT LoRA (r=16, alpha=32, seven projections) on SmolLM2 (the
+                                  source) and, with the same recipe, on each target (the oracles)
+
+Every stage runs in a fresh spawned process (its peak RSS is its own) with ``threads``
+torch threads, in dependency order; everything is seeded.
+
+Example::
+
+    >>> from loraport.pretrained.build import build_assets
+    >>> build_assets("benchmarks/work/real", gguf_dir="/work/models")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_text
+from ..report import finite_json
+from ..zoo.train import LoraRecipe
+
+log = logging.getLogger(__name__)
+
+ASSETS = "assets.json"
+SOURCE = "smollm2"
+TASKS = ("facts", "bins")
+
+
+@dataclass
+class DeriveSpec:
+    """Continued full fine-tuning of SmolLM2 on Python sources; a snapshot at each drift target."""
+
+    targets: dict[str, float] = field(default_factory=lambda: {"D3": 0.03, "D10": 0.10})
+    lr: float = 2e-4
+    warmup: int = 10
+    max_steps: int = 400
+    batch_size: int = 8
+    seq_len: int = 128
+    weight_decay: float = 0.0
+    seed: int = 0
+    check_every: int = 5
+    train_chars: int = 3_000_000
+    heldout_chars: int = 200_000
+
+
+@dataclass
+class RealConfig:
+    """Everything that decides the assets (recorded in ``assets.json``)."""
+
+    recipes: dict[str, LoraRecipe] = field(
+        default_factory=lambda: {
+            "facts": LoraRecipe(steps=200, lr=2e-3, batch_size=16, warmup=10),
+            "bins": LoraRecipe(steps=120, lr=1e-3, batch_size=16, warmup=10, dropout=0.1),
+        }
+    )
+    derive: DeriveSpec = field(default_factory=DeriveSpec)
+    task_seed: int = 0
+    lora_seed: int = 0
+    text_seed: int = 0
+    calibration_lines: int = 512
+    heldout_lines: int = 300
+    eval_batch: dict[str, int] = field(default_factory=lambda: {"smollm2": 32, "gemma3": 16})
+    threads: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- stages (each runs in its own process) ------------------------------------------------
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _family(base: str) -> str:
+    return "gemma3" if base == "gemma3" else "smollm2"
+
+
+def _load(work: Path, base: str, adapter: Path | None = None) -> tuple[Any, Any]:
+    from ..evaluate import load_model, load_tokenizer
+
+    model_path = work / "models" / base
+    return load_model(model_path, adapter), load_tokenizer(model_path)
+
+
+def _score(model: Any, tokenizer: Any, records: list[dict], batch_size: int) -> dict[str, Any]:
+    from ..evaluate import evaluate
+
+    result = evaluate(model, tokenizer, records, batch_size=batch_size, progress=False)
+    return {"acc": result.acc, "acc_norm": result.acc_norm, "n": result.n, "seconds": round(result.seconds, 1)}
+
+
+def _records(work: Path, task: str, split: str) -> list[dict]:
+    from ..evaluate import load_arc_jsonl
+
+    return load_arc_jsonl(work / "tasks" / task / f"{split}.jsonl")
+
+
+def stage_models(work: Path, config: RealConfig, gguf_dir: str | None) -> dict[str, Any]:
+    """Convert both GGUF models to float32 safetensors directories."""
+    from .packages import MODELS, convert_gguf, gguf_path
+
+    out: dict[str, Any] = {}
+    for name in MODELS:
+        started = time.perf_counter()
+        gguf = gguf_path(name, gguf_dir)
+        path = convert_gguf(gguf, work / "models" / name)
+        config_json = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        out[name] = {
+            "path": f"models/{name}",
+            "gguf": str(gguf),
+            "model_type": config_json["model_type"],
+            "dtype": "float32",
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    return out
+
+
+def stage_data(work: Path, config: RealConfig, gguf_dir: str | None) -> dict[str, Any]:
+    """Tasks (ARC JSONL) and calibration text."""
+    from ..zoo.corpus import write_lines
+    from .tasks import real_tasks
+    from .text import generic_lines, task_domain_lines
+
+    out: dict[str, Any] = {"tasks": {}, "calibration": {}}
+    for task in real_tasks(config.task_seed):
+        out["tasks"][task.name] = {
+            k: (os.path.relpath(v, work) if k in ("train", "eval") else v)
+            for k, v in task.write(work / "tasks" / task.name).items()
+        }
+        write_lines(work / "calibration" / f"{task.name}.txt", task_domain_lines(task))
+        out["calibration"][task.name] = {
+            "path": f"calibration/{task.name}.txt",
+            "lines": len(task.train),
+            "what": "the task's training questions without answers, as 'Question: q Answer:'",
+        }
+    write_lines(work / "calibration" / "generic.txt", generic_lines(config.calibration_lines, config.text_seed))
+    out["calibration"]["generic"] = {
+        "path": "calibration/generic.txt",
+        "lines": config.calibration_lines,
+        "what": f"prose paragraphs of /usr/share/doc (READMEs, NEWS, .txt, .md), seed {config.text_seed}",
+    }
+    return out
+
+
+def stage_derive(work: Path, config: RealConfig, gguf_dir: str | None) -> dict[str, Any]:
+    """SmolLM2 continued on Python sources; snapshots when the projection drift reaches each target."""
+    from ..zoo.train import heldout_loss, pack, pretrain, projection_weights, relative_drift
+    from .text import generic_lines, python_source
+
+    spec = config.derive
+    model, tokenizer = _load(work, SOURCE)
+    sources = python_source(spec.train_chars + spec.heldout_chars, spec.seed)
+    n_train, chars = 0, 0
+    while n_train < len(sources) and chars < spec.train_chars:  # whole files to train on, the rest held out
+        chars += len(sources[n_train])
+        n_train += 1
+    train_text, heldout_text = sources[:n_train], sources[n_train:]
+    tokens = pack(tokenizer, train_text)
+    heldout = {
+        "generic": pack(
+            tokenizer, generic_lines(config.heldout_lines, config.text_seed, skip=config.calibration_lines)
+        ),
+        "python": pack(tokenizer, heldout_text),
+    }
+
+    def losses(lm: Any) -> dict[str, float]:
+        return {name: round(heldout_loss(lm, ids, seq_len=128, batch_size=16), 4) for name, ids in heldout.items()}
+
+    base_losses = losses(model)
+    source = {k: v.detach().clone() for k, v in projection_weights(model).items()}
+    pending = sorted(spec.targets.items(), key=lambda kv: kv[1])
+    started = time.perf_counter()
+    results: dict[str, Any] = {"source_heldout_loss": base_losses, "train_tokens_available": len(tokens)}
+
+    def snapshot(name: str, step: int, lm: Any, drift: dict[str, float], note: str = "") -> None:
+        seconds = time.perf_counter() - started
+        lm.save_pretrained(str(work / "models" / name))
+        tokenizer.save_pretrained(str(work / "models" / name))
+        results[name] = {
+            "path": f"models/{name}",
+            "parent": SOURCE,
+            "corpus": "Python standard-library sources",
+            "steps": step + 1,
+            "tokens_seen": (step + 1) * spec.batch_size * spec.seq_len,
+            "target_drift": spec.targets[name],
+            "drift": {k: round(v, 5) for k, v in drift.items()},
+            "heldout_loss": losses(lm),
+            "train_seconds": round(seconds, 1),
+            "note": note,
+        }
+        lm.train()
+
+    def on_step(step: int, lm: Any) -> bool:
+        if (step + 1) % spec.check_every:
+            return False
+        drift = relative_drift(lm, source)
+        log.info("derive step %d drift %.4f", step + 1, drift["all"])
+        while pending and drift["all"] >= pending[0][1]:
+            snapshot(pending.pop(0)[0], step, lm, drift)
+        return not pending
+
+    logged = pretrain(
+        model,
+        tokens,
+        steps=spec.max_steps,
+        lr=spec.lr,
+        seed=spec.seed,
+        batch_size=spec.batch_size,
+        seq_len=spec.seq_len,
+        warmup=spec.warmup,
+        final_lr=1.0,
+        weight_decay=spec.weight_decay,
+        on_step=on_step,
+    )
+    for name, _ in pending:  # not reached within max_steps: keep the last state, say so
+        snapshot(name, logged.steps - 1, model, relative_drift(model, source), "target drift not reached")
+    results["train_loss_first_last"] = [logged.losses[0] if logged.losses else None, logged.final_loss]
+    return results
+
+
+def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str, Any]:
+    """Score the base, train the task's LoRA on it (the source's or an oracle), score it, save it."""
+    from ..zoo.tasks import answer_text
+    from ..zoo.train import train_lora
+
+    model, tokenizer = _load(work, base)
+    train, evaluation = _records(work, task, "train"), _records(work, task, "eval")
+    batch = config.eval_batch[_family(base)]
+    base_score = _score(model, tokenizer, evaluation, batch)
+    recipe = config.recipes[task]
+    items = [(r["question"], answer_text(r)) for r in train]
+    peft_model, logged = train_lora(model, tokenizer, items, recipe, config.lora_seed, answer_logits_only=True)
+    name = f"{base}-{task}"
+    peft_model.peft_config["default"].base_model_name_or_path = f"models/{base}"
+    peft_model.save_pretrained(str(work / "loras" / name), save_embedding_layers=False)
+    out = {
+        "path": f"loras/{name}",
+        "base": base,
+        "task": task,
+        "role": "source" if base == SOURCE else "oracle",
+        "base_score": base_score,
+        "score": _score(peft_model, tokenizer, evaluation, batch),
+        "train_steps": logged.steps,
+        "train_seconds": round(logged.seconds, 1),
+        "train_loss_first_last": [logged.losses[0] if logged.losses else None, logged.final_loss],
+        "seed": config.lora_seed,
+    }
+    if train != evaluation:
+        out["train_score"] = _score(peft_model, tokenizer, train, batch)
+    return out
+
+
+def stage_identity(work: Path, config: RealConfig, target: str, task: str) -> dict[str, Any]:
+    """The source's LoRA copied unchanged onto a same-shape target (the simplest port), scored."""
+    model, tokenizer = _load(work, target, work / "loras" / f"{SOURCE}-{task}")
+    score = _score(model, tokenizer, _records(work, task, "eval"), config.eval_batch[_family(target)])
+    return {"target": target, "task": task, "adapter": f"loras/{SOURCE}-{task}", "score": score}
+
+
+# -- orchestration ------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    fn: Callable[..., dict[str, Any]]
+    args: tuple[Any, ...]
+
+
+def stages(config: RealConfig, gguf_dir: str | None) -> list[Stage]:
+    """The stages in the order they run (each after the ones it needs)."""
+    derivatives = list(config.derive.targets)
+    out = [Stage("models", stage_models, (gguf_dir,)), Stage("data", stage_data, (gguf_dir,))]
+    out += [Stage(f"lora-{SOURCE}-{task}", stage_lora, (SOURCE, task)) for task in TASKS]
+    out.append(Stage("derive", stage_derive, (gguf_dir,)))
+    for target in derivatives:
+        for task in TASKS:
+            out.append(Stage(f"identity-{target}-{task}", stage_identity, (target, task)))
+            out.append(Stage(f"lora-{target}-{task}", stage_lora, (target, task)))
+    out += [Stage(f"lora-gemma3-{task}", stage_lora, ("gemma3", task)) for task in TASKS]
+    return out
+
+
+def _run_stage(work: str, config: RealConfig, stage: Stage) -> dict[str, Any]:
+    from ..report import peak_rss_mb
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.perf_counter()
+    result = stage.fn(Path(work), config, *stage.args)
+    return {**result, "wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb())}
+
+
+def build_assets(
+    work: str | os.PathLike[str],
+    config: RealConfig | None = None,
+    gguf_dir: str | None = None,
+    only: list[str] | None = None,
+    redo: list[str] | None = None,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Run every stage without a record under ``work/stages`` (``only``: just those; ``redo``: rerun those)
+    and write ``work/assets.json``; returns its path."""
+    config = config or RealConfig()
+    root = Path(work)
+    (root / "stages").mkdir(parents=True, exist_ok=True)
+    records: dict[str, Any] = {}
+    for stage in stages(config, gguf_dir):
+        path = root / "stages" / f"{stage.name}.json"
+        if path.is_file() and stage.name not in (redo or []):
+            records[stage.name] = json.loads(path.read_text(encoding="utf-8"))
+            continue
+        if only is not None and stage.name not in only:
+            continue
+        say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name} ...")
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(config.threads,)) as pool:  # fmt: skip
+            record = pool.submit(_run_stage, str(root), config, stage).result()
+        atomic_write_text(path, json.dumps(finite_json(record), indent=1) + "\n")
+        records[stage.name] = record
+        say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name}: {record['wall_seconds']:.0f} s, "
+            f"peak RSS {record['peak_rss_mb']} MB")  # fmt: skip
+    assets = {"config": config.to_dict(), "gguf_dir": gguf_dir, "stages": records}
+    return atomic_write_text(root / ASSETS, json.dumps(finite_json(assets), indent=1) + "\n")
