@@ -6,13 +6,25 @@ the ``facts`` and ``bins`` tasks, calibration text, a LoRA per task on SmolLM2 a
 LoRA per target and task, and the scores of all of them (see :mod:`loraport.pretrained.build`).
 Cached stage by stage under ``--work``; rerunning does only what is missing. About 1-2 hours on
 2 cores from scratch. ``--gguf-dir DIR`` takes the .gguf files from DIR instead of the installed
-packages.
+packages. Writes ``benchmarks/results/real_assets.md`` (``--results``) from ``assets.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import sys
+from pathlib import Path
+from typing import Any
+
+TITLES = {
+    "smollm2": "SmolLM2-135M-Instruct (source)",
+    "D3": "SmolLM2 + Python, small drift",
+    "D10": "SmolLM2 + Python, larger drift",
+    "gemma3": "Gemma-3-270M base",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +34,133 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run only these stages (others must be cached)")
     parser.add_argument("--redo", nargs="*", default=[], help="rerun these stages even if cached")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per stage (default 2)")
+    parser.add_argument("--results", default="benchmarks/results/real_assets.md", help="Markdown summary to write")
     args = parser.parse_args(argv)
 
+    from loraport.io import atomic_write_text
     from loraport.pretrained.build import RealConfig, build_assets
 
     config = RealConfig(threads=args.threads)
     path = build_assets(args.work, config, gguf_dir=args.gguf_dir, only=args.only, redo=args.redo)
-    print(f"assets: {path}")
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/real_assets.py", *(argv or sys.argv[1:])])
+    assets = json.loads(Path(path).read_text(encoding="utf-8"))
+    atomic_write_text(args.results, assets_markdown(assets, command))
+    print(f"assets: {path}\nsummary: {args.results}")
     return 0
+
+
+def _score(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    return f"{entry['acc']:.3f} / {entry['acc_norm']:.3f}"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _recipe(recipe: dict[str, Any]) -> str:
+    return (
+        f"r={recipe['r']}, alpha={recipe['alpha']}, dropout {recipe['dropout']}, {recipe['steps']} steps x batch "
+        f"{recipe['batch_size']}, lr {recipe['lr']:g} (warm-up {recipe['warmup']}, cosine to 0), AdamW wd "
+        f"{recipe['weight_decay']:g}, seven projections"
+    )
+
+
+def assets_markdown(assets: dict[str, Any], command: str) -> str:
+    """The Markdown summary of ``assets.json``: models, derivatives, recipes, scores, stage times."""
+    config, stages = assets["config"], assets["stages"]
+    lines = [
+        "# Real-model benchmark assets",
+        "",
+        f"Built by `{command}` (each stage in its own process, {config['threads']} torch threads, on a shared "
+        "2-core machine: wall times are upper bounds of the work, other jobs ran beside them). Everything is "
+        "cached under the work directory; `assets.json` there holds every number below.",
+        "",
+        "## Models",
+        "",
+    ]
+    models = stages.get("models", {})
+    lines += ["| name | what | model type | from | conversion (s) |", "|---|---|---|---|---:|"]
+    for name in ("smollm2", "gemma3"):
+        if name in models:
+            entry = models[name]
+            lines.append(
+                f"| {name} | {TITLES[name]} | {entry['model_type']} | `{os.path.basename(entry['gguf'])}` "
+                f"dequantized to {entry['dtype']} | {entry['seconds']:.0f} |"
+            )
+    derive = stages.get("derive")
+    spec = config["derive"]
+    if derive:
+        lines += [
+            "",
+            f"Derivatives: SmolLM2 continued by full fine-tuning (every parameter) on Python standard-library "
+            f"sources ({spec['train_chars']:,} characters, {derive['train_tokens_available']:,} tokens), AdamW lr "
+            f"{spec['lr']:g} constant after {spec['warmup']} warm-up steps, weight decay {spec['weight_decay']:g}, "
+            f"batch {spec['batch_size']} x {spec['seq_len']} tokens, seed {spec['seed']}; a snapshot is saved "
+            f"when the relative drift `||W_D - W_S||_F / ||W_S||_F` over the seven projections (checked every "
+            f"{spec['check_every']} steps) first reaches its target. Held-out loss: next-token loss on "
+            f"{config['heldout_lines']} /usr/share/doc paragraphs not in the calibration text (generic) and on "
+            f"{spec['heldout_chars']:,} characters of standard-library files not trained on (python).",
+            "",
+            "| model | steps | tokens seen | train time (s) | drift (all) | q / k / v / o / gate / up / down | "
+            "held-out loss generic | held-out loss python |",
+            "|---|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        base = derive["source_heldout_loss"]
+        lines.append(f"| smollm2 | 0 | 0 | 0 | 0 | - | {base['generic']:.3f} | {base['python']:.3f} |")
+        for name in spec["targets"]:
+            d = derive[name]
+            kinds = " / ".join(f"{d['drift'][k]:.3f}" for k in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"))  # fmt: skip
+            note = f" ({d['note']})" if d.get("note") else ""
+            lines.append(
+                f"| {name}{note} | {d['steps']} | {d['tokens_seen']:,} | {d['train_seconds']:.0f} | "
+                f"{d['drift']['all']:.4f} | {kinds} | {d['heldout_loss']['generic']:.3f} | "
+                f"{d['heldout_loss']['python']:.3f} |"
+            )
+    data = stages.get("data", {})
+    lines += ["", "## Tasks and calibration text", ""]
+    for name, task in data.get("tasks", {}).items():
+        lines.append(f"- `{name}` ({task['kind']}): {task['description']}. Files `{task['train']}`, `{task['eval']}`.")
+    for calib in data.get("calibration", {}).values():
+        lines.append(f"- calibration `{calib['path']}` ({calib['lines']} lines): {calib['what']}.")
+    lines += ["", "## LoRA recipes (the same on the source and on every target: the oracles)", ""]
+    for task, recipe in config["recipes"].items():
+        lines.append(f"- `{task}`: {_recipe(recipe)}; seed {config['lora_seed']}; PEFT, loss on the answer tokens.")
+    lines += [
+        "",
+        "## Scores",
+        "",
+        "`acc / acc_norm` with `loraport.evaluate` (lm-eval `arc_challenge` scoring), n = evaluation records "
+        "(`facts`: the 200 training questions; `bins`: 160 held-out words). *identity* = the SmolLM2 LoRA "
+        "copied unchanged onto the target (the simplest port; same shapes only).",
+        "",
+        "| task | model | n | base | + own LoRA (oracle) | + SmolLM2 LoRA (identity) | LoRA train acc | "
+        "LoRA train (s) | eval (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task in config["recipes"]:
+        for base in ("smollm2", *spec["targets"], "gemma3"):
+            lora = stages.get(f"lora-{base}-{task}")
+            identity = stages.get(f"identity-{base}-{task}")
+            if lora is None and identity is None:
+                continue
+            n = (lora or identity)["score"]["n"]
+            train_acc = _number(lora.get("train_score", {}).get("acc") if lora else None, ".3f")
+            train_s = _number(lora["train_seconds"] if lora else None, ".0f")
+            eval_s = _number(lora["score"]["seconds"] if lora else None, ".0f")
+            lines.append(
+                f"| {task} | {base} | {n} | {_score(lora and lora['base_score'])} | {_score(lora and lora['score'])} "
+                f"| {_score(identity and identity['score'])} | {train_acc} | {train_s} | {eval_s} |"
+            )
+    lines += ["", "## Stages", "", "| stage | wall (s) | peak RSS (MB) |", "|---|---:|---:|"]
+    total = 0.0
+    for name, record in stages.items():
+        total += record["wall_seconds"]
+        lines.append(f"| {name} | {record['wall_seconds']:.0f} | {record['peak_rss_mb']} |")
+    lines.append(f"| total | {total:.0f} | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -156,15 +156,16 @@ def relative_drift(
 def qa_examples(tokenizer: Any, items: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """Token ids of ``"Question: q\\nAnswer: a"`` and where the answer starts (loss goes there only).
 
-    The answer's tokens are the tail of ``encode(context + " " + answer)`` past
-    ``len(encode(context))``, exactly as the evaluator splits a continuation.
+    Encoded exactly as the evaluator encodes a request (:func:`loraport.evaluate.encode_pair`:
+    the tokenizer's default special tokens, so Gemma's BOS is there in training as in scoring;
+    the answer's tokens are the tail of ``encode(context + " " + answer)`` past ``len(encode(context))``).
     """
+    from ..evaluate import PROMPT, TARGET_DELIMITER, encode_pair
+
     examples = []
     for question, answer in items:
-        context = f"Question: {question}\nAnswer:"
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        whole = tokenizer(context + " " + answer, add_special_tokens=False)["input_ids"]
-        examples.append((whole, len(ctx)))
+        context, continuation = encode_pair(tokenizer, PROMPT.format(question=question), TARGET_DELIMITER + answer)
+        examples.append((context + continuation, len(context)))
     return examples
 
 
