@@ -259,7 +259,15 @@ def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str
     base_score = _score(model, tokenizer, evaluation, batch)
     recipe = config.recipes[task]
     items = [(r["question"], answer_text(r)) for r in train]
-    peft_model, logged = train_lora(model, tokenizer, items, recipe, config.lora_seed, answer_logits_only=True)
+    started = time.perf_counter()
+
+    def on_step(step: int, _: Any) -> bool:
+        if (step + 1) % 25 == 0:
+            log.info("lora %s-%s step %d/%d, %.1f s/step", base, task, step + 1, recipe.steps,
+                     (time.perf_counter() - started) / (step + 1))  # fmt: skip
+        return False
+
+    peft_model, logged = train_lora(model, tokenizer, items, recipe, config.lora_seed, on_step, answer_logits_only=True)
     name = f"{base}-{task}"
     peft_model.peft_config["default"].base_model_name_or_path = f"models/{base}"
     peft_model.save_pretrained(str(work / "loras" / name), save_embedding_layers=False)
