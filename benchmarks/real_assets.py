@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run only these stages (others must be cached)")
     parser.add_argument("--redo", nargs="*", default=[], help="rerun these stages even if cached")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per stage (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="stages run at once (default 2)")
     parser.add_argument("--results", default="benchmarks/results/real_assets.md", help="Markdown summary to write")
     args = parser.parse_args(argv)
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraport.pretrained.build import RealConfig, build_assets
 
     config = RealConfig(threads=args.threads)
-    path = build_assets(args.work, config, gguf_dir=args.gguf_dir, only=args.only, redo=args.redo)
+    path = build_assets(args.work, config, args.gguf_dir, args.only, args.redo, workers=args.workers)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/real_assets.py", *(argv or sys.argv[1:])])
     assets = json.loads(Path(path).read_text(encoding="utf-8"))
     atomic_write_text(args.results, assets_markdown(assets, command))
@@ -73,7 +74,8 @@ def assets_markdown(assets: dict[str, Any], command: str) -> str:
     lines = [
         "# Real-model benchmark assets",
         "",
-        f"Built by `{command}` (each stage in its own process, {config['threads']} torch threads, on a shared "
+        f"Built by `{command}` (each stage in its own process with {config['threads']} torch threads, up to 2 "
+        "stages at once, on a shared "
         "2-core machine: wall times are upper bounds of the work, other jobs ran beside them). Everything is "
         "cached under the work directory; `assets.json` there holds every number below.",
         "",

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -53,8 +53,8 @@ class DeriveSpec:
     targets: dict[str, float] = field(default_factory=lambda: {"D3": 0.03, "D10": 0.10})
     lr: float = 2e-4
     warmup: int = 10
-    max_steps: int = 400
-    batch_size: int = 8
+    max_steps: int = 500
+    batch_size: int = 4
     seq_len: int = 128
     weight_decay: float = 0.0
     seed: int = 0
@@ -70,7 +70,7 @@ class RealConfig:
     recipes: dict[str, LoraRecipe] = field(
         default_factory=lambda: {
             "facts": LoraRecipe(steps=200, lr=2e-3, batch_size=16, warmup=10),
-            "bins": LoraRecipe(steps=120, lr=1e-3, batch_size=16, warmup=10, dropout=0.1),
+            "bins": LoraRecipe(steps=100, lr=1e-3, batch_size=16, warmup=10, dropout=0.1),
         }
     )
     derive: DeriveSpec = field(default_factory=DeriveSpec)
@@ -303,19 +303,21 @@ class Stage:
     name: str
     fn: Callable[..., dict[str, Any]]
     args: tuple[Any, ...]
+    deps: tuple[str, ...] = ()
 
 
 def stages(config: RealConfig, gguf_dir: str | None) -> list[Stage]:
-    """The stages in the order they run (each after the ones it needs)."""
-    derivatives = list(config.derive.targets)
+    """The stages in priority order, each with the stages it needs."""
     out = [Stage("models", stage_models, (gguf_dir,)), Stage("data", stage_data, (gguf_dir,))]
-    out += [Stage(f"lora-{SOURCE}-{task}", stage_lora, (SOURCE, task)) for task in TASKS]
-    out.append(Stage("derive", stage_derive, (gguf_dir,)))
-    for target in derivatives:
+    out.append(Stage("derive", stage_derive, (gguf_dir,), ("models", "data")))
+    out += [Stage(f"lora-{SOURCE}-{task}", stage_lora, (SOURCE, task), ("models", "data")) for task in TASKS]
+    for target in config.derive.targets:
         for task in TASKS:
-            out.append(Stage(f"identity-{target}-{task}", stage_identity, (target, task)))
-            out.append(Stage(f"lora-{target}-{task}", stage_lora, (target, task)))
-    out += [Stage(f"lora-gemma3-{task}", stage_lora, ("gemma3", task)) for task in TASKS]
+            out.append(Stage(f"lora-{target}-{task}", stage_lora, (target, task), ("derive",)))
+            out.append(
+                Stage(f"identity-{target}-{task}", stage_identity, (target, task), ("derive", f"lora-{SOURCE}-{task}"))
+            )
+    out += [Stage(f"lora-gemma3-{task}", stage_lora, ("gemma3", task), ("models", "data")) for task in TASKS]
     return out
 
 
@@ -334,28 +336,52 @@ def build_assets(
     gguf_dir: str | None = None,
     only: list[str] | None = None,
     redo: list[str] | None = None,
+    workers: int = 2,
     say: Callable[[str], None] = print,
 ) -> Path:
-    """Run every stage without a record under ``work/stages`` (``only``: just those; ``redo``: rerun those)
-    and write ``work/assets.json``; returns its path."""
+    """Run every stage without a record under ``work/stages`` (``only``: just those; ``redo``: rerun those),
+    ``workers`` at a time, each in a fresh process; write ``work/assets.json`` and return its path."""
     config = config or RealConfig()
     root = Path(work)
     (root / "stages").mkdir(parents=True, exist_ok=True)
     records: dict[str, Any] = {}
+    pending: list[Stage] = []
     for stage in stages(config, gguf_dir):
         path = root / "stages" / f"{stage.name}.json"
         if path.is_file() and stage.name not in (redo or []):
             records[stage.name] = json.loads(path.read_text(encoding="utf-8"))
-            continue
-        if only is not None and stage.name not in only:
-            continue
-        say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name} ...")
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(config.threads,)) as pool:  # fmt: skip
-            record = pool.submit(_run_stage, str(root), config, stage).result()
-        atomic_write_text(path, json.dumps(finite_json(record), indent=1) + "\n")
-        records[stage.name] = record
-        say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name}: {record['wall_seconds']:.0f} s, "
-            f"peak RSS {record['peak_rss_mb']} MB")  # fmt: skip
+        elif only is None or stage.name in only:
+            pending.append(stage)
+    running: dict[Future[Any], tuple[Stage, ProcessPoolExecutor]] = {}
+    context = get_context("spawn")
+    try:
+        while pending or running:
+            for stage in list(pending):
+                if len(running) >= workers:
+                    break
+                if all(dep in records for dep in stage.deps):
+                    pending.remove(stage)
+                    # one pool per stage: a fresh process, so its peak RSS is its own
+                    pool = ProcessPoolExecutor(
+                        1, mp_context=context, initializer=_init_worker, initargs=(config.threads,)
+                    )
+                    running[pool.submit(_run_stage, str(root), config, stage)] = (stage, pool)
+                    say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name} ...")
+            if not running:
+                raise RuntimeError(f"stages whose inputs are missing: {[s.name for s in pending]}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, pool = running.pop(future)
+                pool.shutdown()
+                record = future.result()  # re-raises the stage's exception
+                atomic_write_text(
+                    root / "stages" / f"{stage.name}.json", json.dumps(finite_json(record), indent=1) + "\n"
+                )
+                records[stage.name] = record
+                say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name}: {record['wall_seconds']:.0f} s, "
+                    f"peak RSS {record['peak_rss_mb']} MB")  # fmt: skip
+    finally:
+        for _, pool in running.values():
+            pool.shutdown(cancel_futures=True)
     assets = {"config": config.to_dict(), "gguf_dir": gguf_dir, "stages": records}
     return atomic_write_text(root / ASSETS, json.dumps(finite_json(assets), indent=1) + "\n")
