@@ -35,6 +35,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ..errors import LoraportError
 from ..io import atomic_write_text
 from ..report import finite_json
 from ..zoo.train import LoraRecipe
@@ -60,7 +61,7 @@ class DeriveSpec:
     seed: int = 0
     check_every: int = 5
     train_chars: int = 3_000_000
-    heldout_chars: int = 200_000
+    heldout_chars: int = 30_000
 
 
 @dataclass
@@ -78,7 +79,7 @@ class RealConfig:
     lora_seed: int = 0
     text_seed: int = 0
     calibration_lines: int = 512
-    heldout_lines: int = 300
+    heldout_lines: int = 100
     eval_batch: dict[str, int] = field(default_factory=lambda: {"smollm2": 32, "gemma3": 16})
     threads: int = 2
 
@@ -283,7 +284,7 @@ def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str
         "train_loss_first_last": [logged.losses[0] if logged.losses else None, logged.final_loss],
         "seed": config.lora_seed,
     }
-    if train != evaluation:
+    if train != evaluation and base == SOURCE:  # the generalisation gap, on the source only (time)
         out["train_score"] = _score(peft_model, tokenizer, train, batch)
     return out
 
@@ -353,6 +354,7 @@ def build_assets(
         elif only is None or stage.name in only:
             pending.append(stage)
     running: dict[Future[Any], tuple[Stage, ProcessPoolExecutor]] = {}
+    failed: dict[str, str] = {}
     context = get_context("spawn")
     try:
         while pending or running:
@@ -368,12 +370,18 @@ def build_assets(
                     running[pool.submit(_run_stage, str(root), config, stage)] = (stage, pool)
                     say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name} ...")
             if not running:
-                raise RuntimeError(f"stages whose inputs are missing: {[s.name for s in pending]}")
+                raise LoraportError(f"stages whose inputs are missing: {[s.name for s in pending]}")
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 stage, pool = running.pop(future)
                 pool.shutdown()
-                record = future.result()  # re-raises the stage's exception
+                try:
+                    record = future.result()
+                except Exception as exc:  # the other stages go on; what needs this one is dropped
+                    failed[stage.name] = f"{type(exc).__name__}: {exc}"
+                    say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name} FAILED: {failed[stage.name]}")
+                    pending = _drop_dependents(pending, stage.name, failed)
+                    continue
                 atomic_write_text(
                     root / "stages" / f"{stage.name}.json", json.dumps(finite_json(record), indent=1) + "\n"
                 )
@@ -384,4 +392,20 @@ def build_assets(
         for _, pool in running.values():
             pool.shutdown(cancel_futures=True)
     assets = {"config": config.to_dict(), "gguf_dir": gguf_dir, "stages": records}
-    return atomic_write_text(root / ASSETS, json.dumps(finite_json(assets), indent=1) + "\n")
+    written = atomic_write_text(root / ASSETS, json.dumps(finite_json(assets), indent=1) + "\n")
+    if failed:
+        raise LoraportError(f"{len(failed)} stage(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return written
+
+
+def _drop_dependents(pending: list[Stage], name: str, failed: dict[str, str]) -> list[Stage]:
+    """``pending`` without the stages that need ``name`` (directly or not); those are recorded in ``failed``."""
+    lost = {name}
+    kept: list[Stage] = []
+    for stage in pending:  # priority order lists a stage after what it needs
+        if lost & set(stage.deps):
+            lost.add(stage.name)
+            failed[stage.name] = f"needs {name}, which failed"
+        else:
+            kept.append(stage)
+    return kept
