@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf-dir", default=None, help="directory holding the .gguf files (default: the packages)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these stages (others must be cached)")
     parser.add_argument("--redo", nargs="*", default=[], help="rerun these stages even if cached")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per stage (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per stage (default 1)")
     parser.add_argument("--workers", type=int, default=2, help="stages run at once (default 2)")
     parser.add_argument("--results", default="benchmarks/results/real_assets.md", help="Markdown summary to write")
     args = parser.parse_args(argv)

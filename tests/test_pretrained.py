@@ -88,8 +88,11 @@ def test_python_source_budget_and_exclusions(tmp_path: Path) -> None:
     for name in ("a.py", "b.py", "test/c.py", "site-packages/d.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name * 10)
-    texts = python_source(30, seed=0, root=tmp_path)
-    assert sum(map(len, texts)) == 30 and all("c.py" not in t and "d.py" not in t for t in texts)
+    texts = python_source(50, seed=0, root=tmp_path)  # two files of 40 characters: one whole, one cut
+    assert sum(map(len, texts)) == 50 and all("c.py" not in t and "d.py" not in t for t in texts)
+    assert len(texts) == 2 and python_source(10, seed=0, root=tmp_path, skip_files=1) == [texts[1][:10]]
+    with pytest.raises(Exception, match="only 80 characters"):
+        python_source(81, seed=0, root=tmp_path)
 
 
 def test_task_domain_lines_have_no_answers() -> None:

@@ -52,16 +52,16 @@ class DeriveSpec:
     """Continued full fine-tuning of SmolLM2 on Python sources; a snapshot at each drift target."""
 
     targets: dict[str, float] = field(default_factory=lambda: {"D3": 0.03, "D10": 0.10})
-    lr: float = 2e-4
-    warmup: int = 10
-    max_steps: int = 500
+    lr: float = 6e-4
+    warmup: int = 5
+    max_steps: int = 200
     batch_size: int = 4
     seq_len: int = 128
     weight_decay: float = 0.0
     seed: int = 0
     check_every: int = 5
     train_chars: int = 3_000_000
-    heldout_chars: int = 30_000
+    heldout_chars: int = 15_000
 
 
 @dataclass
@@ -70,8 +70,8 @@ class RealConfig:
 
     recipes: dict[str, LoraRecipe] = field(
         default_factory=lambda: {
-            "facts": LoraRecipe(steps=200, lr=2e-3, batch_size=16, warmup=10),
-            "bins": LoraRecipe(steps=100, lr=1e-3, batch_size=16, warmup=10, dropout=0.1),
+            "facts": LoraRecipe(steps=120, lr=3e-3, batch_size=16, warmup=10),
+            "bins": LoraRecipe(steps=60, lr=2e-3, batch_size=16, warmup=6, dropout=0.1),
         }
     )
     derive: DeriveSpec = field(default_factory=DeriveSpec)
@@ -79,9 +79,9 @@ class RealConfig:
     lora_seed: int = 0
     text_seed: int = 0
     calibration_lines: int = 512
-    heldout_lines: int = 100
+    heldout_lines: int = 50
     eval_batch: dict[str, int] = field(default_factory=lambda: {"smollm2": 32, "gemma3": 16})
-    threads: int = 2
+    threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,12 +180,8 @@ def stage_derive(work: Path, config: RealConfig, gguf_dir: str | None) -> dict[s
 
     spec = config.derive
     model, tokenizer = _load(work, SOURCE)
-    sources = python_source(spec.train_chars + spec.heldout_chars, spec.seed)
-    n_train, chars = 0, 0
-    while n_train < len(sources) and chars < spec.train_chars:  # whole files to train on, the rest held out
-        chars += len(sources[n_train])
-        n_train += 1
-    train_text, heldout_text = sources[:n_train], sources[n_train:]
+    train_text = python_source(spec.train_chars, spec.seed)
+    heldout_text = python_source(spec.heldout_chars, spec.seed, skip_files=len(train_text))  # files not trained on
     tokens = pack(tokenizer, train_text)
     heldout = {
         "generic": pack(

@@ -95,8 +95,11 @@ def _python_files(root: Path) -> Iterator[Path]:
             yield path
 
 
-def python_source(chars: int, seed: int = 0, root: str | os.PathLike[str] | None = None) -> list[str]:
-    """Whole standard-library ``.py`` files in a seeded order, until ``chars`` characters (the last one cut)."""
+def python_source(
+    chars: int, seed: int = 0, root: str | os.PathLike[str] | None = None, skip_files: int = 0
+) -> list[str]:
+    """Standard-library ``.py`` files in a seeded order, after the first ``skip_files`` of that order,
+    until ``chars`` characters (the last one cut). Held-out text: ``skip_files=len(train)``."""
     base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
     files = list(_python_files(base))
     if not files:
@@ -104,12 +107,14 @@ def python_source(chars: int, seed: int = 0, root: str | os.PathLike[str] | None
     random.Random(seed).shuffle(files)
     out: list[str] = []
     total = 0
-    for path in files:
+    for path in files[skip_files:]:
         text = path.read_text(encoding="utf-8", errors="replace")
         out.append(text[: chars - total])
         total += len(out[-1])
         if total >= chars:
             break
+    if total < chars:
+        raise LoraportError(f"{base}: only {total} characters of Python sources after {skip_files} files, need {chars}")
     return out
 
 
