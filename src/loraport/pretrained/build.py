@@ -49,17 +49,23 @@ TASKS = ("facts", "bins")
 
 @dataclass
 class DeriveSpec:
-    """Continued full fine-tuning of SmolLM2 on Python sources; a snapshot at each drift target."""
+    """Continued full fine-tuning of SmolLM2 on Python sources, one phase per drift target.
+
+    Phase ``i`` trains with ``lrs[target_i]`` (a fresh AdamW, ``warmup`` steps, then constant)
+    until the projection drift reaches ``target_i``, at most ``max_steps`` steps, and saves a
+    snapshot. Drift grows about as ``lr * sqrt(steps)`` here, so the larger target gets a
+    larger learning rate to be reached in tens of steps on 2 cores.
+    """
 
     targets: dict[str, float] = field(default_factory=lambda: {"D3": 0.03, "D10": 0.10})
-    lr: float = 6e-4
-    warmup: int = 5
-    max_steps: int = 200
-    batch_size: int = 4
+    lrs: dict[str, float] = field(default_factory=lambda: {"D3": 1.5e-3, "D10": 3e-3})
+    warmup: int = 3
+    max_steps: int = 80
+    batch_size: int = 2
     seq_len: int = 128
     weight_decay: float = 0.0
     seed: int = 0
-    check_every: int = 5
+    check_every: int = 2
     train_chars: int = 3_000_000
     heldout_chars: int = 15_000
 
@@ -195,53 +201,56 @@ def stage_derive(work: Path, config: RealConfig, gguf_dir: str | None) -> dict[s
 
     base_losses = losses(model)
     source = {k: v.detach().clone() for k, v in projection_weights(model).items()}
-    pending = sorted(spec.targets.items(), key=lambda kv: kv[1])
     started = time.perf_counter()
     results: dict[str, Any] = {"source_heldout_loss": base_losses, "train_tokens_available": len(tokens)}
+    total_steps = 0
+    for phase, (name, target) in enumerate(sorted(spec.targets.items(), key=lambda kv: kv[1])):
+        reached: dict[str, float] = {}
 
-    def snapshot(name: str, step: int, lm: Any, drift: dict[str, float], note: str = "") -> None:
-        seconds = time.perf_counter() - started
-        lm.save_pretrained(str(work / "models" / name))
+        def on_step(
+            step: int, lm: Any, target: float = target, reached: dict[str, float] = reached, before: int = total_steps
+        ) -> bool:
+            if (step + 1) % spec.check_every:
+                return False
+            drift = relative_drift(lm, source)
+            log.info("derive step %d drift %.4f", before + step + 1, drift["all"])
+            if drift["all"] >= target:
+                reached.update(drift)
+            return bool(reached)
+
+        logged = pretrain(
+            model,
+            tokens,
+            steps=spec.max_steps,
+            lr=spec.lrs[name],
+            seed=spec.seed + phase,
+            batch_size=spec.batch_size,
+            seq_len=spec.seq_len,
+            warmup=spec.warmup,
+            final_lr=1.0,
+            weight_decay=spec.weight_decay,
+            on_step=on_step,
+        )
+        total_steps += logged.steps
+        drift = reached or relative_drift(model, source)
+        model.save_pretrained(str(work / "models" / name))
         tokenizer.save_pretrained(str(work / "models" / name))
         results[name] = {
             "path": f"models/{name}",
-            "parent": SOURCE,
+            "parent": SOURCE if phase == 0 else f"{SOURCE} via the previous snapshot",
             "corpus": "Python standard-library sources",
-            "steps": step + 1,
-            "tokens_seen": (step + 1) * spec.batch_size * spec.seq_len,
-            "target_drift": spec.targets[name],
+            "lr": spec.lrs[name],
+            "phase_steps": logged.steps,
+            "steps": total_steps,
+            "tokens_seen": total_steps * spec.batch_size * spec.seq_len,
+            "target_drift": target,
             "drift": {k: round(v, 5) for k, v in drift.items()},
-            "heldout_loss": losses(lm),
-            "train_seconds": round(seconds, 1),
-            "note": note,
+            "heldout_loss": losses(model),
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "train_loss_first_last": [logged.losses[0] if logged.losses else None, logged.final_loss],
+            "note": "" if reached else f"target drift not reached in {spec.max_steps} steps",
         }
-        lm.train()
-
-    def on_step(step: int, lm: Any) -> bool:
-        if (step + 1) % spec.check_every:
-            return False
-        drift = relative_drift(lm, source)
-        log.info("derive step %d drift %.4f", step + 1, drift["all"])
-        while pending and drift["all"] >= pending[0][1]:
-            snapshot(pending.pop(0)[0], step, lm, drift)
-        return not pending
-
-    logged = pretrain(
-        model,
-        tokens,
-        steps=spec.max_steps,
-        lr=spec.lr,
-        seed=spec.seed,
-        batch_size=spec.batch_size,
-        seq_len=spec.seq_len,
-        warmup=spec.warmup,
-        final_lr=1.0,
-        weight_decay=spec.weight_decay,
-        on_step=on_step,
-    )
-    for name, _ in pending:  # not reached within max_steps: keep the last state, say so
-        snapshot(name, logged.steps - 1, model, relative_drift(model, source), "target drift not reached")
-    results["train_loss_first_last"] = [logged.losses[0] if logged.losses else None, logged.final_loss]
+        model.train()
     return results
 
 
@@ -357,6 +366,10 @@ def build_assets(
             for stage in list(pending):
                 if len(running) >= workers:
                     break
+                for dep in stage.deps:  # finished by another runner on the same work directory?
+                    done_elsewhere = root / "stages" / f"{dep}.json"
+                    if dep not in records and done_elsewhere.is_file():
+                        records[dep] = json.loads(done_elsewhere.read_text(encoding="utf-8"))
                 if all(dep in records for dep in stage.deps):
                     pending.remove(stage)
                     # one pool per stage: a fresh process, so its peak RSS is its own
