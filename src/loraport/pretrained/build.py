@@ -313,17 +313,18 @@ class Stage:
 
 
 def stages(config: RealConfig, gguf_dir: str | None) -> list[Stage]:
-    """The stages in priority order, each with the stages it needs."""
+    """The stages in priority order (cheap, informative ones first), each with the stages it needs."""
+    derivatives = list(config.derive.targets)
     out = [Stage("models", stage_models, (gguf_dir,)), Stage("data", stage_data, (gguf_dir,))]
     out.append(Stage("derive", stage_derive, (gguf_dir,), ("models", "data")))
     out += [Stage(f"lora-{SOURCE}-{task}", stage_lora, (SOURCE, task), ("models", "data")) for task in TASKS]
-    for target in config.derive.targets:
-        for task in TASKS:
-            out.append(Stage(f"lora-{target}-{task}", stage_lora, (target, task), ("derive",)))
-            out.append(
-                Stage(f"identity-{target}-{task}", stage_identity, (target, task), ("derive", f"lora-{SOURCE}-{task}"))
-            )
-    out += [Stage(f"lora-gemma3-{task}", stage_lora, ("gemma3", task), ("models", "data")) for task in TASKS]
+    for task in TASKS:
+        for target in derivatives:
+            needs = ("derive", f"lora-{SOURCE}-{task}")
+            out.append(Stage(f"identity-{target}-{task}", stage_identity, (target, task), needs))
+    for task in TASKS:
+        out += [Stage(f"lora-{target}-{task}", stage_lora, (target, task), ("derive",)) for target in derivatives]
+        out.append(Stage(f"lora-gemma3-{task}", stage_lora, ("gemma3", task), ("models", "data")))
     return out
 
 
