@@ -264,7 +264,11 @@ def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str
     model, tokenizer = _load(work, base)
     train, evaluation = _records(work, task, "train"), _records(work, task, "eval")
     batch = config.eval_batch[_family(base)]
-    base_score = _score(model, tokenizer, evaluation, batch)
+    identity = work / "stages" / f"identity-{base}-{task}.json"  # scored the same base already?
+    if identity.is_file():
+        base_score = json.loads(identity.read_text(encoding="utf-8"))["base_score"]
+    else:
+        base_score = _score(model, tokenizer, evaluation, batch)
     recipe = config.recipes[task]
     items = [(r["question"], answer_text(r)) for r in train]
     started = time.perf_counter()
@@ -297,10 +301,20 @@ def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str
 
 
 def stage_identity(work: Path, config: RealConfig, target: str, task: str) -> dict[str, Any]:
-    """The source's LoRA copied unchanged onto a same-shape target (the simplest port), scored."""
-    model, tokenizer = _load(work, target, work / "loras" / f"{SOURCE}-{task}")
-    score = _score(model, tokenizer, _records(work, task, "eval"), config.eval_batch[_family(target)])
-    return {"target": target, "task": task, "adapter": f"loras/{SOURCE}-{task}", "score": score}
+    """The target's base score, and the source's LoRA copied unchanged onto it (the simplest port), scored."""
+    from peft import PeftModel
+
+    model, tokenizer = _load(work, target)
+    records, batch = _records(work, task, "eval"), config.eval_batch[_family(target)]
+    base_score = _score(model, tokenizer, records, batch)
+    ported = PeftModel.from_pretrained(model, str(work / "loras" / f"{SOURCE}-{task}"))
+    return {
+        "target": target,
+        "task": task,
+        "adapter": f"loras/{SOURCE}-{task}",
+        "base_score": base_score,
+        "score": _score(ported, tokenizer, records, batch),
+    }
 
 
 # -- orchestration ------------------------------------------------------------------------
