@@ -21,8 +21,8 @@ from typing import Any
 
 TITLES = {
     "smollm2": "SmolLM2-135M-Instruct (source)",
-    "D3": "SmolLM2 + Python, small drift",
-    "D10": "SmolLM2 + Python, larger drift",
+    "Dsmall": "SmolLM2 + Python, small drift",
+    "Dlarge": "SmolLM2 + Python, larger drift",
     "gemma3": "Gemma-3-270M base",
 }
 

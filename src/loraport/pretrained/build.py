@@ -5,8 +5,8 @@ Under ``work``::
     assets.json                   everything below with recipes, seeds, wall times, peak RSS, scores
     stages/<stage>.json           one record per finished stage (a stage with a record is not rerun)
     models/smollm2, gemma3        the GGUF models dequantized to float32 safetensors directories
-    models/D3, D10                SmolLM2 continued (full fine-tuning) on Python standard-library
-                                  sources, saved when the projection drift first reaches 3 % / 10 %
+    models/Dsmall, Dlarge         SmolLM2 continued (full fine-tuning) on Python standard-library
+                                  sources, saved when the projection drift reaches 3 % / 10 % or at the step limit
     tasks/<task>/                 train.jsonl, eval.jsonl (ARC format): ``facts``, ``bins``
     calibration/generic.txt       512 prose paragraphs of /usr/share/doc, one a line
     calibration/<task>.txt        the task's training questions without answers, one a line
@@ -59,10 +59,10 @@ class DeriveSpec:
     Python text trained on), so the default is a learning rate that keeps the model sane.
     """
 
-    targets: dict[str, float] = field(default_factory=lambda: {"D3": 0.03, "D10": 0.10})
-    lrs: dict[str, float] = field(default_factory=lambda: {"D3": 3e-4, "D10": 3e-4})
+    targets: dict[str, float] = field(default_factory=lambda: {"Dsmall": 0.03, "Dlarge": 0.10})
+    lrs: dict[str, float] = field(default_factory=lambda: {"Dsmall": 3e-4, "Dlarge": 6e-4})
     warmup: int = 10
-    max_steps: int = 40
+    max_steps: int = 20
     batch_size: int = 4
     seq_len: int = 128
     weight_decay: float = 0.0
