@@ -126,9 +126,8 @@ def assets_markdown(assets: dict[str, Any], command: str, tried: dict[str, Any] 
         lines.append(f"| smollm2 | - | 0 | 0 | 0 | 0 | - | {base['generic']:.3f} | {base['python']:.3f} |")
         lines += [_derivative_row(name, derive[name]) for name in spec["targets"] if name in derive]
         for label, record in (tried or {}).items():
-            lines += [
-                _derivative_row(f"{name}, tried: {label}", record[name]) for name in spec["targets"] if name in record
-            ]
+            names = [name for name, value in record.items() if isinstance(value, dict) and "drift" in value]
+            lines += [_derivative_row(f"{name}, tried: {label}", record[name]) for name in names]
         if tried:
             lines.append("")
             lines.append(
