@@ -38,6 +38,7 @@ from typing import Any
 from ..errors import LoraportError
 from ..io import atomic_write_text
 from ..report import finite_json
+from ..zoo.build import _init_worker  # one worker set-up (threads, quiet transformers) for both builders
 from ..zoo.train import LoraRecipe
 
 log = logging.getLogger(__name__)
@@ -96,18 +97,6 @@ class RealConfig:
 
 
 # -- stages (each runs in its own process) ------------------------------------------------
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 def _family(base: str) -> str:
