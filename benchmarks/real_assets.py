@@ -160,13 +160,14 @@ def assets_markdown(assets: dict[str, Any], command: str, tried: dict[str, Any] 
         for base in ("smollm2", *spec["targets"], "gemma3"):
             lora = stages.get(f"lora-{base}-{task}")
             identity = stages.get(f"identity-{base}-{task}")
-            if lora is None and identity is None:
+            scored = lora or identity or stages.get(f"base-{base}-{task}")
+            if scored is None:
                 continue
-            n = (lora or identity)["score"]["n"]
+            n = scored["base_score"]["n"]
             train_acc = _number(lora.get("train_score", {}).get("acc") if lora else None, ".3f")
             train_s = _number(lora["train_seconds"] if lora else None, ".0f")
             eval_s = _number(lora["score"]["seconds"] if lora else None, ".0f")
-            base_score, oracle = _score((lora or identity)["base_score"]), _score(lora and lora["score"])
+            base_score, oracle = _score(scored["base_score"]), _score(lora and lora["score"])
             lines.append(
                 f"| {task} | {base} | {n} | {base_score} | {oracle} | {_score(identity and identity['score'])} | "
                 f"{train_acc} | {train_s} | {eval_s} |"

@@ -253,9 +253,10 @@ def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str
     model, tokenizer = _load(work, base)
     train, evaluation = _records(work, task, "train"), _records(work, task, "eval")
     batch = config.eval_batch[_family(base)]
-    identity = work / "stages" / f"identity-{base}-{task}.json"  # scored the same base already?
-    if identity.is_file():
-        base_score = json.loads(identity.read_text(encoding="utf-8"))["base_score"]
+    scored = [work / "stages" / f"{kind}-{base}-{task}.json" for kind in ("base", "identity")]
+    scored = [path for path in scored if path.is_file()]  # scored the same base already?
+    if scored:
+        base_score = json.loads(scored[0].read_text(encoding="utf-8"))["base_score"]
     else:
         base_score = _score(model, tokenizer, evaluation, batch)
     recipe = config.recipes[task]
@@ -287,6 +288,13 @@ def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str
     if train != evaluation and base == SOURCE:  # the generalisation gap, on the source only (time)
         out["train_score"] = _score(peft_model, tokenizer, train, batch)
     return out
+
+
+def stage_base(work: Path, config: RealConfig, base: str, task: str) -> dict[str, Any]:
+    """A model's score on a task without any adapter."""
+    model, tokenizer = _load(work, base)
+    score = _score(model, tokenizer, _records(work, task, "eval"), config.eval_batch[_family(base)])
+    return {"model": base, "task": task, "base_score": score}
 
 
 def stage_identity(work: Path, config: RealConfig, target: str, task: str) -> dict[str, Any]:
@@ -327,6 +335,7 @@ def stages(config: RealConfig, gguf_dir: str | None) -> list[Stage]:
         for target in derivatives:
             needs = ("derive", f"lora-{SOURCE}-{task}")
             out.append(Stage(f"identity-{target}-{task}", stage_identity, (target, task), needs))
+    out += [Stage(f"base-gemma3-{task}", stage_base, ("gemma3", task), ("models", "data")) for task in TASKS]
     for task in TASKS:
         out += [Stage(f"lora-{target}-{task}", stage_lora, (target, task), ("derive",)) for target in derivatives]
         out.append(Stage(f"lora-gemma3-{task}", stage_lora, ("gemma3", task), ("models", "data")))
