@@ -85,10 +85,11 @@ def assets_markdown(assets: dict[str, Any], command: str, tried: dict[str, Any] 
     lines = [
         "# Real-model benchmark assets",
         "",
-        f"Built by `{command}` (each stage in its own process with {config['threads']} torch thread(s), up to 2 "
-        "stages at once, on a shared "
-        "2-core machine: wall times are upper bounds of the work, other jobs ran beside them). Everything is "
-        "cached under the work directory; `assets.json` there holds every number below.",
+        "Built by `python benchmarks/real_assets.py --work benchmarks/work/real` (stages cached under the work "
+        f"directory, each in its own process with {config['threads']} torch thread(s); summary written by "
+        f"`{command}`). The machine is a 2-core one shared with other jobs (load average 8-15 during the build): "
+        "wall times are far above the work's own cost. `assets.json` in the work directory holds every number "
+        "below.",
         "",
         "## Models",
         "",
