@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from loraport.io import atomic_write_text
-    from loraport.pretrained.build import RealConfig, build_assets
+    from loraport.pretrained.build import RealConfig, build_assets, stages
 
     config = RealConfig(threads=args.threads)
     path = build_assets(args.work, config, args.gguf_dir, args.only, args.redo, workers=args.workers)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/real_assets.py", *(argv or sys.argv[1:])])
     assets = json.loads(Path(path).read_text(encoding="utf-8"))
     tried = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(args.work, "tried").glob("*.json"))}
-    atomic_write_text(args.results, assets_markdown(assets, command, tried))
+    missing = [stage.name for stage in stages(config, args.gguf_dir) if stage.name not in assets["stages"]]
+    atomic_write_text(args.results, assets_markdown(assets, command, tried, missing))
     print(f"assets: {path}\nsummary: {args.results}")
     return 0
 
@@ -79,7 +80,9 @@ def _derivative_row(name: str, d: dict[str, Any]) -> str:
     )
 
 
-def assets_markdown(assets: dict[str, Any], command: str, tried: dict[str, Any] | None = None) -> str:
+def assets_markdown(
+    assets: dict[str, Any], command: str, tried: dict[str, Any] | None = None, missing: list[str] | None = None
+) -> str:
     """The Markdown summary of ``assets.json``: models, derivatives, recipes, scores, stage times."""
     config, stages = assets["config"], assets["stages"]
     lines = [
@@ -179,6 +182,12 @@ def assets_markdown(assets: dict[str, Any], command: str, tried: dict[str, Any] 
         total += record["wall_seconds"]
         lines.append(f"| {name} | {record['wall_seconds']:.0f} | {record['peak_rss_mb']} |")
     lines.append(f"| total | {total:.0f} | |")
+    if missing:
+        lines += [
+            "",
+            f"Not built yet ({len(missing)} stage(s)): {', '.join(f'`{name}`' for name in missing)}. The same "
+            "command builds only these (every finished stage is cached).",
+        ]
     return "\n".join(lines) + "\n"
 
 
