@@ -164,14 +164,15 @@ def assets_markdown(
         for base in ("smollm2", *spec["targets"], "gemma3"):
             lora = stages.get(f"lora-{base}-{task}")
             identity = stages.get(f"identity-{base}-{task}")
-            scored = lora or identity or stages.get(f"base-{base}-{task}")
-            if scored is None:
+            alone = stages.get(f"base-{base}-{task}")
+            base_entry = alone["score"] if alone else (lora or identity or {}).get("base_score")
+            if base_entry is None:
                 continue
-            n = scored["base_score"]["n"]
+            n = base_entry["n"]
             train_acc = _number(lora.get("train_score", {}).get("acc") if lora else None, ".3f")
             train_s = _number(lora["train_seconds"] if lora else None, ".0f")
             eval_s = _number(lora["score"]["seconds"] if lora else None, ".0f")
-            base_score, oracle = _score(scored["base_score"]), _score(lora and lora["score"])
+            base_score, oracle = _score(base_entry), _score(lora and lora["score"])
             lines.append(
                 f"| {task} | {base} | {n} | {base_score} | {oracle} | {_score(identity and identity['score'])} | "
                 f"{train_acc} | {train_s} | {eval_s} |"

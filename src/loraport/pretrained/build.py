@@ -253,10 +253,11 @@ def stage_lora(work: Path, config: RealConfig, base: str, task: str) -> dict[str
     model, tokenizer = _load(work, base)
     train, evaluation = _records(work, task, "train"), _records(work, task, "eval")
     batch = config.eval_batch[_family(base)]
-    scored = [work / "stages" / f"{kind}-{base}-{task}.json" for kind in ("base", "identity")]
-    scored = [path for path in scored if path.is_file()]  # scored the same base already?
-    if scored:
-        base_score = json.loads(scored[0].read_text(encoding="utf-8"))["base_score"]
+    base_stage, identity = (work / "stages" / f"{kind}-{base}-{task}.json" for kind in ("base", "identity"))
+    if base_stage.is_file():  # scored the same base already
+        base_score = json.loads(base_stage.read_text(encoding="utf-8"))["score"]
+    elif identity.is_file():
+        base_score = json.loads(identity.read_text(encoding="utf-8"))["base_score"]
     else:
         base_score = _score(model, tokenizer, evaluation, batch)
     recipe = config.recipes[task]
@@ -294,7 +295,7 @@ def stage_base(work: Path, config: RealConfig, base: str, task: str) -> dict[str
     """A model's score on a task without any adapter."""
     model, tokenizer = _load(work, base)
     score = _score(model, tokenizer, _records(work, task, "eval"), config.eval_batch[_family(base)])
-    return {"model": base, "task": task, "base_score": score}
+    return {"model": base, "task": task, "score": score}
 
 
 def stage_identity(work: Path, config: RealConfig, target: str, task: str) -> dict[str, Any]:
