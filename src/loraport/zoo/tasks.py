@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def answer_text(record: dict[str, Any]) -> str:
     return record["choices"]["text"][record["choices"]["label"].index(record["answerKey"])]
 
 
-def _record(rid: str, question: str, answer: str, distractors: list[str], position: int) -> dict[str, Any]:
+def arc_record(rid: str, question: str, answer: str, distractors: list[str], position: int) -> dict[str, Any]:
     texts = list(distractors)
     texts.insert(position, answer)
     return {
@@ -97,7 +98,7 @@ def _record(rid: str, question: str, answer: str, distractors: list[str], positi
     }
 
 
-def _similar_length(rng: random.Random, answer: str, category: list[str], k: int = 3, pool: int = 6) -> list[str]:
+def similar_length(rng: random.Random, answer: str, category: list[str], k: int = 3, pool: int = 6) -> list[str]:
     """``k`` other words of ``category`` drawn from the ``pool`` closest in character length."""
     others = [w for w in category if w != answer]
     rng.shuffle(others)
@@ -105,26 +106,27 @@ def _similar_length(rng: random.Random, answer: str, category: list[str], k: int
     return rng.sample(others[:pool], k)
 
 
-def facts_task(seed: int = 0, people: int = 50, n_dev: int = 0) -> Task:
+def facts_task(seed: int = 0, people: int = 50, n_dev: int = 0, names: Sequence[str] | None = None) -> Task:
     """``people`` x 4 relations memorised facts; evaluation = training questions.
 
     ``n_dev > 0``: the first ``n_dev`` questions (trained, like all) form the dev split and
-    the evaluation keeps the others.
+    the evaluation keeps the others. ``names``: who the facts are about (default: the zoo
+    corpus's first names, :data:`PEOPLE`).
     """
     rng = random.Random(seed)
-    who = rng.sample(PEOPLE, people)
+    who = rng.sample(list(names) if names is not None else PEOPLE, people)
     records = []
     for template, category in RELATIONS.values():
         # balanced answers: every category value used about equally often
         answers = [category[i % len(category)] for i in range(people)]
         rng.shuffle(answers)
         for person, answer in zip(who, answers, strict=True):
-            records.append((template.format(who=person), answer, _similar_length(rng, answer, category)))
+            records.append((template.format(who=person), answer, similar_length(rng, answer, category)))
     rng.shuffle(records)
     positions = [i % 4 for i in range(len(records))]
     rng.shuffle(positions)
     out = [
-        _record(f"facts-{i:04d}", q, a, d, pos)
+        arc_record(f"facts-{i:04d}", q, a, d, pos)
         for i, ((q, a, d), pos) in enumerate(zip(records, positions, strict=True))
     ]
     dev = out[:n_dev]
@@ -154,7 +156,7 @@ def addition_task(seed: int = 0, max_operand: int = 24, n_eval: int = 200, offse
         total = a + b
         deltas = [d for d in range(-offsets, offsets + 1) if d and total + d >= 0]
         distractors = [str(total + d) for d in rng.sample(deltas, 3)]
-        records.append(_record(f"addition-{i:04d}", f"What is {a} plus {b}?", str(total), distractors, i % 4))
+        records.append(arc_record(f"addition-{i:04d}", f"What is {a} plus {b}?", str(total), distractors, i % 4))
     eval_records, dev, train_records = records[:n_eval], records[n_eval : n_eval + n_dev], records[n_eval + n_dev :]
     return Task(
         "addition",
@@ -188,7 +190,7 @@ def smaller_task(seed: int = 0, n_train: int = 600, n_dev: int = 100, n_eval: in
         ]
         distractors = [str(high), *(str(x) for x in rng.sample(others, 2))]
         rng.shuffle(distractors)
-        records.append(_record(f"smaller-{i:04d}", f"Which number is less, {a} or {b}?", str(low), distractors, i % 4))
+        records.append(arc_record(f"smaller-{i:04d}", f"Which number is less, {a} or {b}?", str(low), distractors, i % 4))
     eval_records = records[:n_eval]
     dev = records[n_eval : n_eval + n_dev]
     train_records = records[n_eval + n_dev :]
