@@ -57,18 +57,19 @@ class DeriveSpec:
     snapshot (noted when the target was not reached). Measured: drift grows about as
     ``lr * sqrt(steps)``; reaching 3 % / 10 % in 16 / 54 steps took lr 1.5e-3 / 3e-3, which
     wrecked the model (held-out loss +1.3 / +3.2 nats on generic text, +1.7 / +3.1 on the
-    Python text trained on), so the default is a learning rate that keeps the model sane.
+    Python text trained on), so the default is a learning rate that keeps the model sane and
+    more steps: 20 / 40 steps at 3e-4 / 6e-4 gave only 0.57 % / 1.23 %.
     """
 
-    targets: dict[str, float] = field(default_factory=lambda: {"Dsmall": 0.03, "Dlarge": 0.10})
-    lrs: dict[str, float] = field(default_factory=lambda: {"Dsmall": 3e-4, "Dlarge": 6e-4})
+    targets: dict[str, float] = field(default_factory=lambda: {"Dsmall": 0.02, "Dlarge": 0.05})
+    lrs: dict[str, float] = field(default_factory=lambda: {"Dsmall": 3e-4, "Dlarge": 5e-4})
     warmup: int = 10
-    max_steps: int = 20
+    max_steps: int = 400
     batch_size: int = 4
     seq_len: int = 128
     weight_decay: float = 0.0
     seed: int = 0
-    check_every: int = 2
+    check_every: int = 5
     train_chars: int = 3_000_000
     heldout_chars: int = 15_000
 
@@ -80,7 +81,7 @@ class RealConfig:
     recipes: dict[str, LoraRecipe] = field(
         default_factory=lambda: {
             "facts": LoraRecipe(steps=120, lr=3e-3, batch_size=16, warmup=10),
-            "bins": LoraRecipe(steps=60, lr=2e-3, batch_size=16, warmup=6, dropout=0.1),
+            "bins": LoraRecipe(steps=150, lr=2e-3, batch_size=16, warmup=10, dropout=0.1),
         }
     )
     derive: DeriveSpec = field(default_factory=DeriveSpec)

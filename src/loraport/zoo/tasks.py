@@ -190,7 +190,8 @@ def smaller_task(seed: int = 0, n_train: int = 600, n_dev: int = 100, n_eval: in
         ]
         distractors = [str(high), *(str(x) for x in rng.sample(others, 2))]
         rng.shuffle(distractors)
-        records.append(arc_record(f"smaller-{i:04d}", f"Which number is less, {a} or {b}?", str(low), distractors, i % 4))
+        question = f"Which number is less, {a} or {b}?"
+        records.append(arc_record(f"smaller-{i:04d}", question, str(low), distractors, i % 4))
     eval_records = records[:n_eval]
     dev = records[n_eval : n_eval + n_dev]
     train_records = records[n_eval + n_dev :]
