@@ -17,9 +17,11 @@ from safetensors.torch import load_file, save_file
 from loraport.adapters import load_adapter
 from loraport.checkpoints import Checkpoint
 from loraport.cli import main
-from loraport.fusion import FUSION_METHODS, FusionError, fuse, fuse_adapters, rgsp_fuse
+from loraport.fusion import FUSION_METHODS, FusionError, fuse, fuse_adapters, iso_c, iso_cts, rgsp_fuse, tsv
 from loraport.fusion import baselines as B_
+from loraport.fusion.methods import tensor_generator
 from loraport.fusion.writer import ShardedWriter
+from loraport.zoo.corpus import SPECIAL_TOKENS, build_tokenizer
 from loraport.zoo.tiny import make_random_adapter, make_tiny_model, perturb_model
 
 SIZE = dict(hidden=32, intermediate=64, vocab=64)
@@ -46,6 +48,10 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "A": perturb_model(C, root / "A", drift=0.05, seed=1),
         "B": perturb_model(C, root / "B", drift=0.05, seed=2),
     }
+    # A word-level tokenizer over the tiny vocabulary (4 specials, the numbers 0-59): RegMean runs text.
+    tokenizer = build_tokenizer(SPECIAL_TOKENS + [str(i) for i in range(SIZE["vocab"] - len(SPECIAL_TOKENS))])
+    for name in ("C", "A", "B"):
+        tokenizer.save_pretrained(str(paths[name]))
     paths["X"] = make_random_adapter(C, root / "X", r=4, alpha=8, seed=0)
     paths["Y"] = make_random_adapter(C, root / "Y", r=2, alpha=4, target_modules=["q_proj", "v_proj"], seed=1)
     return paths
@@ -60,13 +66,31 @@ def _base_for(method: str, tiny) -> Path | None:
     return tiny["C"] if FUSION_METHODS[method].needs_base else None
 
 
+def _calibration_for(method: str, tiny) -> dict:
+    """RegMean's calibration text (token ids of the tiny vocabulary, as words)."""
+    if not FUSION_METHODS[method].calibrated:
+        return {}
+    path = tiny["root"] / "calibration.txt"
+    if not path.exists():
+        path.write_text("".join(" ".join(str(3 + (7 * i + j) % 50) for j in range(12)) + "\n" for i in range(8)))
+    return {"calibration": path}
+
+
 # -- invariants ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", list(FUSION_METHODS))
 def test_fuse_self_is_bit_exact_identity(method, tiny, tmp_path):
     """fuse(A, A) == A bit for bit, every method (identical tensors are kept)."""
-    result = fuse(tiny["A"], tiny["A"], tmp_path / "out", method=method, base=_base_for(method, tiny), progress=False)
+    result = fuse(
+        tiny["A"],
+        tiny["A"],
+        tmp_path / "out",
+        method=method,
+        base=_base_for(method, tiny),
+        progress=False,
+        **_calibration_for(method, tiny),
+    )
     a, out = _tensors(tiny["A"]), _tensors(result.output)
     assert out.keys() == a.keys()
     assert all(torch.equal(out[k], a[k]) for k in a)
@@ -135,7 +159,8 @@ def test_rgsp_output_format_loads_and_runs(tiny, tmp_path):
     assert [row["layer"] for row in saved["layers"]] == [0, 1]
 
 
-@pytest.mark.parametrize("method", list(FUSION_METHODS))
+# regmean's tensors are checked against Grams from an independent forward pass in tests/test_fusion_regmean.py.
+@pytest.mark.parametrize("method", [m for m in FUSION_METHODS if m != "regmean"])
 def test_each_tensor_gets_the_pure_function(method, tiny, tmp_path):
     """Orchestration wiring: selected tensors = the pure method, the rest averaged."""
     base = _base_for(method, tiny)
@@ -143,11 +168,16 @@ def test_each_tensor_gets_the_pure_function(method, tiny, tmp_path):
     a, b, out = _tensors(tiny["A"]), _tensors(tiny["B"]), _tensors(result.output)
     c = _tensors(tiny["C"])
     W_A, W_B, W_C = a[SELECTED], b[SELECTED], c[SELECTED]
+    taus = B_.task_vectors([W_A, W_B], W_C)
     expected = {
         "rgsp": lambda: rgsp_fuse(W_A, W_B)[0],
         "average": lambda: B_.average([W_A, W_B]),
         "task_arithmetic": lambda: B_.task_arithmetic([W_A, W_B], W_C, 1.0),
         "ties": lambda: B_.ties([W_A, W_B], W_C, 0.2, 1.0),
+        "dare": lambda: B_.dare([W_A, W_B], W_C, 0.5, 1.0, generator=tensor_generator(0, SELECTED)),
+        "tsv": lambda: B_.apply_task_vector(W_C, tsv(taus)),
+        "iso_c": lambda: B_.apply_task_vector(W_C, iso_c(taus)),
+        "iso_cts": lambda: B_.apply_task_vector(W_C, iso_cts(taus)),
     }[method]()
     assert torch.equal(out[SELECTED], expected)
     emb = "model.embed_tokens.weight"
@@ -379,3 +409,53 @@ def test_cli_fuse_adapters_loads_in_peft(method, tiny, tmp_path, capsys):
     for name, delta in _deltas(fused).items():
         key = f"{name}.weight"
         torch.testing.assert_close(merged[key].double() - base[key].double(), delta, rtol=1e-4, atol=1e-6)
+
+
+# -- N >= 2 inputs, the subspace methods end to end, rgsp's extrapolation note --------------------
+
+
+def test_cli_fuses_three_models_with_tsv(tiny, tmp_path, capsys):
+    third = perturb_model(tiny["C"], tmp_path / "D", drift=0.05, seed=3)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    argv = ["fuse", "--models", str(tiny["A"]), str(tiny["B"]), str(third), "--base", str(tiny["C"])]
+    rc = main([*argv, "--method", "tsv", "--scaling", "0.8", "--out", str(out), "--report", str(report), "--quiet"])
+    assert rc == 0 and "tsv (model)" in capsys.readouterr().out
+    fused, c = _tensors(out), _tensors(tiny["C"])
+    taus = [_tensors(p)[SELECTED] - c[SELECTED] for p in (tiny["A"], tiny["B"], third)]
+    torch.testing.assert_close(fused[SELECTED], c[SELECTED] + 0.8 * tsv(taus))
+    saved = json.loads(report.read_text())
+    assert len(saved["inputs"]) == 3 and saved["options"]["scaling"] == 0.8 and "density" not in saved["options"]
+
+
+def test_rgsp_takes_two_models_only(tiny, tmp_path, capsys):
+    argv = ["fuse", "--models", str(tiny["A"]), str(tiny["B"]), str(tiny["C"]), "--out", str(tmp_path / "o")]
+    rc = main([*argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "rgsp is defined for 2 models" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_rgsp_report_says_when_it_extrapolates_past_b(tiny, tmp_path):
+    seed_default = fuse(tiny["A"], tiny["B"], tmp_path / "g1", progress=False)
+    note = [n for n in seed_default.report.notes if n.startswith("extrapolation:")]
+    assert note and "position 1.50" in note[0] and "past B" in note[0] and "gamma = 1" in note[0]
+    assert "past B" in seed_default.report.summary()
+    average_like = fuse(tiny["A"], tiny["B"], tmp_path / "g0", gamma=0.0, progress=False)
+    assert not any(n.startswith("extrapolation:") for n in average_like.report.notes)
+
+
+def test_three_adapters_in_core_space_match_the_dense_method(tiny, tmp_path):
+    from loraport.fusion.subspace_merge import iso_cts
+
+    z = make_random_adapter(tiny["C"], tmp_path / "Z", r=3, alpha=3, seed=2)
+    result = fuse_adapters(tiny["X"], tiny["Y"], more=[z], method="iso_cts", progress=False)
+    x, y, zd = _deltas(tiny["X"]), _deltas(tiny["Y"]), _deltas(z)
+    fused = _deltas(result.adapter)
+    for name in y:  # in all three adapters: core size 4 + 2 + 3
+        expected = iso_cts([x[name], y[name], zd[name]], dim=9)
+        torch.testing.assert_close(fused[name], expected, rtol=1e-4, atol=1e-6)
+    for name in set(x) - set(y):  # in X and Z only: fused between those two (core size 7)
+        torch.testing.assert_close(fused[name], iso_cts([x[name], zd[name]], dim=7), rtol=1e-4, atol=1e-6)
+    assert {r.action for r in result.report.records} == {"iso_cts"}
+    with pytest.raises(FusionError, match="rgsp is defined for 2 adapters"):
+        fuse_adapters(tiny["X"], tiny["Y"], more=[z], method="rgsp", progress=False)

@@ -237,3 +237,28 @@ def test_demo_end_to_end_reduced(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert (tmp_path / "D15" / "identity" / "adapter_config.json").is_file()
     assert (tmp_path / "D15" / "calibrated" / "adapter_config.json").is_file()
     assert (tmp_path / "results.md").is_file()
+
+
+def test_dev_splits_and_the_smaller_task() -> None:
+    from loraport.zoo.tasks import smaller_task
+
+    facts = facts_task(people=10, n_dev=8)
+    assert facts.dev == facts.train[:8] and facts.eval == facts.train[8:]
+    addition = addition_task(n_dev=50)
+    questions = [{r["question"] for r in split} for split in (addition.train, addition.dev, addition.eval)]
+    assert len(addition.dev) == 50 and not (questions[0] & questions[1] or questions[1] & questions[2])
+    assert addition_task().train[-1] == addition.train[-1] and len(addition_task().dev) == 0
+    smaller = smaller_task(n_train=40, n_dev=10, n_eval=20)
+    splits = (smaller.train, smaller.dev, smaller.eval)
+    assert [len(s) for s in splits] == [40, 10, 20]
+    pairs = [{frozenset(r["question"].removeprefix("Which number is less, ").rstrip("?").split(" or ")) for r in s}
+             for s in splits]  # fmt: skip
+    assert not (pairs[0] & pairs[1] or pairs[0] & pairs[2] or pairs[1] & pairs[2])
+    for record in smaller.train + smaller.eval:
+        validate_example(record)
+        a, b = (int(x) for x in record["question"].removeprefix("Which number is less, ").rstrip("?").split(" or "))
+        assert answer_text(record) == str(min(a, b)) and str(max(a, b)) in record["choices"]["text"]
+        assert len(set(record["choices"]["text"])) == 4
+    tokenizer = build_tokenizer()  # the zoo's vocabulary covers the new task
+    for record in smaller.eval:
+        assert tokenizer.unk_token_id not in tokenizer(qa_text(record["question"], answer_text(record)))["input_ids"]

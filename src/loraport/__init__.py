@@ -10,6 +10,7 @@ Public API::
 from __future__ import annotations
 
 from .adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
+from .batching import BatchOptions, BatchResult, batch
 from .checkpoints import Checkpoint
 from .errors import AdapterError, CheckpointError, LoraportError, TransferError
 from .fusion import FUSION_METHODS, FuseOptions, FusionError, fuse, fuse_adapters
@@ -24,6 +25,8 @@ __all__ = [
     "FUSION_METHODS",
     "METHODS",
     "AdapterError",
+    "BatchOptions",
+    "BatchResult",
     "Checkpoint",
     "CheckpointError",
     "FuseOptions",
@@ -35,6 +38,7 @@ __all__ = [
     "TransferOptions",
     "TransferResult",
     "__version__",
+    "batch",
     "fuse",
     "fuse_adapters",
     "inspect_adapter",

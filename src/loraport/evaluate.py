@@ -380,10 +380,12 @@ def evaluate(
     )
 
 
-def _open_model(model: str | os.PathLike[str]) -> Any:
+def _open_model(model: Any) -> Any:
     """The model's lazy checkpoint: a local directory, a hub id in the local cache, or a ``.gguf`` file."""
     from .checkpoints import Checkpoint
 
+    if isinstance(model, Checkpoint):
+        return model
     path = Path(model)
     if path.is_dir() and not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
         raise CheckpointError(f"{path}: not a local model directory (expected config.json, weights, tokenizer)")
@@ -391,9 +393,11 @@ def _open_model(model: str | os.PathLike[str]) -> Any:
 
 
 def load_model(
-    model: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32
+    model: str | os.PathLike[str] | Any,
+    adapter: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Any:
-    """``AutoModelForCausalLM`` of a model directory or ``.gguf`` file (no remote code), plus an adapter if given."""
+    """``AutoModelForCausalLM`` of a model directory, ``.gguf`` file or open checkpoint, plus an adapter if given."""
     lm = _open_model(model).load_causal_lm(dtype)
     if adapter is None:
         return lm
@@ -411,7 +415,7 @@ def load_model(
         raise AdapterError(f"{adapter_dir}: cannot attach the adapter to {model}: {exc}") from None
 
 
-def load_tokenizer(model: str | os.PathLike[str], add_bos_token: bool | None = None) -> Any:
+def load_tokenizer(model: str | os.PathLike[str] | Any, add_bos_token: bool | None = None) -> Any:
     """The fast tokenizer saved with the model, or a GGUF file's (lm-eval passes ``add_bos_token`` when set)."""
     kwargs: dict[str, Any] = {"use_fast": True}
     if add_bos_token is not None:
@@ -437,8 +441,9 @@ def evaluate_path(
     """
     started = time.perf_counter()
     examples = load_arc_jsonl(data, limit)
-    tokenizer = load_tokenizer(model, add_bos_token)
-    lm = load_model(model, adapter, dtype)
+    checkpoint = _open_model(model)  # once for both (a GGUF header is scanned once)
+    tokenizer = load_tokenizer(checkpoint, add_bos_token)
+    lm = load_model(checkpoint, adapter, dtype)
     result = evaluate(lm, tokenizer, examples, batch_size, device, progress, add_bos_token=add_bos_token)
     result.seconds = time.perf_counter() - started
     return result

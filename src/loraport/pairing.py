@@ -61,11 +61,12 @@ class Unit:
     part_index: int
 
 
-def linear_shape(ckpt: Checkpoint, key: str, arch: Architecture) -> tuple[int, int]:
+def linear_shape(ckpt: TensorSource, key: str, transposed: bool) -> tuple[int, int]:
+    """``(out, in)`` of a matrix stored as is, or transposed (GPT-2 ``Conv1D``)."""
     shape = ckpt.shape(key)
     if len(shape) != 2:
         raise CheckpointError(f"{ckpt.name}: {key} has shape {shape}, expected a matrix")
-    return (shape[1], shape[0]) if arch.transposed else (shape[0], shape[1])
+    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
 
 
 def layer_count(arch: Architecture, ckpt: Checkpoint) -> int:
@@ -117,7 +118,7 @@ class Pairing:
         key = self.src.resolve_module(module.name)
         if key is None:
             raise AdapterError(f"adapter module {module.name} has no weight in the source base {self.src.name}")
-        shape = linear_shape(self.src, key, self.arch_s)
+        shape = linear_shape(self.src, key, self.arch_s.transposed)
         if shape != module.shape:
             raise AdapterError(
                 f"adapter does not fit the source base: module {module.name} has an update of shape "
@@ -126,7 +127,7 @@ class Pairing:
         return parsed[0], parsed[1], key
 
     def _target_rows(self, spec: ModuleSpec, name: str, key: str) -> tuple[tuple[int, int], list[slice]]:
-        shape = linear_shape(self.tgt, key, self.arch_t)
+        shape = linear_shape(self.tgt, key, self.arch_t.transposed)
         return shape, self.arch_t.part_rows(spec, self.tgt.config, shape[0], name)
 
     def _pair(self, adapter: LoraAdapter) -> None:

@@ -195,6 +195,7 @@ def transfer(
     report_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    extra_files: dict[str, str] | None = None,
     **overrides: Any,
 ) -> TransferResult:
     """Port a LoRA adapter from ``source_base`` to ``target_base``.
@@ -214,6 +215,8 @@ def transfer(
             (``method="lorax"``, ``subspace_rank=32``, ...).
         report_path: also write the report (``.json`` + ``.md``; ``.png`` adds a plot).
         progress: show a progress bar on stderr.
+        extra_files: text files (name -> content) written into ``out`` in the same atomic
+            step as the adapter (``loraport batch`` records each job's identity this way).
 
     Returns:
         A :class:`TransferResult` with the ported adapter and its report.
@@ -240,7 +243,7 @@ def transfer(
             from .diffusion.port import transfer_diffusion
 
             return transfer_diffusion(
-                adapter, source_base, target_base, out, options, report_path, overwrite, progress, started
+                adapter, source_base, target_base, out, options, report_path, overwrite, progress, started, extra_files
             )
     if options.out_format not in (None, "peft"):
         raise TransferError(f"--out-format {options.out_format} is for image-model LoRAs; LLM adapters are PEFT")
@@ -251,7 +254,7 @@ def transfer(
     src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
     tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
     calibrated = options.method == CALIBRATED
-    method = get_method(options.init_method if calibrated else options.method)
+    method = port_method(options)
     pairing = Pairing(adapter, src, tgt, options.layer_map)
 
     report = new_report(options, src.name, tgt.name, adapter)
@@ -288,6 +291,8 @@ def transfer(
             save_adapter(target_adapter, tmp, config=config)
             report.output = str(Path(out))
             report.save(tmp / "loraport_report.json")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         written = Path(out)
     finish_report(report, started, report_path)
     return TransferResult(target_adapter, report, written)
@@ -311,6 +316,39 @@ def new_report(options: TransferOptions, source: str, target: str, adapter: Lora
         options=_report_options(options),
         dropped=dict(adapter.dropped),
     )
+
+
+def port_method(options: TransferOptions) -> Any:
+    """The per-unit method a port runs (``calibrated`` starts from its init method's result)."""
+    return get_method(options.init_method if options.method == CALIBRATED else options.method)
+
+
+def plan_units(
+    units: list[Unit], method: Any, options: TransferOptions
+) -> tuple[list[tuple[Unit, int, bool, bool, bool]], list[Request]]:
+    """Which subspaces each unit needs: ``(unit, k, same_shape, needs_source, needs_target)`` per unit,
+    and the subspace requests ``(source, transposed, tensor, rows, k)`` in the order they are used.
+
+    ``loraport batch`` plans every job's requests with this before any port runs, so that each
+    distinct subspace is computed once.
+    """
+    fallback = get_method(options.fallback) if options.fallback != "skip" else None
+    want_sim = options.wants_similarity(method.needs_source or method.needs_target)
+    plans: list[tuple[Unit, int, bool, bool, bool]] = []
+    requests: list[Request] = []
+    for unit in units:
+        same = unit.source.shape == unit.target.shape
+        k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
+        if method.same_shape_only and not same:
+            need_s = need_t = False
+        else:
+            need_s = method.needs_source or not same or want_sim
+            need_t = method.needs_target or not same or want_sim
+        if fallback is not None and options.thresholded:
+            need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
+        plans.append((unit, k, same, need_s, need_t))
+        requests += _unit_requests(unit, need_s, need_t, k)
+    return plans, requests
 
 
 def port_units(
@@ -384,21 +422,7 @@ def run_units(
     (decoder layers of LLMs, named modules of diffusion models) goes through this loop.
     """
     fallback = get_method(options.fallback) if options.fallback != "skip" else None
-    want_sim = options.wants_similarity(method.needs_source or method.needs_target)
-    plans: list[tuple[Unit, int, bool, bool, bool]] = []
-    requests: list[Request] = []
-    for unit in units:
-        same = unit.source.shape == unit.target.shape
-        k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
-        if method.same_shape_only and not same:
-            need_s = need_t = False
-        else:
-            need_s = method.needs_source or not same or want_sim
-            need_t = method.needs_target or not same or want_sim
-        if fallback is not None and options.thresholded:
-            need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
-        plans.append((unit, k, same, need_s, need_t))
-        requests += _unit_requests(unit, need_s, need_t, k)
+    plans, requests = plan_units(units, method, options)
     store.plan(requests)
     clamped = [k for _, k, _, need_s, need_t in plans if (need_s or need_t) and k < options.subspace_rank]
     if clamped:
@@ -548,6 +572,8 @@ __all__ = [
     "check_written",
     "finish_report",
     "new_report",
+    "plan_units",
+    "port_method",
     "port_units",
     "run_units",
     "transfer",

@@ -61,7 +61,7 @@ from ..methods.calibrated import (
 from ..pairing import Pairing, Side, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
 from ..streaming import Chunk, Stream, StreamedModel
-from .accumulate import add_product
+from .accumulate import GRAM_DTYPE, add_product
 from .maps import MapMoments, OutputAnchor, centered_gram, fit_map, linear_cka, map_r2, monotone_pairing
 from .options import CalibrationOptions
 from .shared import Part, adapter_deltas
@@ -144,7 +144,7 @@ class _WriterMoments:
     """Per fold: ``X X^T``, ``Y X^T``, ``||Y||^2`` and the token count of one writer module."""
 
     def __init__(self, folds: int, m: int, n: int, device: torch.device) -> None:
-        self.gram = [torch.zeros(n, n, dtype=F64, device=device) for _ in range(folds)]
+        self.gram = [torch.zeros(n, n, dtype=GRAM_DTYPE, device=device) for _ in range(folds)]
         self.cross = [torch.zeros(m, n, dtype=F64, device=device) for _ in range(folds)]
         self.energy = [0.0] * folds
         self.tokens = [0] * folds
@@ -458,16 +458,26 @@ class MappedCalibrator:
             )
 
         fold_stats = [acc.moments(f) for f in folds]
-        # The fit on every fold, with the Cholesky factor computed in place in the summed Gram:
-        # at n = 9216 each n x n float64 buffer is 680 MB.
-        total = functools.reduce(operator.add, fold_stats)
-        lam_prime = ridge_lambda(total.gram, lam)
-        chol = total.gram
+        # The fit on every fold, its Cholesky factor computed in place in one float64 buffer
+        # (n = 9216: 680 MB; the per-fold Grams are float32).
+        chol = torch.zeros_like(fold_stats[0].gram, dtype=F64)
+        for fold in fold_stats:
+            chol += fold.gram
+        lam_prime = ridge_lambda(chol, lam)
         chol.diagonal().add_(lam_prime)
         info_code = torch.empty((), dtype=torch.int32, device=chol.device)
         torch.linalg.cholesky_ex(chol, out=(chol, info_code))
         if int(info_code) != 0:
             raise TransferError(f"calibrated (mapped): the inputs of {suffix} in layer {t} are degenerate")
+        total = Moments(
+            chol,  # not read by the solve (chol and lam_prime are given)
+            fold_stats[0].cross,
+            fold_stats[0].code_gram,
+            sum(f.tokens for f in fold_stats),
+            functools.reduce(operator.add, [f.target_cross for f in fold_stats]),
+            sum(f.target_energy for f in fold_stats),
+            fold_stats[0].target_code,
+        )
         factors = solve(total, chol=chol, lam_prime=lam_prime)
         del total, chol
         name = self.pairing.arch_t.module_name(t, suffix)

@@ -82,29 +82,29 @@ def tokenize_calibration(
     return ids
 
 
-def base_tokenizers(src: Checkpoint, tgt: Checkpoint) -> tuple[Any, Any]:
-    """Both bases' tokenizers (an error naming the base that has none)."""
+def base_tokenizers(src: Checkpoint, tgt: Checkpoint, purpose: str = "calibrated transfer") -> tuple[Any, Any]:
+    """Both bases' tokenizers (an error naming the base that has none; ``purpose`` names the caller)."""
     tokenizers = []
     for ckpt in (src, tgt):
         try:
             tokenizers.append(ckpt.load_tokenizer())
         except LoraportError as exc:
-            raise LoraportError(f"calibrated transfer needs each base model's tokenizer: {exc}") from None
+            raise LoraportError(f"{purpose} needs each base model's tokenizer: {exc}") from None
     return tokenizers[0], tokenizers[1]
 
 
-def shared_tokenizer(src: Checkpoint, tgt: Checkpoint) -> Any:
+def shared_tokenizer(src: Checkpoint, tgt: Checkpoint, purpose: str = "calibrated transfer") -> Any:
     """The tokenizer of both bases; an error unless their vocabularies are identical.
 
-    Teacher and student must see the same token ids for the regression to compare like
-    with like.
+    Teacher and student (or two models RegMean runs) must see the same token ids for the
+    regression to compare like with like; ``purpose`` names the caller in errors.
     """
-    tokenizers = base_tokenizers(src, tgt)
+    tokenizers = base_tokenizers(src, tgt, purpose)
     vocab_s, vocab_t = (tok.get_vocab() for tok in tokenizers)
     if vocab_s != vocab_t:
         differ = len(set(vocab_s.items()) ^ set(vocab_t.items()))
         raise LoraportError(
-            f"calibrated transfer needs the same tokenizer on both bases: {src.name} ({len(vocab_s)} tokens) and "
+            f"{purpose} needs the same tokenizer on both bases: {src.name} ({len(vocab_s)} tokens) and "
             f"{tgt.name} ({len(vocab_t)} tokens) differ in {differ} vocabulary entries"
         )
     return tokenizers[0]

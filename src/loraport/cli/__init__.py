@@ -1,6 +1,6 @@
 """The ``loraport`` command line: thin wrappers over the library API, no math here.
 
-One module per sub-command (``transfer``, ``inspect``, ``evaluate``, ``fuse``, ``demo``); each
+One module per sub-command (``transfer``, ``batch``, ``inspect``, ``evaluate``, ``fuse``, ``demo``); each
 registers itself with :func:`register_command` when imported.
 
 Bad input exits with status 2 and a one-line ``loraport: error: ...`` naming the file or
@@ -29,7 +29,7 @@ def register_command(
 
 
 # Sub-command modules, in the order ``loraport --help`` lists them.
-COMMAND_MODULES = ("transfer", "inspect", "evaluate", "fuse", "demo")
+COMMAND_MODULES = ("transfer", "batch", "inspect", "evaluate", "fuse", "demo")
 
 
 def _load_commands() -> None:

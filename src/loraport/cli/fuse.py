@@ -1,4 +1,4 @@
-"""``loraport fuse``: weight-space fusion of models or adapters."""
+"""``loraport fuse``: weight-space fusion of ``N >= 2`` models or adapters."""
 
 from __future__ import annotations
 
@@ -20,25 +20,33 @@ def _parse_size(text: str) -> int:
 
 
 def _fuse_args(p: argparse.ArgumentParser) -> None:
-    from ..fusion.methods import DEFAULT_EXCLUDE, FUSION_METHODS, FuseOptions
+    from ..fusion.methods import FUSION_METHODS
+    from ..fusion.options import DARE_COMBINE, DEFAULT_EXCLUDE, FALLBACKS, FuseOptions
 
     d = FuseOptions()
-    p.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two models, or two LoRA adapters")
+    p.add_argument(
+        "--models", nargs="+", required=True, metavar="MODEL", help="two or more models, or two or more LoRA adapters"
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--method", default=d.method, choices=list(FUSION_METHODS), help=f"default {d.method}")
-    p.add_argument("--base", default=None, help="common base model C (task_arithmetic, ties)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="common base model C (task-vector methods; regmean on adapters: the base they were trained on)",
+    )
     p.add_argument(
         "--rank",
         type=int,
         default=None,
-        help=f"models: RGSP top-r SVD rank (default {d.rank}); adapters: rank of the fused adapter (default r_A + r_B)",
+        help=f"models: RGSP top-r SVD rank (default {d.rgsp.rank}); adapters: rank of the fused adapter "
+        "(default: the sum of the input ranks)",
     )
-    p.add_argument("--epsilon", type=float, default=d.epsilon, help=f"GW entropic regularisation (default {d.epsilon})")
-    p.add_argument("--beta", type=float, default=d.beta, help=f"RGSP TOS temperature (default {d.beta})")
-    p.add_argument("--gamma", type=float, default=d.gamma, help=f"RGSP task-term scale (default {d.gamma})")
-    p.add_argument("--density", type=float, default=d.density, help=f"TIES kept fraction (default {d.density})")
-    p.add_argument("--scaling", type=float, default=d.scaling, help=f"task-vector scale (default {d.scaling})")
-    p.add_argument("--svd", choices=["exact", "randomized"], default=d.svd, help=f"SVD algorithm (default {d.svd})")
+    p.add_argument(
+        "--scaling",
+        type=float,
+        default=d.scaling,
+        help=f"task-vector methods: W_C + scaling * merged (default {d.scaling})",
+    )
     p.add_argument("--include", default=None, metavar="REGEX", help="tensors sent through the method (default: 2-D)")
     p.add_argument(
         "--exclude",
@@ -54,45 +62,135 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    g = p.add_argument_group("rgsp")
+    g.add_argument(
+        "--epsilon", type=float, default=d.rgsp.epsilon, help=f"GW regularisation (default {d.rgsp.epsilon})"
+    )
+    g.add_argument("--beta", type=float, default=d.rgsp.beta, help=f"TOS temperature (default {d.rgsp.beta})")
+    g.add_argument(
+        "--gamma",
+        type=float,
+        default=d.rgsp.gamma,
+        help=f"task-term scale (default {d.rgsp.gamma}, the seed's: lands past B; 0 = average)",
+    )
+    g.add_argument("--svd", choices=["exact", "randomized"], default=d.rgsp.svd, help=f"default {d.rgsp.svd}")
+
+    g = p.add_argument_group("ties / dare")
+    g.add_argument(
+        "--density",
+        type=float,
+        default=None,
+        help=f"kept fraction of each task vector (ties default {d.ties.density}, dare default {d.dare.density})",
+    )
+    g.add_argument(
+        "--dare-combine",
+        choices=DARE_COMBINE,
+        default=d.dare.combine,
+        help=f"dare: combine the dropped task vectors by sum or TIES sign election (default {d.dare.combine})",
+    )
+    g.add_argument("--seed", type=int, default=d.dare.seed, help=f"dare's mask seed (default {d.dare.seed})")
+
+    g = p.add_argument_group("iso_cts")
+    g.add_argument(
+        "--common-fraction",
+        type=float,
+        default=d.iso_cts.common_fraction,
+        help=f"share of min(m, n) kept as the common subspace (default {d.iso_cts.common_fraction})",
+    )
+
+    g = p.add_argument_group("regmean")
+    g.add_argument(
+        "--calibration",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="unlabeled text, one sample per line: one file for every model, or one per model (in --models order)",
+    )
+    g.add_argument(
+        "--calib-samples", type=int, default=d.regmean.samples, help=f"samples used (default {d.regmean.samples})"
+    )
+    g.add_argument(
+        "--calib-max-tokens",
+        type=int,
+        default=d.regmean.max_tokens,
+        help=f"tokens per sample (default {d.regmean.max_tokens})",
+    )
+    g.add_argument(
+        "--shrinkage",
+        type=float,
+        default=d.regmean.shrinkage,
+        help=f"factor on off-diagonal Gram entries (default {d.regmean.shrinkage})",
+    )
+    g.add_argument(
+        "--fallback",
+        choices=FALLBACKS,
+        default=d.regmean.fallback,
+        help=f"for tensors that are not a decoder layer's linear weight (default {d.regmean.fallback})",
+    )
+    g.add_argument("--device", default=d.regmean.device, help=f"where the models run (default {d.regmean.device})")
+
+
+def _options(args: argparse.Namespace) -> object:
+    from ..fusion.options import DareOptions, FuseOptions, IsoCtsOptions, RegMeanOptions, RgspOptions, TiesOptions
+
+    defaults = FuseOptions()
+    rgsp = RgspOptions(epsilon=args.epsilon, beta=args.beta, gamma=args.gamma, svd=args.svd)
+    if args.rank is not None:
+        rgsp.rank = args.rank  # models; for adapters --rank is the output rank (rgsp's rank is clamped anyway)
+    density = args.density
+    return FuseOptions(
+        method=args.method,
+        scaling=args.scaling,
+        include=args.include,
+        exclude=args.exclude or None,
+        allow_mismatch=args.allow_mismatch,
+        shard_size=_parse_size(args.shard_size),
+        rgsp=rgsp,
+        ties=TiesOptions(density=density if density is not None else defaults.ties.density),
+        dare=DareOptions(
+            density=density if density is not None else defaults.dare.density, combine=args.dare_combine, seed=args.seed
+        ),
+        iso_cts=IsoCtsOptions(common_fraction=args.common_fraction),
+        regmean=RegMeanOptions(
+            calibration=args.calibration[0] if args.calibration and len(args.calibration) == 1 else None,
+            model_calibration=args.calibration if args.calibration and len(args.calibration) > 1 else None,
+            samples=args.calib_samples,
+            max_tokens=args.calib_max_tokens,
+            shrinkage=args.shrinkage,
+            fallback=args.fallback,
+            device=args.device,
+        ),
+    )
+
 
 def _fuse(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..adapters import CONFIG_NAME
-    from ..fusion import FuseOptions, fuse, fuse_adapters
+    from ..fusion import fuse, fuse_adapters
 
-    options = FuseOptions(
-        method=args.method,
-        epsilon=args.epsilon,
-        beta=args.beta,
-        gamma=args.gamma,
-        density=args.density,
-        scaling=args.scaling,
-        svd=args.svd,
-        include=args.include,
-        exclude=args.exclude or None,
-        allow_mismatch=args.allow_mismatch,
-        shard_size=_parse_size(args.shard_size),
-    )
-    a, b = args.models
+    if len(args.models) < 2:
+        raise LoraportError(f"--models needs at least two inputs, got {len(args.models)}")
+    options = _options(args)
+    first, second, *more = args.models
     is_adapter = [(Path(m) / CONFIG_NAME).exists() for m in args.models]
     common = dict(options=options, report_path=args.report, overwrite=args.overwrite, progress=not args.quiet)
     if any(is_adapter):
         if not all(is_adapter):
-            which = a if is_adapter[0] else b
+            which, other = args.models[is_adapter.index(True)], args.models[is_adapter.index(False)]
             raise LoraportError(
-                f"{which} is a LoRA adapter but the other input is not: pass two models or two adapters"
+                f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
             )
-        if args.base:
-            raise LoraportError("--base is for model fusion; adapters are fused on their shared base (C = 0)")
-        result = fuse_adapters(a, b, args.out, rank=args.rank, **common)
+        if args.base and args.method != "regmean":
+            raise LoraportError(
+                "--base is for model fusion (and regmean on adapters); adapters are fused on their shared base (C = 0)"
+            )
+        result = fuse_adapters(first, second, args.out, more=more, rank=args.rank, base=args.base, **common)
     else:
-        if args.rank is not None:
-            options.rank = args.rank
-        result = fuse(a, b, args.out, base=args.base, **common)
+        result = fuse(first, second, args.out, more=more, base=args.base, **common)
     print(result.report.summary())
     print(f"{result.report.kind} written to {args.out}" + (f"; report {args.report}" if args.report else ""))
     return 0
 
 
-register_command("fuse", "fuse two fine-tuned models (or two LoRA adapters) in weight space", _fuse_args, _fuse)
+register_command("fuse", "fuse two or more fine-tuned models (or LoRA adapters) in weight space", _fuse_args, _fuse)

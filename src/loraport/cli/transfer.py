@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..errors import LoraportError
 from . import register_command
+
+if TYPE_CHECKING:
+    from ..transfer import TransferOptions
 
 
 def _parse_thresholds(text: str | None) -> dict[str, float]:
@@ -193,10 +197,11 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _transfer(args: argparse.Namespace) -> int:
+def options_from_args(args: argparse.Namespace) -> TransferOptions:
+    """The :class:`~loraport.transfer.TransferOptions` of parsed ``transfer`` flags (``loraport batch`` uses it too)."""
     from ..architectures import parse_layer_map
     from ..calibrate import FLAG_FIELDS
-    from ..transfer import TransferOptions, transfer
+    from ..transfer import TransferOptions
 
     options = TransferOptions(
         method=args.method,
@@ -217,12 +222,18 @@ def _transfer(args: argparse.Namespace) -> int:
     for flag in FLAG_FIELDS:  # the calibrated group, by flag name
         if hasattr(args, flag):
             options.set(flag, getattr(args, flag))
+    return options
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from ..transfer import transfer
+
     result = transfer(
         args.adapter,
         args.source_base,
         args.target_base,
         args.out,
-        options=options,
+        options=options_from_args(args),
         report_path=args.report,
         overwrite=args.overwrite,
         progress=not args.quiet,

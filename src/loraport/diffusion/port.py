@@ -88,6 +88,7 @@ def transfer_diffusion(
     overwrite: bool = False,
     progress: bool = True,
     started: float | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> TransferResult:
     """Port a diffusion LoRA from ``source_base`` to ``target_base`` (what :func:`loraport.transfer` calls for one).
 
@@ -99,6 +100,7 @@ def transfer_diffusion(
             one PEFT directory per component, plus ``loraport_report.json``); written atomically.
         options: as for :func:`loraport.transfer`; ``options.out_format`` picks the output
             format (default: the input's). ``calibrated`` and ``layer_map`` do not apply.
+        extra_files: text files (name -> content) written into a directory ``out`` with the port.
 
     Returns:
         A :class:`~loraport.transfer.TransferResult` whose adapter's modules are named
@@ -119,6 +121,8 @@ def transfer_diffusion(
     )
     fmt = options.out_format or lora.format
     single_file = _check_out(out, fmt, overwrite)
+    if single_file and extra_files:
+        raise TransferError(f"{out}: extra files need a directory --out, not a .safetensors file")
     method = get_method(options.method)
     pairing = DiffusionPairing(lora.adapter, src, tgt)
     report = new_report(options, src.name, tgt.name, lora.adapter)
@@ -141,6 +145,8 @@ def transfer_diffusion(
             with atomic_directory(out, overwrite=overwrite) as tmp:
                 write_port(tmp if fmt == "peft" else tmp / default_file_name(fmt), fmt, ported, lora, tgt, provenance)
                 report.save(tmp / "loraport_report.json")
+                for name, text in (extra_files or {}).items():
+                    (tmp / name).write_text(text)
         written = Path(out)
     finish_report(report, started, report_path)
     return TransferResult(ported, report, written)

@@ -1,4 +1,4 @@
-"""Baseline merges on tensors: ``average``, ``task_arithmetic`` and ``ties``.
+"""Baseline merges on tensors: ``average``, ``task_arithmetic``, ``ties`` and ``dare``.
 
 Pure functions, any tensor shape, computed in float32 (float64 for float64 input); the
 caller casts to the storage dtype. ``task_arithmetic`` and ``ties`` need the common base
@@ -15,6 +15,12 @@ caller casts to the storage dtype. ``task_arithmetic`` and ``ties`` need the com
   return ``W_C + scaling * merged``. Defaults from the paper: ``density = 0.2``,
   ``scaling = 1``. With ``density = 1`` and agreeing signs the disjoint mean is the plain
   mean of the task vectors, i.e. ``task_arithmetic`` with ``scaling / N``.
+* ``dare`` (Yu et al. 2024, "Language Models are Super Mario"): drop each entry of each
+  ``tau_i`` with probability ``1 - density`` and rescale the kept ones by ``1 / density``
+  (:func:`drop_and_rescale`, seeded), then combine as task arithmetic (``sum``) or as TIES
+  without the magnitude trim (``ties``: elect the sign, disjoint mean), as mergekit's
+  ``dare_linear`` / ``dare_ties``; ``W_C + scaling * merged``. The rescaling keeps each
+  entry's expectation: ``E[drop_and_rescale(tau)] = tau``.
 
 Example::
 
@@ -53,6 +59,11 @@ def task_vectors(weights: Sequence[torch.Tensor], base: torch.Tensor) -> list[to
     """``tau_i = W_i - W_C`` in the working dtype."""
     C = _work(base)
     return [_work(w) - C for w in weights]
+
+
+def apply_task_vector(base: torch.Tensor, merged: torch.Tensor, scaling: float = DEFAULT_SCALING) -> torch.Tensor:
+    """``W_C + scaling * merged`` in the working dtype."""
+    return _work(base) + scaling * merged
 
 
 def task_arithmetic(
@@ -102,6 +113,12 @@ def disjoint_mean(trimmed: Sequence[torch.Tensor], sign: torch.Tensor) -> torch.
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
+def ties_merge(taus: Sequence[torch.Tensor], density: float = DEFAULT_DENSITY) -> torch.Tensor:
+    """The merged task vector of TIES: trim each ``tau_i``, elect the sign, disjoint mean."""
+    trimmed = [trim(_work(tau), density) for tau in taus]
+    return disjoint_mean(trimmed, elect_sign(trimmed))
+
+
 def ties(
     weights: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -109,6 +126,44 @@ def ties(
     scaling: float = DEFAULT_SCALING,
 ) -> torch.Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean; ``W_C + scaling * merged``."""
-    trimmed = [trim(tau, density) for tau in task_vectors(weights, base)]
-    merged = disjoint_mean(trimmed, elect_sign(trimmed))
-    return _work(base) + scaling * merged
+    return _work(base) + scaling * ties_merge(task_vectors(weights, base), density)
+
+
+def drop_and_rescale(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's random sparsification: keep each entry with probability ``density``, divided by ``density``.
+
+    The mask is drawn on the CPU from ``generator`` (same seed, same mask on any device).
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    keep = (torch.rand(tau.shape, generator=generator) < density).to(tau.device)
+    return torch.where(keep, tau / density, torch.zeros_like(tau))
+
+
+def dare_merge(
+    taus: Sequence[torch.Tensor], density: float, generator: torch.Generator, combine: str = "task_arithmetic"
+) -> torch.Tensor:
+    """The merged task vector of DARE: drop and rescale each ``tau_i``, then sum (``task_arithmetic``)
+    or elect the sign and take the disjoint mean (``ties``)."""
+    dropped = [drop_and_rescale(_work(tau), density, generator) for tau in taus]
+    if combine == "ties":
+        return disjoint_mean(dropped, elect_sign(dropped))
+    if combine != "task_arithmetic":
+        raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
+    total = dropped[0]
+    for tau in dropped[1:]:
+        total = total + tau
+    return total
+
+
+def dare(
+    weights: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    density: float,
+    scaling: float = DEFAULT_SCALING,
+    *,
+    generator: torch.Generator,
+    combine: str = "task_arithmetic",
+) -> torch.Tensor:
+    """DARE: drop and rescale the task vectors, combine them; ``W_C + scaling * merged``."""
+    return _work(base) + scaling * dare_merge(task_vectors(weights, base), density, generator, combine)

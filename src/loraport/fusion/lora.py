@@ -1,15 +1,26 @@
-"""Fuse two LoRA adapters trained on one base through their updates ``dW = s B A``.
+"""Fuse ``N >= 2`` LoRA adapters trained on one base through their updates ``dW = s B A``, never densified.
 
-Per module (one at a time): ``average`` and ``task_arithmetic`` work on the factored forms
-(the sum of two low-rank products is the concatenation of their factors), then
-:func:`~loraport.lowrank.balanced_factors` re-factorises without forming ``dW``; ``ties``
-(elementwise) and ``rgsp`` (needs an SVD of each update) form the dense ``dW`` of one module
-and truncate the result by SVD. Task-vector methods use ``C = 0`` (the shared base), so
-``task_arithmetic`` is ``scaling (dW_A + dW_B)``. The output rank is bounded by ``rank``
-(default ``r_A + r_B``, lossless for ``average`` and ``task_arithmetic``); the energy
-dropped by the bound is reported per module. RGSP's subspace rank is
-``min(options.rank, max(r_A, r_B))``: directions beyond an update's rank have zero singular
-values and arbitrary vectors. Modules present in one adapter only are copied.
+Per module (one at a time), with ``D_i = s_i B_i A_i``:
+
+* ``average``, ``task_arithmetic``, ``ties``, ``dare``, ``tsv``, ``iso_c``, ``iso_cts`` run on the
+  Core Space of the module's updates (:mod:`~loraport.fusion.core_space`): orthonormal bases
+  of the stacked ``B_i`` and ``A_i^T`` and ``(sum r_i) x (sum r_i)`` cores; the merged core is
+  lifted back and re-factorised (SVD of the core only). Exact for every method but the
+  entrywise ``ties`` and ``dare``, which act on core entries (the Core Space paper's variant:
+  on the dense ``dW`` they would be another method). Task-vector methods use ``C = 0`` (the
+  shared base): ``task_arithmetic`` is ``scaling sum_i D_i``.
+* ``regmean`` streams calibration text through the base with each adapter merged
+  (:class:`~loraport.fusion.grams.LayerGrams`; needs the base model) and merges each module
+  in factored form (:func:`~loraport.fusion.regmean.regmean_factors`).
+* ``rgsp`` (two adapters only) forms each module's dense ``dW`` (it needs SVDs of the two
+  updates and their signs) and truncates the result by SVD. Its subspace rank is
+  ``min(rank, max(r_A, r_B))``: directions beyond an update's rank have zero singular values
+  and arbitrary vectors.
+
+The output rank is bounded by ``rank`` (default ``sum_i r_i``, lossless for ``average`` and
+``task_arithmetic``); the energy dropped by the bound is reported per module. Modules present
+in one adapter only are copied; a module present in some of ``N > 2`` adapters is fused
+among those that have it.
 
 The output keeps A's ``use_rslora``; fused modules carry ``lora_alpha`` such that the scale
 is 1 (the balanced factors hold it); copied modules keep their factors and get the alpha that
@@ -20,6 +31,7 @@ Example::
     >>> result = fuse_adapters("lora-math", "lora-code", "lora-both", method="average")  # doctest: +SKIP
     >>> result.adapter.modules["model.layers.0.self_attn.q_proj"].rank                  # doctest: +SKIP
     32
+    >>> fuse_adapters("lora-a", "lora-b", "lora-abc", more=["lora-c"], method="iso_cts", rank=16)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +49,23 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
+from ..architectures import KNOWN, architecture_for
+from ..calibrate.shared import adapter_deltas
+from ..checkpoints import Checkpoint
+from ..errors import LoraportError
 from ..io import atomic_directory, check_output_dir
 from ..lowrank import DEFAULT_RTOL, Factors, balanced_factors, factors_from_svd, frobenius_norm
-from ..report import peak_rss_mb
-from . import baselines
-from .methods import FuseOptions, FusionError, rgsp_with_options
-from .models import FusionResult, resolve_options
+from .core_space import core_space
+from .grams import LayerGrams
+from .methods import merge_task_matrices, rgsp_with_options
+from .models import FusionResult, copied_action, finish_report, role_name
+from .options import FuseOptions, FusionError, resolve_options
+from .regmean import regmean_factors
 from .report import FusionReport, TensorRecord, layer_of
 from .rgsp import position_on_line
 
 ADAPTER_REPORT_NAME = "loraport_fusion_report.json"
+AdapterRef = str | os.PathLike[str] | LoraAdapter
 
 
 def dense_factors(D: torch.Tensor, max_rank: int | None = None, rtol: float = DEFAULT_RTOL) -> Factors:
@@ -74,137 +94,154 @@ def _copy_module(module: LoraModule, use_rslora: bool) -> LoraModule:
     return LoraModule(module.name, module.A, module.B, alpha, use_rslora)
 
 
-def _fused_module(name: str, factors: Factors, shape: tuple[int, int], use_rslora: bool) -> LoraModule:
-    B, A = factors.B, factors.A
+def _fused_module(
+    name: str, factors: Factors, shape: tuple[int, int], use_rslora: bool, dtype: torch.dtype
+) -> LoraModule:
+    B, A = factors.B.to(dtype), factors.A.to(dtype)
     if factors.rank == 0:  # PEFT needs r >= 1: a zero update as rank-1 zero factors
         B, A = B.new_zeros(shape[0], 1), A.new_zeros(1, shape[1])
     rank = int(A.shape[0])
     return LoraModule(name, A, B, _alpha_for_scale(1.0, rank, use_rslora), use_rslora)
 
 
-def _fuse_module(a: LoraModule, b: LoraModule, options: FuseOptions, max_rank: int) -> tuple[Factors, dict[str, Any]]:
-    work = torch.float64 if a.A.dtype == torch.float64 else torch.float32
-    Ba, Aa = _scaled(a, work)
-    Bb, Ab = _scaled(b, work)
+def _fuse_module(
+    name: str,
+    updates: list[tuple[torch.Tensor, torch.Tensor]],
+    options: FuseOptions,
+    max_rank: int,
+    grams: list[torch.Tensor] | None,
+) -> tuple[Factors, dict[str, Any]]:
+    """Fuse the scaled updates ``(s B_i, A_i)`` of one module; returns the factors and report fields."""
     method = options.method
     fields: dict[str, Any] = {}
-    if method in ("average", "task_arithmetic"):
-        weight = 0.5 if method == "average" else options.scaling
-        B = torch.cat([Ba, Bb], dim=1) * weight
-        A = torch.cat([Aa, Ab], dim=0)
+    if method == "rgsp":
+        (Ba, Aa), (Bb, Ab) = updates
+        subspace_rank = min(options.rgsp.rank, max(Aa.shape[0], Ab.shape[0]))
+        merged, fields = rgsp_with_options(options, Ba @ Aa, Bb @ Ab, subspace_rank)
+        if not torch.isfinite(merged).all():
+            raise FusionError(f"module {name}: rgsp produced non-finite values")
+        return dense_factors(merged, max_rank), fields
+    if method == "regmean":
+        assert grams is not None
+        B, A = regmean_factors(updates, grams, options.regmean.shrinkage, options.regmean.ridge)
         return balanced_factors(B, A, max_rank=max_rank), fields
-    dW_a, dW_b = Ba @ Aa, Bb @ Ab
-    if method == "ties":
-        merged = baselines.ties([dW_a, dW_b], torch.zeros_like(dW_a), options.density, options.scaling)
-        fields["position"] = position_on_line(dW_a, dW_b, merged)
+    space = core_space(updates)
+    if method == "average":
+        merged = torch.stack(space.cores).mean(0)
     else:
-        merged, fields = rgsp_with_options(options, dW_a, dW_b, min(options.rank, max(a.rank, b.rank)))
+        merged = options.scaling * merge_task_matrices(options, space.cores, dim=space.dim, name=name)
     if not torch.isfinite(merged).all():
-        raise FusionError(f"module {a.name}: {method} produced non-finite values")
-    return dense_factors(merged, max_rank), fields
+        raise FusionError(f"module {name}: {method} produced non-finite values")
+    if len(updates) == 2:
+        fields["position"] = position_on_line(space.cores[0], space.cores[1], merged)
+    return space.lift(merged, max_rank), fields
+
+
+def _load(adapter: AdapterRef) -> LoraAdapter:
+    return adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
+
+
+def _module_grams(
+    adapters: list[LoraAdapter], base: str | os.PathLike[str] | Checkpoint | None, options: FuseOptions, progress: bool
+) -> LayerGrams:
+    """RegMean's Grams: the base with each adapter merged, streamed side by side."""
+    if base is None:
+        base = adapters[0].config.get("base_model_name_or_path")
+        if not base:
+            raise FusionError("regmean on adapters needs the base model they were trained on (--base)")
+    try:
+        ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
+    except LoraportError as exc:
+        raise FusionError(f"regmean on adapters needs the base model they were trained on (--base): {exc}") from None
+    shapes = None if ckpt.model_type in KNOWN else {k: ckpt.shape(k) for k in ckpt.keys()}
+    arch = architecture_for(ckpt.config, shapes)
+    extras = [lambda layer, ad=ad: adapter_deltas(ad, arch, layer) for ad in adapters]
+    return LayerGrams([ckpt] * len(adapters), arch, options.regmean, extras, progress)
 
 
 def fuse_adapters(
-    adapter_a: str | os.PathLike[str] | LoraAdapter,
-    adapter_b: str | os.PathLike[str] | LoraAdapter,
+    adapter_a: AdapterRef,
+    adapter_b: AdapterRef,
     out: str | os.PathLike[str] | None = None,
     *,
+    more: Sequence[AdapterRef] = (),
     rank: int | None = None,
+    base: str | os.PathLike[str] | Checkpoint | None = None,
     options: FuseOptions | None = None,
     report_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     **overrides: Any,
 ) -> FusionResult:
-    """Fuse two PEFT LoRA adapters trained on the same base.
+    """Fuse PEFT LoRA adapters trained on the same base.
 
     Args:
         adapter_a, adapter_b: adapter directories or loaded adapters.
         out: if given, the fused adapter is written there atomically.
-        rank: maximum rank of each fused module (default ``r_A + r_B``).
-        options, overrides: as for :func:`loraport.fusion.fuse` (``method="average"``, ...);
-            ``options.rank`` is the RGSP subspace rank, clamped to ``max(r_A, r_B)``.
+        more: further adapters (``N >= 3``); ``rgsp`` takes two only.
+        rank: maximum rank of each fused module (default ``sum_i r_i``).
+        base: the base model, needed by ``regmean`` only (default: A's
+            ``base_model_name_or_path`` when that resolves to a local model).
+        options, overrides: as for :func:`loraport.fusion.fuse` (``method="tsv"``, ...);
+            ``options.rgsp.rank`` is the RGSP subspace rank, clamped to ``max(r_A, r_B)``.
 
     Returns:
         A :class:`FusionResult` whose ``adapter`` is the fused :class:`LoraAdapter`.
     """
     started = time.perf_counter()
     options = resolve_options(options, overrides)
+    info = options.info
+    count = 2 + len(more)
+    if info.max_models is not None and count > info.max_models:
+        raise FusionError(f"{options.method} is defined for {info.max_models} adapters (seed 004), got {count}")
     if rank is not None and rank < 1:
         raise FusionError(f"output rank must be >= 1, got {rank}")
     if out is not None:
         check_output_dir(out, overwrite)
-    A = adapter_a if isinstance(adapter_a, LoraAdapter) else load_adapter(adapter_a)
-    B = adapter_b if isinstance(adapter_b, LoraAdapter) else load_adapter(adapter_b)
-    name_a = str(A.path) if A.path else "<adapter A>"
-    name_b = str(B.path) if B.path else "<adapter B>"
+    adapters = [_load(x) for x in (adapter_a, adapter_b, *more)]
+    names_in = [str(ad.path) if ad.path else f"<adapter {role_name(i)}>" for i, ad in enumerate(adapters)]
     report = FusionReport(
         method=options.method,
-        inputs=[name_a, name_b],
+        inputs=names_in,
         base=None,
         options={**options.to_dict(), "output_rank": rank},
         kind="adapter",
     )
-    base_a, base_b = A.config.get("base_model_name_or_path"), B.config.get("base_model_name_or_path")
-    if base_a != base_b:
-        report.notes.append(f"adapters name different bases ({base_a!r} vs {base_b!r}); assumed to be the same model")
-    use_rslora = A.use_rslora
+    bases = [ad.config.get("base_model_name_or_path") for ad in adapters]
+    if len(set(bases)) > 1:
+        listed = ", ".join(repr(b) for b in bases)
+        report.notes.append(f"adapters name different bases ({listed}); assumed to be the same model")
+    grams = _module_grams(adapters, base, options, progress) if info.calibrated else None
+    if grams is not None:
+        report.base = grams.streams[0].model.ckpt.name
+    elif base is not None:
+        report.notes.append(f"base {base} ignored: {options.method} on adapters does not use one")
+    use_rslora = adapters[0].use_rslora
     modules: dict[str, LoraModule] = {}
-    names = list(A.modules) + [n for n in B.modules if n not in A.modules]
-    for name in tqdm(
-        names, desc=f"loraport fuse {options.method}", unit="module", file=sys.stderr, disable=not progress
-    ):
-        t0 = time.perf_counter()
-        ma, mb = A.modules.get(name), B.modules.get(name)
-        source = ma if ma is not None else mb
-        assert source is not None
-        record = TensorRecord(name, source.shape, str(source.A.dtype), options.method, layer=layer_of(name))
-        if ma is None or mb is None:
-            record.action, record.note = (
-                ("copied_from_a", "only in A") if mb is None else ("copied_from_b", "only in B")
-            )
-            modules[name] = _copy_module(source, use_rslora)
-        elif ma.shape != mb.shape:
-            if not options.allow_mismatch:
-                raise FusionError(
-                    f"module {name}: update shape {ma.shape} in {name_a} but {mb.shape} in {name_b} "
-                    "(pass allow_mismatch=True / --allow-mismatch to keep A's module)"
-                )
-            record.action, record.note = "copied_from_a", f"B has shape {mb.shape}"
-            modules[name] = _copy_module(ma, use_rslora)
-        elif (
-            options.keep_identical
-            and ma.scale == mb.scale
-            and torch.equal(ma.A, mb.A)
-            and torch.equal(ma.B, mb.B)
-            and ma.A.dtype == mb.A.dtype
+    names: list[str] = []
+    for adapter in adapters:
+        names += [n for n in adapter.modules if n not in modules and n not in names]
+    if grams is not None:  # Grams are served layer by layer
+        names.sort(key=lambda n: (grams.module_of(n + ".weight") or (-1, ""))[0])
+    try:
+        for name in tqdm(
+            names, desc=f"loraport fuse {options.method}", unit="module", file=sys.stderr, disable=not progress
         ):
-            record.action = "identical"
-            modules[name] = _copy_module(ma, use_rslora)
-        else:
-            work = torch.float64 if ma.A.dtype == torch.float64 else torch.float32
-            Ba, Aa = _scaled(ma, work)
-            Bb, Ab = _scaled(mb, work)
-            norm_a = frobenius_norm(Ba, Aa)
-            diff = frobenius_norm(torch.cat([Bb, -Ba], dim=1), torch.cat([Ab, Aa], dim=0))
-            record.rel_diff = diff / norm_a if norm_a > 0 else None
-            max_rank = rank if rank is not None else ma.rank + mb.rank
-            factors, fields = _fuse_module(ma, mb, options, max_rank)
-            for key, value in fields.items():
-                setattr(record, key, value)
-            record.out_rank = max(factors.rank, 1)
-            record.dropped_energy = factors.dropped_energy
-            modules[name] = _fused_module(name, factors, ma.shape, use_rslora)
-        record.seconds = time.perf_counter() - t0
-        report.records.append(record)
+            t0 = time.perf_counter()
+            record, module = _fuse_named(name, adapters, names_in, options, rank, use_rslora, grams)
+            modules[name] = module
+            record.seconds = time.perf_counter() - t0
+            report.records.append(record)
+    finally:
+        if grams is not None:
+            grams.close()
 
-    config = copy.deepcopy(A.config)
+    config = copy.deepcopy(adapters[0].config)
     config["use_rslora"] = use_rslora
-    fused = LoraAdapter(modules=modules, config=config, dtype=A.dtype)
+    fused = LoraAdapter(modules=modules, config=config, dtype=adapters[0].dtype)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
-    fused.config = adapter_config_for(fused, base_a, leaves, bool(A.config.get("fan_in_fan_out", False)))
-    report.seconds = time.perf_counter() - started
-    report.peak_rss_mb = peak_rss_mb()
+    fused.config = adapter_config_for(fused, bases[0], leaves, bool(adapters[0].config.get("fan_in_fan_out", False)))
+    finish_report(report, grams, started)
     written: Path | None = None
     if out is not None:
         with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -215,3 +252,66 @@ def fuse_adapters(
     if report_path is not None:
         report.save(report_path)
     return FusionResult(written, report, fused)
+
+
+def _fuse_named(
+    name: str,
+    adapters: list[LoraAdapter],
+    names_in: list[str],
+    options: FuseOptions,
+    rank: int | None,
+    use_rslora: bool,
+    grams: LayerGrams | None,
+) -> tuple[TensorRecord, LoraModule]:
+    """One module name: copied (one holder, mismatch, identical) or fused; returns its record and module."""
+    holders = [i for i, ad in enumerate(adapters) if name in ad.modules]
+    present = [adapters[i].modules[name] for i in holders]
+    first = present[0]
+    record = TensorRecord(name, first.shape, str(first.A.dtype), options.method, layer=layer_of(name))
+    if len(present) == 1:
+        record.action = copied_action(holders[0])
+        record.note = f"only in {role_name(holders[0])}"
+        return record, _copy_module(first, use_rslora)
+    odd = [i for i, m in zip(holders, present, strict=True) if m.shape != first.shape]
+    if odd:
+        if not options.allow_mismatch:
+            i = odd[0]
+            raise FusionError(
+                f"module {name}: update shape {first.shape} in {names_in[holders[0]]} but "
+                f"{adapters[i].modules[name].shape} in {names_in[i]} "
+                "(pass allow_mismatch=True / --allow-mismatch to keep A's module)"
+            )
+        record.action = copied_action(holders[0])
+        record.note = f"{role_name(odd[0])} has shape {adapters[odd[0]].modules[name].shape}"
+        return record, _copy_module(first, use_rslora)
+    if options.keep_identical and all(
+        m.scale == first.scale
+        and m.A.dtype == first.A.dtype
+        and torch.equal(m.A, first.A)
+        and torch.equal(m.B, first.B)
+        for m in present[1:]
+    ):
+        record.action = "identical"
+        return record, _copy_module(first, use_rslora)
+    # Core Space and RegMean work on (sum r_i)-column factors: float64 costs little there and keeps
+    # the lifted result at the input's precision; rgsp forms dense m x n updates (float32).
+    work = torch.float64 if options.method != "rgsp" or first.A.dtype == torch.float64 else torch.float32
+    updates = [_scaled(m, work) for m in present]
+    B0, A0 = updates[0]
+    norm_first = frobenius_norm(B0, A0)
+    diff = max(frobenius_norm(torch.cat([B, -B0], dim=1), torch.cat([A, A0], dim=0)) for B, A in updates[1:])
+    record.rel_diff = diff / norm_first if norm_first > 0 else None
+    max_rank = rank if rank is not None else sum(m.rank for m in present)
+    module_grams = None
+    if grams is not None:
+        located = grams.module_of(name + ".weight")
+        if located is None:
+            raise FusionError(f"module {name}: regmean needs a linear module of a decoder layer")
+        all_grams = grams.get(*located)
+        module_grams = [all_grams[i] for i in holders]  # adapter updates are in Linear layout, Conv1D too
+    factors, fields = _fuse_module(name, updates, options, max_rank, module_grams)
+    for key, value in fields.items():
+        setattr(record, key, value)
+    record.out_rank = max(factors.rank, 1)
+    record.dropped_energy = factors.dropped_energy
+    return record, _fused_module(name, factors, first.shape, use_rslora, first.A.dtype)

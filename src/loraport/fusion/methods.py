@@ -1,183 +1,173 @@
-"""Fusion methods behind one registry, their options, and the per-tensor dispatch.
+"""Fusion methods behind one registry, and the per-tensor dispatch.
+
+Every method is a pure function on tensors elsewhere (:mod:`~loraport.fusion.baselines`,
+:mod:`~loraport.fusion.subspace_merge`, :mod:`~loraport.fusion.regmean`,
+:mod:`~loraport.fusion.rgsp`); this module says which inputs each needs and calls it.
+
+* :func:`merge_task_matrices` merges task matrices ``D_i`` (``W_i - W_0`` for models, Core
+  Space cores for adapters) with a task-vector method; the caller adds ``W_0 + scaling * D``.
+* :func:`merge_tensor` fuses one tensor of ``N`` models.
 
 >>> sorted(FUSION_METHODS)
-['average', 'rgsp', 'task_arithmetic', 'ties']
+['average', 'dare', 'iso_c', 'iso_cts', 'regmean', 'rgsp', 'task_arithmetic', 'ties', 'tsv']
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import LoraportError
-from . import baselines
-from .rgsp import (
-    DEFAULT_BETA,
-    DEFAULT_EPSILON,
-    DEFAULT_GAMMA,
-    DEFAULT_GW_MAX_ITER,
-    DEFAULT_RANK,
-    DEFAULT_TFI_EPS,
-    RgspRecord,
-    position_on_line,
-    rgsp_fuse,
-)
-
-# Embedding and output-head matrices are (vocab x hidden) lookups: their SVD is costly and
-# their rows are per-token, so by default they are averaged rather than fused.
-DEFAULT_EXCLUDE = r"embed|lm_head|\bwte\b|\bwpe\b"
-DEFAULT_SHARD_SIZE = 2 * 2**30
-
-
-class FusionError(LoraportError):
-    """The fusion cannot proceed: mismatched models, bad options, non-finite results."""
+from . import baselines, subspace_merge
+from .options import DEFAULT_EXCLUDE, FuseOptions, FusionError
+from .regmean import regmean
+from .rgsp import RgspRecord, position_on_line, rgsp_fuse
 
 
 @dataclass(frozen=True)
 class FusionMethod:
-    """A registered method: ``needs_base`` (task vectors), ``matrices_only`` (2-D only)."""
+    """A registered method.
+
+    Attributes:
+        needs_base: works on task vectors ``W_i - W_C`` (the common base C is required).
+        matrices_only: only 2-D tensors go through it (others are averaged).
+        summary: one line for help texts and docs.
+        uses_scaling: returns ``W_C + scaling * merged``.
+        max_models: the most inputs it is defined for (``None``: any ``N >= 2``).
+        calibrated: needs activations (calibration text run through every model).
+    """
 
     name: str
     needs_base: bool
     matrices_only: bool
     summary: str
+    uses_scaling: bool = False
+    max_models: int | None = None
+    calibrated: bool = False
 
 
 FUSION_METHODS: dict[str, FusionMethod] = {
     m.name: m
     for m in (
-        FusionMethod("rgsp", False, True, "RGSP-TEFM: relative Gromov subspace projection (SPEC sec. 7)"),
-        FusionMethod("average", False, False, "(W_A + W_B) / 2"),
-        FusionMethod("task_arithmetic", True, False, "W_C + scaling * sum_i (W_i - W_C)"),
-        FusionMethod("ties", True, False, "TIES: trim to density, elect sign, disjoint mean; W_C + scaling * merged"),
+        FusionMethod(
+            "rgsp", False, True, "RGSP-TEFM: relative Gromov subspace projection (SPEC sec. 7; two models)", False, 2
+        ),
+        FusionMethod("average", False, False, "mean_i W_i"),
+        FusionMethod("task_arithmetic", True, False, "W_C + scaling * sum_i (W_i - W_C)", True),
+        FusionMethod(
+            "ties", True, False, "TIES: trim to density, elect sign, disjoint mean; W_C + scaling * merged", True
+        ),
+        FusionMethod(
+            "dare", True, False, "DARE: drop at random, rescale, then sum or TIES; W_C + scaling * merged", True
+        ),
+        FusionMethod("tsv", True, True, "TSV-M: per-task top singular vectors, orthogonalised (Procrustes)", True),
+        FusionMethod("iso_c", True, True, "Iso-C: flat spectrum of the summed task matrix", True),
+        FusionMethod("iso_cts", True, True, "Iso-CTS: common + task-specific subspaces, flat spectrum", True),
+        FusionMethod(
+            "regmean",
+            False,
+            True,
+            "RegMean: (sum_i W_i G_i)(sum_i G_i)^-1 per linear layer, G_i = input Gram on calibration text",
+            calibrated=True,
+        ),
     )
 }
 
 
-@dataclass
-class FuseOptions:
-    """Options of :func:`loraport.fusion.fuse` and :func:`loraport.fusion.fuse_adapters`.
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by ``seed`` and a stable hash of the tensor ``name`` (DARE's masks)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
-    Attributes:
-        method: one of :data:`FUSION_METHODS`.
-        rank: RGSP top-r SVD rank (clamped to ``min(m, n)``).
-        epsilon: entropic regularisation of the GW solver (costs are normalised to ``[0, 1]``).
-            0.05 met the 0.1% marginal criterion on every case we tried (``r`` from 1 to 64),
-            mostly in well under a second, with a plan far from uniform (``max r pi`` about 0.2
-            at ``r = 64``); POT's default 0.1 is nearly uniform at ``r = 64``; 0.01 is sharper
-            but stalls Sinkhorn for small ``r``. A failed solve is retried with epsilon doubled.
-        beta, gamma, tfi_eps: RGSP constants (see :mod:`loraport.fusion.rgsp`).
-        svd: ``"exact"`` (default: RGSP works on small singular-value differences, which a
-            randomized SVD blurs) or ``"randomized"`` (seeded, for large matrices).
-        density, scaling: TIES / task-arithmetic parameters (defaults 0.2 and 1.0).
-        include: regex on tensor names selecting the tensors that go through the method
-            (default: every 2-D floating tensor); others are averaged.
-        exclude: regex of tensors never sent through the method (default: embeddings and the
-            output head); ``None`` or ``""`` disables it.
-        allow_mismatch: accept different ``model_type``, tensor sets or shapes: tensors in one
-            model only are copied from it, shape mismatches keep A's tensor (all reported).
-        keep_identical: tensors that are bit-identical in A and B are copied unchanged,
-            whatever the method (see ``docs/fusion.md``); off: the raw formula runs.
-        shard_size: maximum bytes per output safetensors shard.
+
+def merge_task_matrices(
+    options: FuseOptions, deltas: Sequence[torch.Tensor], *, dim: int | None = None, name: str = ""
+) -> torch.Tensor:
+    """The merged task matrix ``D`` of a task-vector method (before ``W_0 + scaling * D``).
+
+    Args:
+        deltas: ``D_i`` of one tensor, one shape (working dtype).
+        dim: ``d`` of the subspace methods' budgets (default ``min(m, n)``; adapters: the core size).
+        name: the tensor's name (seeds DARE's masks).
     """
-
-    method: str = "rgsp"
-    rank: int = DEFAULT_RANK
-    epsilon: float = DEFAULT_EPSILON
-    beta: float = DEFAULT_BETA
-    gamma: float = DEFAULT_GAMMA
-    tfi_eps: float = DEFAULT_TFI_EPS
-    svd: str = "exact"
-    seed: int = 0
-    gw_max_iter: int = DEFAULT_GW_MAX_ITER
-    density: float = baselines.DEFAULT_DENSITY
-    scaling: float = baselines.DEFAULT_SCALING
-    include: str | None = None
-    exclude: str | None = DEFAULT_EXCLUDE
-    allow_mismatch: bool = False
-    keep_identical: bool = True
-    shard_size: int = DEFAULT_SHARD_SIZE
-
-    @property
-    def info(self) -> FusionMethod:
-        return FUSION_METHODS[self.method]
-
-    def validate(self) -> None:
-        """Raise :class:`FusionError` on an unknown method or out-of-range value."""
-        if self.method not in FUSION_METHODS:
-            raise FusionError(f"unknown fusion method {self.method!r} (choose from {', '.join(FUSION_METHODS)})")
-        if self.rank < 1:
-            raise FusionError(f"rank must be >= 1, got {self.rank}")
-        if not self.epsilon > 0:
-            raise FusionError(f"epsilon must be > 0, got {self.epsilon}")
-        if not 0 < self.density <= 1:
-            raise FusionError(f"density must be in (0, 1], got {self.density}")
-        if self.svd not in ("exact", "randomized"):
-            raise FusionError(f"svd must be 'exact' or 'randomized', got {self.svd!r}")
-        if self.shard_size < 1:
-            raise FusionError(f"shard size must be positive, got {self.shard_size}")
-        if self.tfi_eps <= 0:
-            raise FusionError(f"tfi_eps must be > 0, got {self.tfi_eps}")
-        for name in ("include", "exclude"):
-            text = getattr(self, name)
-            try:
-                re.compile(text or "")
-            except re.error as exc:
-                raise FusionError(f"{name} pattern {text!r} is not a valid regular expression ({exc})") from None
-
-    def selected(self, name: str, tensor_ndim: int) -> bool:
-        """Does tensor ``name`` go through the method (rather than being averaged)?"""
-        # re caches compiled patterns, so searching by the pattern text is cheap.
-        chosen = re.search(self.include, name) is not None if self.include else tensor_ndim == 2
-        if self.exclude and re.search(self.exclude, name):
-            return False
-        return chosen and (tensor_ndim == 2 or not self.info.matrices_only)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    method = options.method
+    if method == "task_arithmetic":
+        return torch.stack(list(deltas)).sum(0)
+    if method == "ties":
+        return baselines.ties_merge(deltas, options.ties.density)
+    if method == "dare":
+        generator = tensor_generator(options.dare.seed, name)
+        return baselines.dare_merge(deltas, options.dare.density, generator, options.dare.combine)
+    if method == "tsv":
+        return subspace_merge.tsv(deltas, dim)
+    if method == "iso_c":
+        return subspace_merge.iso_c(deltas)
+    if method == "iso_cts":
+        return subspace_merge.iso_cts(deltas, options.iso_cts.common_fraction, dim)
+    raise FusionError(f"{method} is not a task-vector method")  # pragma: no cover - callers check
 
 
 def rgsp_with_options(
     options: FuseOptions, W_A: torch.Tensor, W_B: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """:func:`~loraport.fusion.rgsp.rgsp_fuse` with ``options``' settings at ``rank``; ``(merged, record fields)``."""
+    settings = options.rgsp
     merged, record = rgsp_fuse(
         W_A,
         W_B,
         rank=rank,
-        epsilon=options.epsilon,
-        beta=options.beta,
-        gamma=options.gamma,
-        tfi_eps=options.tfi_eps,
-        svd=options.svd,
-        seed=options.seed,
-        gw_max_iter=options.gw_max_iter,
+        epsilon=settings.epsilon,
+        beta=settings.beta,
+        gamma=settings.gamma,
+        tfi_eps=settings.tfi_eps,
+        svd=settings.svd,
+        seed=settings.seed,
+        gw_max_iter=settings.gw_max_iter,
     )
     return merged, rgsp_fields(record)
 
 
 def merge_tensor(
-    options: FuseOptions, W_A: torch.Tensor, W_B: torch.Tensor, W_C: torch.Tensor | None
+    options: FuseOptions,
+    *weights: torch.Tensor,
+    base: torch.Tensor | None = None,
+    grams: Sequence[torch.Tensor] | None = None,
+    name: str = "",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run ``options.method`` on one tensor; returns ``(merged, record fields)`` (working dtype)."""
+    """Run ``options.method`` on one tensor of ``N >= 2`` models; returns ``(merged, record fields)``.
+
+    Args:
+        weights: ``W_1 .. W_N``, one shape.
+        base: ``W_C`` for task-vector methods.
+        grams: RegMean's input Grams, one per model (``(n, n)`` for ``W: (m, n)`` in Linear layout).
+        name: the tensor's name (seeds DARE).
+
+    Returns:
+        The merged tensor in the working dtype (float64 for RegMean) and report fields
+        (``position`` on the A -> B line for two models).
+    """
     method = options.method
-    fields: dict[str, Any] = {}
+    info = FUSION_METHODS[method]
+    if info.max_models is not None and len(weights) > info.max_models:
+        raise FusionError(f"{method} fuses {info.max_models} models, got {len(weights)}")
     if method == "rgsp":
-        return rgsp_with_options(options, W_A, W_B, options.rank)
+        return rgsp_with_options(options, weights[0], weights[1], options.rgsp.rank)
     if method == "average":
-        merged = baselines.average([W_A, W_B])
-    elif method == "task_arithmetic":
-        assert W_C is not None
-        merged = baselines.task_arithmetic([W_A, W_B], W_C, options.scaling)
-    elif method == "ties":
-        assert W_C is not None
-        merged = baselines.ties([W_A, W_B], W_C, options.density, options.scaling)
-    else:  # pragma: no cover - validate() rejects it
-        raise FusionError(f"unknown fusion method {method!r}")
-    fields["position"] = position_on_line(W_A, W_B, merged)
+        merged = baselines.average(weights)
+    elif method == "regmean":
+        if grams is None:
+            raise FusionError("regmean needs each model's input Gram matrix")
+        merged = regmean(weights, grams, options.regmean.shrinkage, options.regmean.ridge)
+    else:
+        if base is None:
+            raise FusionError(f"{method} needs the common base C")
+        deltas = baselines.task_vectors(weights, base)
+        merged = baselines.apply_task_vector(base, merge_task_matrices(options, deltas, name=name), options.scaling)
+    fields: dict[str, Any] = {}
+    if len(weights) == 2:
+        fields["position"] = position_on_line(weights[0], weights[1], merged)
     return merged, fields
 
 
@@ -194,3 +184,17 @@ def rgsp_fields(record: RgspRecord) -> dict[str, Any]:
         "gw_converged": record.gw_converged,
         "gw_epsilon": record.gw_epsilon,
     }
+
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "FUSION_METHODS",
+    "FuseOptions",
+    "FusionError",
+    "FusionMethod",
+    "merge_task_matrices",
+    "merge_tensor",
+    "rgsp_fields",
+    "rgsp_with_options",
+    "tensor_generator",
+]

@@ -30,12 +30,13 @@ def layer_of(name: str) -> int | None:
 class TensorRecord:
     """One output tensor (model fusion) or module (adapter fusion).
 
-    ``action``: the method name, ``average`` (not selected for the method), ``identical``
-    (bit-identical inputs copied), ``copied_from_a`` / ``copied_from_b`` (present in one input
-    only, or a shape mismatch under ``allow_mismatch``). RGSP fields (``lam``, ``d``,
+    ``action``: the method name, ``average`` (not selected for the method, or RegMean's
+    fallback), ``task_arithmetic`` (RegMean's other fallback), ``identical`` (bit-identical
+    inputs copied), ``copied_from_a`` / ``copied_from_b`` / ``copied_from_model_3`` ... (present
+    in one input only, or a shape mismatch under ``allow_mismatch``). RGSP fields (``lam``, ``d``,
     ``s_rel``, ``h_rel``, ``tau_proj_norm``, ``tau_ortho_norm``, ``rank``) are ``None`` for other
-    actions. ``rel_diff = ||W_B - W_A|| / ||W_A||``; ``position`` is where the result lies on
-    the A -> B line (0: A, 0.5: average, 1: B). Adapter fusion adds ``out_rank`` and
+    actions. ``rel_diff = max_i ||W_i - W_A|| / ||W_A||``; ``position`` is where the result lies on
+    the A -> B line (0: A, 0.5: average, 1: B; two inputs only). Adapter fusion adds ``out_rank`` and
     ``dropped_energy`` (fraction of ``||dW||_F^2`` lost to the rank bound).
     """
 
@@ -75,6 +76,19 @@ class FusionReport:
     seconds: float = 0.0
     peak_rss_mb: float | None = None
     output: str | None = None
+    calibration: dict[str, Any] | None = None
+
+    def extrapolation_notes(self) -> list[str]:
+        """A plain statement when the fused tensors lie past B on the A -> B line (rgsp's gamma > 0.5)."""
+        position = self.totals()["mean_position"]
+        if position is None or position <= 1.0 + 1e-3:
+            return []
+        gamma = self.options.get("gamma")
+        why = f" (rgsp gamma = {gamma:g} puts W* near (A + B)/2 + gamma (B - A))" if gamma is not None else ""
+        return [
+            f"extrapolation: the fused tensors lie at mean position {position:.2f} on the A -> B line "
+            f"(0 = A, 0.5 = average, 1 = B): past B, not between A and B{why}"
+        ]
 
     # -- totals -------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -141,10 +155,14 @@ class FusionReport:
                 f"mean lambda {fmt(t['mean_lambda'])}, mean d {fmt(t['mean_d'])}, "
                 f"mean position on A->B {fmt(t['mean_position'])}"
             )
+        elif t["mean_position"] is not None:
+            lines.append(f"mean position on A->B {fmt(t['mean_position'])}")
         if self.kind == "adapter":
             lines.append(f"max dropped energy {fmt(t['max_dropped_energy'])}")
         lines.append(f"time {self.seconds:.2f} s, peak RSS {fmt(self.peak_rss_mb)} MB")
-        lines += [f"note: {n}" for n in self.notes[:5]]
+        # The extrapolation statement is never cut off by the five-note limit.
+        shown = [n for n in self.notes if n.startswith("extrapolation:")]
+        lines += [f"note: {n}" for n in ([n for n in self.notes if n not in shown][:5] + shown)]
         return "\n".join(lines)
 
     # -- serialisation ------------------------------------------------------------------
@@ -159,6 +177,7 @@ class FusionReport:
                 "options": self.options,
                 "totals": self.totals(),
                 "notes": self.notes,
+                "calibration": self.calibration,
                 "layers": self.layers(),
                 "tensors": [asdict(r) for r in self.records],
             }

@@ -8,7 +8,7 @@ methods are pure functions of tensors: no I/O, no globals.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,8 @@ class MethodContext:
     target_shape: tuple[int, int]
     source: Subspace | None = None
     target: Subspace | None = None
+    # adapt_dimensions' result, kept: the report's similarity and the method both need it.
+    adapted: Adapted | None = field(default=None, repr=False, compare=False)
 
     @property
     def source_shape(self) -> tuple[int, int]:
@@ -126,6 +128,13 @@ def adapt_dimensions(ctx: MethodContext) -> Adapted:
     weights' row and column norms (needs both subspaces' norms); the moved ``U_s, V_s`` are
     re-orthonormalised, since dropping coordinates breaks orthonormality. The LoRA rank is kept.
     """
+    if ctx.adapted is not None:
+        return ctx.adapted
+    ctx.adapted = _adapt_dimensions(ctx)
+    return ctx.adapted
+
+
+def _adapt_dimensions(ctx: MethodContext) -> Adapted:
     source = ctx.source
     if ctx.same_shape:
         return Adapted(ctx.B, ctx.A, source.U if source else None, source.V if source else None)

@@ -56,10 +56,11 @@ TRUNCATIONS = ("rrr", "svd")
 
 @dataclass
 class Moments:
-    """Calibration statistics of one module, summed over tokens (float64).
+    """Calibration statistics of one module, summed over tokens (float64; the Gram may be float32).
 
     Attributes:
-        gram: ``(n_t, n_t)`` ``X_t X_t^T``, the student's input Gram matrix.
+        gram: ``(n_t, n_t)`` ``X_t X_t^T``, the student's input Gram matrix (the streaming code
+            stores it in float32: it is the largest moment, ``n^2``, and one per fold).
         cross: ``(r_s, n_t)`` ``Z = (A_s X_s) X_t^T``, the teacher's LoRA code against the student's inputs.
         code_gram: ``(r_s, r_s)`` ``(A_s X_s)(A_s X_s)^T`` (for the fit error).
         tokens: how many tokens were summed.
@@ -130,7 +131,7 @@ class CalibratedFactors:
 
 def _cholesky(gram: torch.Tensor, lam_prime: float) -> torch.Tensor:
     """Lower Cholesky factor of ``gram + lam' I``, computed in one ``n x n`` buffer (n = 9216: 680 MB)."""
-    H = gram.clone()
+    H = gram.to(torch.float64, copy=True)  # the Gram may be stored in float32
     H.diagonal().add_(lam_prime)
     info = torch.empty((), dtype=torch.int32, device=gram.device)
     L, info = torch.linalg.cholesky_ex(H, out=(H, info))
@@ -188,9 +189,8 @@ def calibrated_update(
         return CalibratedFactors(f.B, f.A, float("inf"), f.dropped_energy)
     Z = stats.cross.to(dtype)
     if lam_prime is None or chol is None:
-        gram = stats.gram.to(dtype)
-        lam_prime = ridge_lambda(gram, lam)
-        L = chol if chol is not None else _cholesky(gram, lam_prime)
+        lam_prime = ridge_lambda(stats.gram, lam)  # no float64 copy of a float32 Gram here
+        L = chol if chol is not None else _cholesky(stats.gram, lam_prime)
     else:
         L = chol
     if extra_weight:
@@ -264,9 +264,10 @@ def fit_error(
     (1.0 for ``dW = 0``).
     """
     B, A, B_s = B.double(), A.double(), B_s.double()
-    gram, Z, K = stats.gram.double(), stats.cross.double(), stats.code_gram.double()
+    gram, Z, K = stats.gram, stats.cross.double(), stats.code_gram.double()
     BtB = B.mT @ B
-    model_energy = float(torch.sum(BtB * (A @ gram @ A.mT)))
+    AG = (A.to(gram.dtype) @ gram).double()  # (r, n) in the Gram's storage dtype: no n x n float64 copy
+    model_energy = float(torch.sum(BtB * (AG @ A.mT)))
     cross = float(torch.sum((B.mT @ B_s) * (A @ Z.mT)))  # tr(dW X (B_s P)^T) = tr(B^T B_s Z A^T)
     target = float(torch.sum((B_s.mT @ B_s) * K))
     if extra_weight:
