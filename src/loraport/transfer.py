@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -287,13 +287,9 @@ def transfer(
     target_adapter.config = config
     written: Path | None = None
     if out is not None:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            save_adapter(target_adapter, tmp, config=config)
-            report.output = str(Path(out))
-            report.save(tmp / "loraport_report.json")
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-        written = Path(out)
+        written = write_port_dir(
+            out, overwrite, report, lambda tmp: save_adapter(target_adapter, tmp, config=config), extra_files
+        )
     finish_report(report, started, report_path)
     return TransferResult(target_adapter, report, written)
 
@@ -370,6 +366,23 @@ def port_units(
     if store.cache is not None:
         report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
     return parts
+
+
+def write_port_dir(
+    out: str | os.PathLike[str],
+    overwrite: bool,
+    report: TransferReport,
+    write: Callable[[Path], object],
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a port into the directory ``out`` atomically: ``write(tmp)``, the report, any extra files."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write(tmp)
+        report.output = str(Path(out))
+        report.save(tmp / "loraport_report.json")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
 
 
 def finish_report(report: TransferReport, started: float, report_path: str | os.PathLike[str] | None) -> None:
@@ -577,4 +590,5 @@ __all__ = [
     "port_units",
     "run_units",
     "transfer",
+    "write_port_dir",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 from ..adapters import LoraAdapter
 from ..calibrate import CALIBRATED
 from ..errors import TransferError
-from ..io import atomic_directory, atomic_file, check_output_dir, check_output_file
+from ..io import atomic_file, check_output_dir, check_output_file
 from ..methods import get_method
 from ..transfer import (
     TransferOptions,
@@ -28,6 +28,7 @@ from ..transfer import (
     finish_report,
     new_report,
     port_units,
+    write_port_dir,
 )
 from .bases import DiffusionBase
 from .formats import (
@@ -141,13 +142,13 @@ def transfer_diffusion(
         if single_file:
             with atomic_file(out, overwrite=overwrite) as tmp:
                 write_port(tmp, fmt, ported, lora, tgt, provenance)
+            written = Path(out)
         else:
-            with atomic_directory(out, overwrite=overwrite) as tmp:
+
+            def write(tmp: Path) -> None:
                 write_port(tmp if fmt == "peft" else tmp / default_file_name(fmt), fmt, ported, lora, tgt, provenance)
-                report.save(tmp / "loraport_report.json")
-                for name, text in (extra_files or {}).items():
-                    (tmp / name).write_text(text)
-        written = Path(out)
+
+            written = write_port_dir(out, overwrite, report, write, extra_files)
     finish_report(report, started, report_path)
     return TransferResult(ported, report, written)
 
