@@ -245,6 +245,17 @@ class Chunk:
     def __post_init__(self) -> None:
         self.valid = torch.nonzero(self.mask.reshape(-1), as_tuple=True)[0]
 
+    @classmethod
+    def padded(cls, rows: list[list[int]], pad_id: int, fold: int = 0) -> Chunk:
+        """Token id rows right-padded with ``pad_id`` into one batch."""
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[j, : len(row)] = 1
+        return cls(ids, mask, fold)
+
     @property
     def tokens(self) -> int:
         return int(self.valid.numel())
@@ -260,14 +271,7 @@ def make_chunks(ids: list[list[int]], pad_id: int, batch_size: int = 16, folds: 
     for fold in range(folds):
         members = sorted((row for i, row in enumerate(ids) if i % folds == fold), key=len)
         for start in range(0, len(members), batch_size):
-            batch = members[start : start + batch_size]
-            width = max(len(row) for row in batch)
-            tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, row in enumerate(batch):
-                tokens[j, : len(row)] = torch.tensor(row, dtype=torch.long)
-                mask[j, : len(row)] = 1
-            chunks.append(Chunk(tokens, mask, fold))
+            chunks.append(Chunk.padded(members[start : start + batch_size], pad_id, fold))
     return chunks
 
 

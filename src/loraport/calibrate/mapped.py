@@ -90,16 +90,6 @@ class PairedChunk:
         return int(self.target_index.numel())
 
 
-def _padded(rows: list[list[int]], pad_id: int, fold: int) -> Chunk:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, row in enumerate(rows):
-        ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[j, : len(row)] = 1
-    return Chunk(ids, mask, fold)
-
-
 def make_paired_chunks(
     samples: list[AlignedSample], pad_s: int, pad_t: int, batch_size: int = 16, folds: int = 2
 ) -> list[PairedChunk]:
@@ -109,8 +99,8 @@ def make_paired_chunks(
         members = sorted((a for i, a in enumerate(samples) if i % folds == fold), key=lambda a: len(a.target_ids))
         for start in range(0, len(members), batch_size):
             batch = members[start : start + batch_size]
-            source = _padded([a.source_ids for a in batch], pad_s, fold)
-            target = _padded([a.target_ids for a in batch], pad_t, fold)
+            source = Chunk.padded([a.source_ids for a in batch], pad_s, fold)
+            target = Chunk.padded([a.target_ids for a in batch], pad_t, fold)
             w_s, w_t = source.ids.shape[1], target.ids.shape[1]
             s_index = [row * w_s + i_s for row, a in enumerate(batch) for i_s, _ in a.pairs]
             t_index = [row * w_t + i_t for row, a in enumerate(batch) for _, i_t in a.pairs]

@@ -37,7 +37,7 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
         DEFAULT_SAMPLES,
         INITS,
     )
-    from ..calibrate.options import DEPTHS, MAPS, MODES, WRITERS, CalibrationOptions
+    from ..calibrate.options import ANCHOR_LAYERS, DEPTHS, MAPS, MODES, WRITERS, CalibrationOptions
     from ..methods import METHODS
     from ..transfer import DEFAULT_METHOD, DEFAULT_SUBSPACE_RANK
 
@@ -187,6 +187,19 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
         choices=list(WRITERS),
         default=defaults.writers,
         help="mapped: target modules that carry the effect (default o,down)",
+    )
+    calib.add_argument(
+        "--calib-anchor",
+        type=float,
+        default=defaults.anchor,
+        metavar="W",
+        help=f"mapped: weight of the output anchor (same tokens decoded; 0: off; default {defaults.anchor})",
+    )
+    calib.add_argument(
+        "--calib-anchor-layers",
+        choices=list(ANCHOR_LAYERS),
+        default=defaults.anchor_layers,
+        help="mapped: anchor the last layer's map (default) or every layer's",
     )
     calib.add_argument(
         "--keep-all",
