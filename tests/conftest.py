@@ -98,3 +98,11 @@ class Zoo:
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def sd_zoo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Tiny Stable Diffusion bases and kohya LoRAs (see tests/diffusion_zoo.py)."""
+    from .diffusion_zoo import SDZoo
+
+    return SDZoo(tmp_path_factory.mktemp("sd-zoo"))

@@ -47,6 +47,9 @@ class LoraModule:
         B: ``(m, r)`` up-projection.
         alpha: the module's ``lora_alpha``.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        kernel: for a LoRA on a conv layer, its kernel ``(kh, kw)``: ``A`` is kept flattened,
+            ``(r, in * kh * kw)``, and stored as ``(r, in, kh, kw)``, ``B`` as ``(out, r, 1, 1)``
+            (SPEC sec. 11); ``None`` for a linear layer.
     """
 
     name: str
@@ -54,6 +57,33 @@ class LoraModule:
     B: torch.Tensor
     alpha: float
     use_rslora: bool = False
+    kernel: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_stored(
+        cls, name: str, A: torch.Tensor, B: torch.Tensor, alpha: float, use_rslora: bool = False
+    ) -> LoraModule:
+        """A module from factors as files store them: 2-D (linear) or 4-D (conv, flattened here).
+
+        Raises ``ValueError`` when the shapes do not form a rank-r product
+        (``A: (r, in[, kh, kw])``, ``B: (out, r[, 1, 1])``).
+        """
+        conv = A.ndim == 4 and B.ndim == 4 and tuple(B.shape[2:]) == (1, 1)
+        if not (conv or (A.ndim == 2 and B.ndim == 2)) or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"down {tuple(A.shape)} and up {tuple(B.shape)} do not form a rank-r product "
+                "(expected A: (r, in) and B: (out, r), or conv A: (r, in, kh, kw) and B: (out, r, 1, 1))"
+            )
+        if conv:
+            return cls(name, A.flatten(1), B.flatten(1), alpha, use_rslora, kernel=tuple(A.shape[2:]))
+        return cls(name, A, B, alpha, use_rslora)
+
+    def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` in the layout files store them (4-D for a conv module)."""
+        if self.kernel is None:
+            return self.A, self.B
+        rank = self.rank
+        return self.A.reshape(rank, -1, *self.kernel), self.B.reshape(-1, rank, 1, 1)
 
     @property
     def rank(self) -> int:
@@ -101,7 +131,7 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT ``rank_pattern`` / ``alpha_pattern`` lookup (same matching rule as PEFT)."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
@@ -220,12 +250,12 @@ def load_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -
             missing = "lora_B" if "B" not in pair else "lora_A"
             raise AdapterError(f"{weights_path}: module {name} has no {missing}.weight")
         A, B = pair["A"], pair["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(
-                f"{weights_path}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                "do not form a rank-r product (expected A: (r, in), B: (out, r))"
-            )
-        expected_rank = int(_pattern_value(rank_pattern, name, r_default))
+        alpha = float(pattern_value(alpha_pattern, name, alpha_default))
+        try:
+            module = LoraModule.from_stored(name, A, B, alpha, use_rslora)
+        except ValueError as exc:
+            raise AdapterError(f"{weights_path}: module {name}: {exc}") from None
+        expected_rank = int(pattern_value(rank_pattern, name, r_default))
         if A.shape[0] != expected_rank:
             raise AdapterError(
                 f"{weights_path}: module {name}: factors have rank {A.shape[0]} but the config says r={expected_rank}"
@@ -234,8 +264,7 @@ def load_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -
             if not torch.isfinite(tensor).all():
                 raise AdapterError(f"{weights_path}: module {name}: {which} contains NaN or Inf")
         dtypes[A.dtype] += 1
-        alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
-        modules[name] = LoraModule(name=name, A=A, B=B, alpha=alpha, use_rslora=use_rslora)
+        modules[name] = module
     dtype = dtypes.most_common(1)[0][0]
     return LoraAdapter(modules=modules, config=copy.deepcopy(config), dtype=dtype, path=root, dropped=dropped)
 
@@ -319,8 +348,9 @@ def save_adapter(
     dtype = dtype or adapter.dtype
     state: dict[str, torch.Tensor] = {}
     for name, module in adapter.modules.items():
-        state[f"base_model.model.{name}.lora_A.weight"] = module.A.detach().to("cpu", dtype).contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = module.B.detach().to("cpu", dtype).contiguous()
+        A, B = module.stored_factors()
+        state[f"base_model.model.{name}.lora_A.weight"] = A.detach().to("cpu", dtype).contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = B.detach().to("cpu", dtype).contiguous()
     save_file(state, str(root / WEIGHTS_NAME), metadata={"format": "pt"})
     (root / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return root

@@ -51,6 +51,32 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         raise
 
 
+def check_output_file(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Fail early (before any work) if the file ``path`` exists and ``overwrite`` is off, or is a directory."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise LoraportError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.is_dir():
+        raise LoraportError(f"{out}: is a directory, expected a file path")
+    return out
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it replaces ``path`` (as :func:`atomic_directory`)."""
+    out = check_output_file(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write a text file via a temporary file and rename."""
     out = Path(path)

@@ -12,20 +12,43 @@ from dataclasses import dataclass
 
 from .adapters import LoraAdapter, LoraModule
 from .architectures import KNOWN, Architecture, ModuleSpec, architecture_for, relative_layer_map
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, TensorSource
 from .errors import AdapterError, CheckpointError, TransferError
 from .report import ModuleRecord
 
 
 @dataclass
 class Side:
-    """One module (or one fused part of it) on one side of a pairing."""
+    """One module (or one fused part of it) on one side of a pairing.
+
+    Attributes:
+        module: the module's name (what the output adapter calls it).
+        key: the tensor name of its weight in ``checkpoint``.
+        rows: the part's rows inside a fused module's weight (``None``: the whole module).
+        shape: ``(out, in)`` of this part; a conv weight ``(out, in, kh, kw)`` counts as
+            ``(out, in * kh * kw)`` (SPEC sec. 11).
+        layer: decoder layer index (``-1`` where layers do not apply).
+        checkpoint: where the weight is read from.
+        transposed: the weight is stored ``(in, out)`` (GPT-2 ``Conv1D``).
+        module_rows: output rows of the whole module when this side is one fused part
+            (``None``: ``shape[0]``).
+        kernel: a conv weight's spatial kernel ``(kh, kw)`` (``None``: a linear weight).
+    """
 
     module: str
     key: str
-    rows: tuple[int, int] | None  # part rows inside the weight, None = whole
-    shape: tuple[int, int]  # (out, in) of this part
+    rows: tuple[int, int] | None
+    shape: tuple[int, int]
     layer: int
+    checkpoint: TensorSource
+    transposed: bool = False
+    module_rows: int | None = None
+    kernel: tuple[int, ...] | None = None
+
+    @property
+    def out_rows(self) -> int:
+        """Output rows of the whole module this side belongs to."""
+        return self.module_rows if self.module_rows is not None else self.shape[0]
 
 
 @dataclass
@@ -38,11 +61,12 @@ class Unit:
     part_index: int
 
 
-def linear_shape(ckpt: Checkpoint, key: str, arch: Architecture) -> tuple[int, int]:
+def linear_shape(ckpt: TensorSource, key: str, transposed: bool) -> tuple[int, int]:
+    """``(out, in)`` of a matrix stored as is, or transposed (GPT-2 ``Conv1D``)."""
     shape = ckpt.shape(key)
     if len(shape) != 2:
         raise CheckpointError(f"{ckpt.name}: {key} has shape {shape}, expected a matrix")
-    return (shape[1], shape[0]) if arch.transposed else (shape[0], shape[1])
+    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
 
 
 def layer_count(arch: Architecture, ckpt: Checkpoint) -> int:
@@ -94,7 +118,7 @@ class Pairing:
         key = self.src.resolve_module(module.name)
         if key is None:
             raise AdapterError(f"adapter module {module.name} has no weight in the source base {self.src.name}")
-        shape = linear_shape(self.src, key, self.arch_s)
+        shape = linear_shape(self.src, key, self.arch_s.transposed)
         if shape != module.shape:
             raise AdapterError(
                 f"adapter does not fit the source base: module {module.name} has an update of shape "
@@ -103,7 +127,7 @@ class Pairing:
         return parsed[0], parsed[1], key
 
     def _target_rows(self, spec: ModuleSpec, name: str, key: str) -> tuple[tuple[int, int], list[slice]]:
-        shape = linear_shape(self.tgt, key, self.arch_t)
+        shape = linear_shape(self.tgt, key, self.arch_t.transposed)
         return shape, self.arch_t.part_rows(spec, self.tgt.config, shape[0], name)
 
     def _pair(self, adapter: LoraAdapter) -> None:
@@ -165,8 +189,8 @@ class Pairing:
                 if whole:
                     self.units.append(
                         Unit(
-                            Side(module.name, key_s, None, (m_s, n_s), s_layer),
-                            Side(name_t, key_t, None, shape_t, t_layer),
+                            Side(module.name, key_s, None, (m_s, n_s), s_layer, self.src, self.arch_s.transposed),
+                            Side(name_t, key_t, None, shape_t, t_layer, self.tgt, self.arch_t.transposed),
                             "+".join(spec_s.roles),
                             module,
                             1,
@@ -182,6 +206,9 @@ class Pairing:
                 None if not spec_s.fused else (rows.start, rows.stop),
                 (rows.stop - rows.start, n_s),
                 s_layer,
+                self.src,
+                self.arch_s.transposed,
+                m_s if spec_s.fused else None,
             )
             located = self.arch_t.locate(role)
             if located is None:
@@ -225,5 +252,8 @@ class Pairing:
                 None if not spec_t.fused else (part.start, part.stop),
                 (part.stop - part.start, shape_t[1]),
                 t_layer,
+                self.tgt,
+                self.arch_t.transposed,
+                shape_t[0] if spec_t.fused else None,
             )
             self.units.append(Unit(source, target, role, module, len(spec_t.parts), index))

@@ -6,12 +6,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .architectures import Architecture
-from .checkpoints import Checkpoint
+from .checkpoints import TensorSource
 from .errors import CheckpointError
 from .subspace import Subspace, SubspaceCache, matrix_norms, top_k_svd
 
-Request = tuple[Checkpoint, Architecture, str, tuple[int, int] | None, int]
+# (where the weight is, stored transposed, tensor name, rows, k)
+Request = tuple[TensorSource, bool, str, tuple[int, int] | None, int]
 
 
 class SubspaceStore:
@@ -42,7 +42,7 @@ class SubspaceStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraport-read")
         self.computed = 0
 
-    def _key(self, ckpt: Checkpoint, key: str, rows: tuple[int, int] | None, k: int) -> str:
+    def _key(self, ckpt: TensorSource, key: str, rows: tuple[int, int] | None, k: int) -> str:
         return SubspaceCache.key(ckpt.fingerprint(key), rows, k, self.svd, self.oversample, self.niter, self.seed)
 
     def plan(self, requests: list[Request]) -> None:
@@ -57,14 +57,19 @@ class SubspaceStore:
             self._plan.append(request)
 
     def _read(
-        self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None
+        self, ckpt: TensorSource, transposed: bool, key: str, rows: tuple[int, int] | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Read one weight as float32 ``(out, in)`` with its row/column norms (checked finite)."""
-        if arch.transposed:
+        """Read one weight as float32 ``(out, in)`` with its row/column norms (checked finite).
+
+        A conv weight ``(out, in, kh, kw)`` is read as ``(out, in * kh * kw)`` (SPEC sec. 11).
+        """
+        if transposed:
             W = ckpt.get(key).to(self.device, torch.float32).mT
             W = (W if rows is None else W[rows[0] : rows[1]]).contiguous()
         else:
             W = ckpt.get(key, rows).to(self.device, torch.float32)
+            if W.ndim > 2:
+                W = W.flatten(1)
         norms = matrix_norms(W)
         # A NaN or Inf anywhere makes its row norm non-finite: no extra pass over W needed.
         if not bool(torch.isfinite(norms[0]).all()):
@@ -73,15 +78,15 @@ class SubspaceStore:
 
     def _schedule_from(self, index: int) -> None:
         for request in self._plan[index : index + self.prefetch + 1]:
-            ckpt, arch, key, rows, k = request
+            ckpt, transposed, key, rows, k = request
             cache_key = self._key(ckpt, key, rows, k)
             if cache_key in self.memory or cache_key in self._pending:
                 continue
             if self.cache is not None and self.cache._path(cache_key).exists():
                 continue
-            self._pending[cache_key] = self._pool.submit(self._read, ckpt, arch, key, rows)
+            self._pending[cache_key] = self._pool.submit(self._read, ckpt, transposed, key, rows)
 
-    def get(self, ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None, k: int) -> Subspace:
+    def get(self, ckpt: TensorSource, transposed: bool, key: str, rows: tuple[int, int] | None, k: int) -> Subspace:
         """The subspace of one weight (or row block); kept in memory only while the plan still needs it."""
         cache_key = self._key(ckpt, key, rows, k)
         entry = self.memory.get(cache_key)
@@ -91,7 +96,7 @@ class SubspaceStore:
             entry = self.cache.get(cache_key) if self.cache is not None else None
             if entry is None:
                 pending = self._pending.pop(cache_key, None)
-                W, norms = pending.result() if pending is not None else self._read(ckpt, arch, key, rows)
+                W, norms = pending.result() if pending is not None else self._read(ckpt, transposed, key, rows)
                 entry = top_k_svd(
                     W, k, self.svd, oversample=self.oversample, niter=self.niter, seed=self.seed, norms=norms
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from .adapters import LoraAdapter, load_adapter
 from .architectures import architecture_for
-from .checkpoints import Checkpoint
+from .checkpoints import Checkpoint, TensorSource
 from .errors import AdapterError
 from .lowrank import singular_values
 from .subspace import SubspaceCache, chance_similarity, top_k_svd
@@ -86,29 +87,26 @@ def inspect_adapter(
     svd: str = "randomized",
     cache_dir: str | None = None,
 ) -> list[ModuleStructure]:
-    """Structure of every module of ``adapter``; with ``base``, its share in the base subspaces."""
-    if not isinstance(adapter, LoraAdapter):
-        adapter = load_adapter(adapter, drop_unsupported=True)
-    ckpt = Checkpoint.open(base) if base is not None else None
-    arch = None
-    if ckpt is not None:
-        shapes = None if ckpt.model_type else {k: ckpt.shape(k) for k in ckpt.keys()}
-        arch = architecture_for(ckpt.config, shapes)
+    """Structure of every module of ``adapter``; with ``base``, its share in the base subspaces.
+
+    ``adapter`` may also be an image-model LoRA (kohya or diffusers file, per-component PEFT
+    directories); with ``base`` (a Stable Diffusion folder or single file) its kohya names
+    are resolved, conv modules measured in their flattened ``(out, in * kh * kw)`` form.
+    """
+    adapter, weight_of = _adapter_and_base(adapter, base)
     cache = SubspaceCache(cache_dir)
     rows: list[ModuleStructure] = []
     for module in adapter.modules.values():
         B, A = module.B.double(), module.A.double()
         info = module_structure(module.name, B, A, module.scale)
-        if ckpt is not None and arch is not None:
-            key = ckpt.resolve_module(module.name)
-            if key is None:
-                raise AdapterError(f"adapter module {module.name} has no weight in {ckpt.name}")
+        if weight_of is not None:
+            source, key, transposed = weight_of(module.name)
             k = min(subspace_rank, *module.shape)
-            cache_key = SubspaceCache.key(ckpt.fingerprint(key), None, k, svd, 8, 2, 0)
+            cache_key = SubspaceCache.key(source.fingerprint(key), None, k, svd, 8, 2, 0)
             sub = cache.get(cache_key)
             if sub is None:
-                W = ckpt.get(key).float()
-                W = W.mT if arch.transposed else W
+                W = source.get(key).float()
+                W = W.mT if transposed else W.flatten(1)
                 if tuple(W.shape) != module.shape:
                     raise AdapterError(
                         f"adapter module {module.name} has shape {module.shape} but {key} is {tuple(W.shape)}"
@@ -126,6 +124,45 @@ def inspect_adapter(
             info.chance = math.sqrt(chance_similarity(k, module.shape[0]) * chance_similarity(k, module.shape[1]))
         rows.append(info)
     return rows
+
+
+WeightLookup = Callable[[str], tuple[TensorSource, str, bool]]
+
+
+def _adapter_and_base(
+    adapter: str | os.PathLike[str] | LoraAdapter, base: str | os.PathLike[str] | None
+) -> tuple[LoraAdapter, WeightLookup | None]:
+    """The adapter, and (with a base) where each of its modules' base weight is: (source, key, transposed)."""
+    if not isinstance(adapter, LoraAdapter):
+        from .diffusion.formats import detect_format
+
+        if detect_format(adapter) is not None:
+            from .diffusion import DiffusionBase, read_diffusion_lora
+
+            sd = DiffusionBase.open(base) if base is not None else None
+            lora = read_diffusion_lora(adapter, sd, drop_unsupported=True).adapter
+            if sd is None:
+                return lora, None
+
+            def diffusion_weight(name: str) -> tuple[TensorSource, str, bool]:
+                component, _, module = name.partition(".")
+                return sd.components[component], f"{module}.weight", False
+
+            return lora, diffusion_weight
+        adapter = load_adapter(adapter, drop_unsupported=True)
+    if base is None:
+        return adapter, None
+    ckpt = Checkpoint.open(base)
+    shapes = None if ckpt.model_type else {k: ckpt.shape(k) for k in ckpt.keys()}
+    arch = architecture_for(ckpt.config, shapes)
+
+    def weight(name: str) -> tuple[TensorSource, str, bool]:
+        key = ckpt.resolve_module(name)
+        if key is None:
+            raise AdapterError(f"adapter module {name} has no weight in {ckpt.name}")
+        return ckpt, key, arch.transposed
+
+    return adapter, weight
 
 
 def _gram_norm(B: torch.Tensor, A: torch.Tensor) -> float:

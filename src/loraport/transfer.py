@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ from .errors import TransferError
 from .io import atomic_directory, check_output_dir
 from .lowrank import balanced_factors, frobenius_norm
 from .methods import MethodContext, adapt_dimensions, get_method
-from .pairing import Pairing, Unit, linear_shape
+from .pairing import Pairing, Side, Unit
 from .report import ModuleRecord, TransferReport, peak_rss_mb
 from .store import Request, SubspaceStore
-from .subspace import SubspaceCache, above_chance, chance_similarity, similarity
+from .subspace import Subspace, SubspaceCache, above_chance, chance_similarity, similarity
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class TransferOptions:
             (:class:`~loraport.calibrate.CalibrationOptions`: text, samples, ridge, init, mode, ...).
             :func:`transfer` also takes them flat, spelled like the command-line flags
             (``calibration=``, ``calib_rank=``, ``ridge=``, ...; :data:`~loraport.calibrate.FLAG_FIELDS`).
+        out_format: image-model LoRAs only: ``kohya``, ``diffusers`` or ``peft`` (one PEFT
+            directory per component); ``None`` (default) writes the input's format.
     """
 
     method: str = DEFAULT_METHOD
@@ -89,6 +91,7 @@ class TransferOptions:
     drop_unsupported: bool = False
     report_similarity: bool | None = None
     calibrated: CalibrationOptions = field(default_factory=CalibrationOptions)
+    out_format: str | None = None
 
     def validate(self) -> None:
         if self.method == CALIBRATED:
@@ -109,6 +112,8 @@ class TransferOptions:
             raise TransferError(f"threshold_on must be one of {THRESHOLD_ON}, got {self.threshold_on!r}")
         if self.similarity not in SIMILARITY_MODES:
             raise TransferError(f"similarity must be one of {SIMILARITY_MODES}, got {self.similarity!r}")
+        if self.out_format not in (None, "kohya", "diffusers", "peft"):
+            raise TransferError(f"--out-format must be kohya, diffusers or peft, got {self.out_format!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TransferError("--device cuda requested but CUDA is not available")
 
@@ -181,9 +186,9 @@ def _as_float(x: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def transfer(
-    adapter: str | os.PathLike[str] | LoraAdapter,
-    source_base: str | os.PathLike[str] | Checkpoint,
-    target_base: str | os.PathLike[str] | Checkpoint,
+    adapter: str | os.PathLike[str] | LoraAdapter | Any,
+    source_base: str | os.PathLike[str] | Checkpoint | Any,
+    target_base: str | os.PathLike[str] | Checkpoint | Any,
     out: str | os.PathLike[str] | None = None,
     *,
     options: TransferOptions | None = None,
@@ -196,10 +201,16 @@ def transfer(
     """Port a LoRA adapter from ``source_base`` to ``target_base``.
 
     Args:
-        adapter: a PEFT adapter directory or a loaded :class:`~loraport.adapters.LoraAdapter`.
-        source_base / target_base: model directories, hub ids, or open checkpoints.
+        adapter: a PEFT adapter directory or a loaded :class:`~loraport.adapters.LoraAdapter`;
+            or an image-model LoRA (a kohya or diffusers ``.safetensors`` file, a directory
+            holding one, per-component PEFT directories, or a
+            :class:`~loraport.diffusion.DiffusionLora`), ported by
+            :func:`loraport.diffusion.transfer_diffusion`.
+        source_base / target_base: model directories, hub ids, or open checkpoints (for
+            image-model LoRAs: diffusers folders or single-file ``.safetensors`` checkpoints).
         out: if given, the target adapter is written there atomically (nothing is left
-            behind on failure; an existing directory needs ``overwrite=True``).
+            behind on failure; an existing directory needs ``overwrite=True``). Image-model
+            LoRAs may also go to a single ``.safetensors`` file.
         options: a :class:`TransferOptions`; keyword ``overrides`` set its fields
             (``method="lorax"``, ``subspace_rank=32``, ...).
         report_path: also write the report (``.json`` + ``.md``; ``.png`` adds a plot).
@@ -225,6 +236,17 @@ def transfer(
     for name, value in overrides.items():
         options.set(name, value)
     options.validate()
+    if not isinstance(adapter, LoraAdapter):
+        from .diffusion.formats import DiffusionLora, detect_format
+
+        if isinstance(adapter, DiffusionLora) or detect_format(adapter) is not None:
+            from .diffusion.port import transfer_diffusion
+
+            return transfer_diffusion(
+                adapter, source_base, target_base, out, options, report_path, overwrite, progress, started, extra_files
+            )
+    if options.out_format not in (None, "peft"):
+        raise TransferError(f"--out-format {options.out_format} is for image-model LoRAs; LLM adapters are PEFT")
     if out is not None:
         check_output_dir(out, overwrite)
     if not isinstance(adapter, LoraAdapter):
@@ -235,15 +257,8 @@ def transfer(
     method = port_method(options)
     pairing = Pairing(adapter, src, tgt, options.layer_map)
 
-    report = TransferReport(
-        method=options.method,
-        source_base=src.name,
-        target_base=tgt.name,
-        adapter=str(adapter.path) if adapter.path else "<in memory>",
-        options=_report_options(options),
-        layer_map=pairing.layer_map,
-        dropped=dict(adapter.dropped),
-    )
+    report = new_report(options, src.name, tgt.name, adapter)
+    report.layer_map = pairing.layer_map
     report.notes += pairing.arch_s.notes + pairing.arch_t.notes
 
     mode = None
@@ -257,56 +272,25 @@ def transfer(
     if mode == "mapped":
         # The adapter's effect goes to the target's residual writers: no per-module init to compute.
         parts = MappedCalibrator(pairing, adapter, options.calibrated, report, progress, options.device).run()
-        cache = None
     else:
-        store = SubspaceStore(
-            SubspaceCache(options.cache_dir) if options.use_cache else None,
-            options.svd,
-            options.oversample,
-            options.niter,
-            options.seed,
-            options.device,
-        )
-        try:
-            parts = _run_units(pairing, method, options, store, report, progress)
-        finally:
-            store.close()
-        cache = store.cache
+        parts = port_units(pairing.units, method, options, report, progress)
         if calibrated:
             parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
     report.records += pairing.unpaired
-    if cache is not None:
-        report.cache_hits, report.cache_misses = cache.hits, cache.misses
 
-    modules = _assemble(parts, pairing, adapter)
-    report.output_modules = len(modules)
+    modules = assemble_modules(parts)
     target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
-    report.seconds = time.perf_counter() - started
-    report.peak_rss_mb = peak_rss_mb()
-    if not modules:
-        if report_path is not None:
-            report.save(report_path)
-        reasons = sorted({r.reason for r in report.records if r.reason})
-        raise TransferError(
-            f"every module was skipped ({len(report.records)} unit(s); "
-            f"{'; '.join(reasons[:3]) or 'no units'}); no adapter written"
-        )
+    check_written(report, modules, started, report_path)
     config = adapter_config_for(
         target_adapter, tgt.name, _target_modules_field(modules, pairing), fan_in_fan_out=pairing.arch_t.transposed
     )
     target_adapter.config = config
     written: Path | None = None
     if out is not None:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            save_adapter(target_adapter, tmp, config=config)
-            report.output = str(Path(out))
-            report.save(tmp / "loraport_report.json")
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-        written = Path(out)
-    report.seconds = time.perf_counter() - started
-    if report_path is not None:
-        report.save(report_path)
+        written = write_port_dir(
+            out, overwrite, report, lambda tmp: save_adapter(target_adapter, tmp, config=config), extra_files
+        )
+    finish_report(report, started, report_path)
     return TransferResult(target_adapter, report, written)
 
 
@@ -318,16 +302,28 @@ def _report_options(options: TransferOptions) -> dict[str, Any]:
     return values
 
 
+def new_report(options: TransferOptions, source: str, target: str, adapter: LoraAdapter) -> TransferReport:
+    """An empty report for a port of ``adapter`` (options, bases, dropped parts)."""
+    return TransferReport(
+        method=options.method,
+        source_base=source,
+        target_base=target,
+        adapter=str(adapter.path) if adapter.path else "<in memory>",
+        options=_report_options(options),
+        dropped=dict(adapter.dropped),
+    )
+
+
 def port_method(options: TransferOptions) -> Any:
     """The per-unit method a port runs (``calibrated`` starts from its init method's result)."""
     return get_method(options.init_method if options.method == CALIBRATED else options.method)
 
 
 def plan_units(
-    pairing: Pairing, method: Any, options: TransferOptions
+    units: list[Unit], method: Any, options: TransferOptions
 ) -> tuple[list[tuple[Unit, int, bool, bool, bool]], list[Request]]:
     """Which subspaces each unit needs: ``(unit, k, same_shape, needs_source, needs_target)`` per unit,
-    and the subspace requests ``(checkpoint, architecture, tensor, rows, k)`` in the order they are used.
+    and the subspace requests ``(source, transposed, tensor, rows, k)`` in the order they are used.
 
     ``loraport batch`` plans every job's requests with this before any port runs, so that each
     distinct subspace is computed once.
@@ -336,7 +332,7 @@ def plan_units(
     want_sim = options.wants_similarity(method.needs_source or method.needs_target)
     plans: list[tuple[Unit, int, bool, bool, bool]] = []
     requests: list[Request] = []
-    for unit in pairing.units:
+    for unit in units:
         same = unit.source.shape == unit.target.shape
         k = min(options.subspace_rank, *unit.source.shape, *unit.target.shape)
         if method.same_shape_only and not same:
@@ -347,30 +343,99 @@ def plan_units(
         if fallback is not None and options.thresholded:
             need_s, need_t = need_s or fallback.needs_source, need_t or fallback.needs_target
         plans.append((unit, k, same, need_s, need_t))
-        requests += _unit_requests(unit, pairing, need_s, need_t, k)
+        requests += _unit_requests(unit, need_s, need_t, k)
     return plans, requests
 
 
-def _unit_requests(unit: Unit, pairing: Pairing, needs_source: bool, needs_target: bool, k: int) -> list[Request]:
-    requests = []
-    if needs_source:
-        requests.append((pairing.src, pairing.arch_s, unit.source.key, unit.source.rows, k))
-    if needs_target:
-        requests.append((pairing.tgt, pairing.arch_t, unit.target.key, unit.target.rows, k))
-    return requests
+def port_units(
+    units: list[Unit], method: Any, options: TransferOptions, report: TransferReport, progress: bool
+) -> list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
+    """:func:`run_units` with a subspace store (memory, disk cache, prefetching reads) opened and closed around it."""
+    store = SubspaceStore(
+        SubspaceCache(options.cache_dir) if options.use_cache else None,
+        options.svd,
+        options.oversample,
+        options.niter,
+        options.seed,
+        options.device,
+    )
+    try:
+        parts = run_units(units, method, options, store, report, progress)
+    finally:
+        store.close()
+    if store.cache is not None:
+        report.cache_hits, report.cache_misses = store.cache.hits, store.cache.misses
+    return parts
 
 
-def _run_units(
-    pairing: Pairing,
+def write_port_dir(
+    out: str | os.PathLike[str],
+    overwrite: bool,
+    report: TransferReport,
+    write: Callable[[Path], object],
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a port into the directory ``out`` atomically: ``write(tmp)``, the report, any extra files."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write(tmp)
+        report.output = str(Path(out))
+        report.save(tmp / "loraport_report.json")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
+
+
+def finish_report(report: TransferReport, started: float, report_path: str | os.PathLike[str] | None) -> None:
+    """Stamp the total time and write the report where asked."""
+    report.seconds = time.perf_counter() - started
+    if report_path is not None:
+        report.save(report_path)
+
+
+def check_written(
+    report: TransferReport,
+    modules: dict[str, LoraModule],
+    started: float,
+    report_path: str | os.PathLike[str] | None,
+) -> None:
+    """Fill the report's totals; with no module to write, save the report (if asked) and raise ``TransferError``."""
+    report.output_modules = len(modules)
+    report.seconds = time.perf_counter() - started
+    report.peak_rss_mb = peak_rss_mb()
+    if not modules:
+        if report_path is not None:
+            report.save(report_path)
+        reasons = sorted({r.reason for r in report.records if r.reason})
+        raise TransferError(
+            f"every module was skipped ({len(report.records)} unit(s); "
+            f"{'; '.join(reasons[:3]) or 'no units'}); no adapter written"
+        )
+
+
+def _subspace(store: SubspaceStore, side: Side, k: int) -> Subspace:
+    return store.get(side.checkpoint, side.transposed, side.key, side.rows, k)
+
+
+def _unit_requests(unit: Unit, needs_source: bool, needs_target: bool, k: int) -> list[Request]:
+    sides = ([unit.source] if needs_source else []) + ([unit.target] if needs_target else [])
+    return [(side.checkpoint, side.transposed, side.key, side.rows, k) for side in sides]
+
+
+def run_units(
+    units: list[Unit],
     method: Any,
     options: TransferOptions,
     store: SubspaceStore,
     report: TransferReport,
     progress: bool,
 ) -> list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]:
-    """Run the method on every unit; returns the transferred (unit, record, B, A) in target coordinates."""
+    """Run the method on every unit; returns the transferred (unit, record, B, A) in target coordinates.
+
+    Appends one record per unit to ``report``. Any pairing that produces :class:`Unit` s
+    (decoder layers of LLMs, named modules of diffusion models) goes through this loop.
+    """
     fallback = get_method(options.fallback) if options.fallback != "skip" else None
-    plans, requests = plan_units(pairing, method, options)
+    plans, requests = plan_units(units, method, options)
     store.plan(requests)
     clamped = [k for _, k, _, need_s, need_t in plans if (need_s or need_t) and k < options.subspace_rank]
     if clamped:
@@ -410,8 +475,8 @@ def _run_units(
             B=_as_float(B_s, options.device),
             A=_as_float(src_mod.A, options.device),
             target_shape=unit.target.shape,
-            source=store.get(pairing.src, pairing.arch_s, unit.source.key, rows, k) if need_s else None,
-            target=store.get(pairing.tgt, pairing.arch_t, unit.target.key, unit.target.rows, k) if need_t else None,
+            source=_subspace(store, unit.source, k) if need_s else None,
+            target=_subspace(store, unit.target, k) if need_t else None,
         )
         if need_s or need_t:
             record.k = k
@@ -444,15 +509,14 @@ def _run_units(
     return results
 
 
-def _assemble(
-    results: list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]], pairing: Pairing, adapter: LoraAdapter
-) -> dict[str, LoraModule]:
+def assemble_modules(results: list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]) -> dict[str, LoraModule]:
     """Group unit results by target module, stack fused parts, re-factorise with balanced factors.
 
     Plain modules keep rank <= r of their source; a fused target module built from parts
     gets rank <= sum of the parts' ranks (a q, k, v triple can need 3 r). The output alpha
     is the (first) source module's, the factors absorb any change of scale so that
-    ``scale_out * B @ A`` equals the transferred update exactly.
+    ``scale_out * B @ A`` equals the transferred update exactly. A conv target keeps its
+    kernel (the factors stay flattened, ``A: (r, in * kh * kw)``).
     """
     groups: dict[str, list[tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]]] = {}
     for item in results:
@@ -462,7 +526,7 @@ def _assemble(
         first = items[0][0]
         alpha = first.source_module.alpha
         scale_ref = first.source_module.scale
-        m_t = linear_shape(pairing.tgt, first.target.key, pairing.arch_t)[0]
+        m_t = first.target.out_rows
         n_t = first.target.shape[1]
         if len(items) == 1 and first.target.rows is None:
             unit, _, B, A = items[0]
@@ -486,13 +550,14 @@ def _assemble(
                 item[1].decision, item[1].reason = "skipped", "transferred update is zero"
             continue
         # PEFT scales by alpha / r_out: fold the ratio into the (balanced) factors.
-        ratio = scale_ref / lora_scale(alpha, factors.rank, adapter.use_rslora)
+        use_rslora = first.source_module.use_rslora
+        ratio = scale_ref / lora_scale(alpha, factors.rank, use_rslora)
         root = ratio**0.5
         B_out = (factors.B * root).to("cpu", torch.float32)
         A_out = (factors.A * root).to("cpu", torch.float32)
         if B_out.shape[0] != m_t or A_out.shape[1] != n_t:
             raise TransferError(f"internal error: {name} factors {tuple(B_out.shape)} x {tuple(A_out.shape)}")
-        modules[name] = LoraModule(name, A_out, B_out, alpha, adapter.use_rslora)
+        modules[name] = LoraModule(name, A_out, B_out, alpha, use_rslora, kernel=first.target.kernel)
     return modules
 
 
@@ -516,7 +581,14 @@ __all__ = [
     "DEFAULT_SUBSPACE_RANK",
     "TransferOptions",
     "TransferResult",
+    "assemble_modules",
+    "check_written",
+    "finish_report",
+    "new_report",
     "plan_units",
     "port_method",
+    "port_units",
+    "run_units",
     "transfer",
+    "write_port_dir",
 ]

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import CONFIG_NAME, load_adapter
-from ..architectures import Architecture
 from ..calibrate import CALIBRATED
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
@@ -118,7 +117,7 @@ class SubspaceTask:
     """
 
     base: str
-    arch: Architecture
+    transposed: bool  # the base stores its matrices (in, out) (GPT-2 Conv1D)
     requests: list[SubspaceRequest]
     svd: str
     oversample: int
@@ -138,9 +137,7 @@ class BatchPlan:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     job_memory_mb: dict[int, float] = field(default_factory=dict)
     # (base, svd settings, device) -> (architecture, [(request, cost)] in first-use order), not yet cached
-    groups: dict[tuple[Any, ...], tuple[Architecture, list[tuple[SubspaceRequest, float]]]] = field(
-        default_factory=dict
-    )
+    groups: dict[tuple[Any, ...], tuple[bool, list[tuple[SubspaceRequest, float]]]] = field(default_factory=dict)
     distinct_subspaces: int = 0
     cached_subspaces: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -154,8 +151,8 @@ def _largest_tensor_bytes(ckpt: Checkpoint) -> int:
     return max((math.prod(ckpt.shape(key)) * 4 for key in ckpt.keys()), default=0)
 
 
-def _part_shape(ckpt: Checkpoint, arch: Architecture, key: str, rows: tuple[int, int] | None) -> tuple[int, int]:
-    m, n = linear_shape(ckpt, key, arch)
+def _part_shape(ckpt: Checkpoint, transposed: bool, key: str, rows: tuple[int, int] | None) -> tuple[int, int]:
+    m, n = linear_shape(ckpt, key, transposed)
     return (rows[1] - rows[0], n) if rows is not None else (m, n)
 
 
@@ -191,15 +188,15 @@ def plan_batch(jobs: list[Job], cache_dir: str | os.PathLike[str], overwrite: bo
                 options = job.options
                 adapter = load_adapter(job.adapter, drop_unsupported=options.drop_unsupported)
                 pairing = Pairing(adapter, src, tgt, options.layer_map)
-                _, requests = plan_units(pairing, port_method(options), options)
+                _, requests = plan_units(pairing.units, port_method(options), options)
             except (LoraportError, OSError) as exc:
                 plan.problems.append((job.index, f"{job.label}: {exc}"))
                 continue
             plan.pending.append(job)
             plan.records[job.index] = record
             largest = 0
-            for ckpt, arch, key, rows, k in requests:
-                m, n = _part_shape(ckpt, arch, key, rows)
+            for ckpt, transposed, key, rows, k in requests:
+                m, n = _part_shape(ckpt, transposed, key, rows)
                 largest = max(largest, m * n * 4)
                 settings = (options.svd, options.oversample, options.niter, options.seed)
                 cache_key = SubspaceCache.key(ckpt.fingerprint(key), rows, k, *settings)
@@ -210,7 +207,7 @@ def plan_batch(jobs: list[Job], cache_dir: str | os.PathLike[str], overwrite: bo
                 if cache._path(cache_key).exists():
                     plan.cached_subspaces += 1
                     continue
-                group = plan.groups.setdefault((ckpt.name, *settings, options.device), (arch, []))
+                group = plan.groups.setdefault((ckpt.name, *settings, options.device), (transposed, []))
                 group[1].append(((key, rows, k), float(m * n * (k + options.oversample))))
             adapter_bytes = sum((mod.A.numel() + mod.B.numel()) * 4 for mod in adapter.modules.values())
             memory = BASE_JOB_MB + 3 * (largest + adapter_bytes) / 2**20
@@ -232,11 +229,11 @@ def subspace_tasks(plan: BatchPlan, cache_dir: str | os.PathLike[str], parallel:
         return []
     target = total / max(1, 4 * parallel)
     tasks: list[SubspaceTask] = []
-    for (base, svd, oversample, niter, seed, device), (arch, items) in plan.groups.items():
+    for (base, svd, oversample, niter, seed, device), (transposed, items) in plan.groups.items():
         current: SubspaceTask | None = None
         for request, cost in items:
             if current is None or current.cost >= target:
-                current = SubspaceTask(base, arch, [], svd, oversample, niter, seed, device, str(cache_dir))
+                current = SubspaceTask(base, transposed, [], svd, oversample, niter, seed, device, str(cache_dir))
                 tasks.append(current)
             current.requests.append(request)
             current.cost += cost

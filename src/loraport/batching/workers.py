@@ -115,7 +115,7 @@ def compute_subspaces(task: SubspaceTask, threads: int) -> SubspaceOutcome:
         store = SubspaceStore(
             SubspaceCache(task.cache_dir), task.svd, task.oversample, task.niter, task.seed, task.device
         )
-        requests = [(ckpt, task.arch, key, rows, k) for key, rows, k in task.requests]
+        requests = [(ckpt, task.transposed, key, rows, k) for key, rows, k in task.requests]
         try:
             store.plan(requests)
             for request in requests:

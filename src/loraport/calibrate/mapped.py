@@ -498,8 +498,9 @@ class MappedCalibrator:
         key = self.pairing.tgt.resolve_module(name)
         if key is None:
             raise TransferError(f"{self.pairing.tgt.name}: no weight for {name}")
-        side = Side(name, key, None, (m, n), t)
-        source_side = Side(record.source_module, key, None, (m, n), s)
+        tgt, transposed = self.pairing.tgt, self.pairing.arch_t.transposed
+        side = Side(name, key, None, (m, n), t, tgt, transposed)
+        source_side = Side(record.source_module, key, None, (m, n), s, tgt, transposed)
         # The output adapter scales by alpha / r like the source: the factors absorb the scale.
         lora = LoraModule(name, factors.A.float(), factors.B.float(), self.alpha, self.use_rslora)
         return Unit(source_side, side, role, lora, 1, 0), record, (factors.B / lora.scale).float(), factors.A.float()

@@ -24,6 +24,7 @@ from .base import (
     SAFETENSORS_SINGLE,
     SIDE_FILES,
     Checkpoint,
+    TensorSource,
     resolve_model_dir,
 )
 from .gguf import GGUFCheckpoint, find_gguf
@@ -36,6 +37,7 @@ __all__ = [
     "SIDE_FILES",
     "Checkpoint",
     "GGUFCheckpoint",
+    "TensorSource",
     "find_gguf",
     "resolve_model_dir",
 ]

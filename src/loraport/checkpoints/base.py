@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +30,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+# diffusers names the weights of its model folders (unet/, vae/, ...) differently.
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _ADAPTER_FILES = {"adapter_model.safetensors", "adapter_model.bin"}
 # Files a model directory needs beside its weights: config, generation config, tokenizer.
 SIDE_FILES = (
@@ -43,6 +45,25 @@ SIDE_FILES = (
     "*.model",
     "chat_template.*",
 )
+
+
+class TensorSource(Protocol):
+    """What base weights are read from: a :class:`Checkpoint`, or a renamed view of one.
+
+    ``get`` reads one tensor (only rows ``[start, stop)`` if given); ``fingerprint``
+    changes whenever the tensor's bytes may have (it keys the subspace cache);
+    ``file_of`` names the file for error messages.
+    """
+
+    name: str
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
+
+    def fingerprint(self, key: str) -> str: ...
+
+    def file_of(self, key: str) -> Path: ...
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
@@ -85,7 +106,7 @@ class Checkpoint:
     """A base model on disk whose tensors are read lazily, one at a time.
 
     Attributes:
-        root: the model directory.
+        root: the model directory (or a single ``.safetensors`` file).
         name: what the user passed (directory or hub id), used in messages and in
             ``base_model_name_or_path`` of written adapters.
         config: the parsed ``config.json`` (empty dict if the directory has none).
@@ -155,7 +176,7 @@ class Checkpoint:
     # -- metadata -----------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
         path = self.root / "config.json"
-        if not path.exists():
+        if not self.root.is_dir() or not path.exists():
             return {}
         try:
             config = json.loads(path.read_text())
@@ -173,7 +194,9 @@ class Checkpoint:
 
     def _read_index(self) -> dict[str, Path]:
         root = self.root
-        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if root.is_file() and root.suffix == ".safetensors":  # a single-file checkpoint
+            return dict.fromkeys(self._file_keys(root), root)
+        for index_name in (SAFETENSORS_INDEX, DIFFUSERS_INDEX, BIN_INDEX):
             index = root / index_name
             if index.exists():
                 try:

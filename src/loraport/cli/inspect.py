@@ -9,9 +9,12 @@ from . import register_command
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="PEFT LoRA adapter directory")
+    p.add_argument("adapter", help="PEFT LoRA adapter directory, or a kohya / diffusers LoRA (.safetensors)")
     p.add_argument(
-        "--base", default=None, help="base model (directory, hub id or .gguf file): measure dW in its subspaces"
+        "--base",
+        default=None,
+        help="base model (directory, hub id or .gguf file; SD: diffusers folder or single file): "
+        "measure dW in its subspaces",
     )
     p.add_argument("--subspace-rank", type=int, default=64, metavar="K")
     p.add_argument("--svd", choices=["exact", "randomized"], default="randomized")

@@ -42,10 +42,30 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     from ..transfer import DEFAULT_METHOD, DEFAULT_SUBSPACE_RANK
 
     defaults = CalibrationOptions()
-    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory trained on the source base")
-    p.add_argument("--source-base", required=True, help="source base model: directory, hub id or .gguf file")
-    p.add_argument("--target-base", required=True, help="target base model: directory, hub id or .gguf file")
-    p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        help="PEFT LoRA adapter directory trained on the source base, or an image-model LoRA "
+        "(kohya / diffusers .safetensors file, a directory holding one, or per-component PEFT directories)",
+    )
+    p.add_argument(
+        "--source-base",
+        required=True,
+        help="source base model: directory, hub id or .gguf file (Stable Diffusion: diffusers folder or "
+        "single .safetensors file)",
+    )
+    p.add_argument("--target-base", required=True, help="target base model (as --source-base)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output adapter directory (written atomically); image-model LoRAs: also a .safetensors file",
+    )
+    p.add_argument(
+        "--out-format",
+        choices=["kohya", "diffusers", "peft"],
+        default=None,
+        help="image-model LoRAs: output format (default: the input's; peft = one PEFT directory per component)",
+    )
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -210,6 +230,7 @@ def options_from_args(args: argparse.Namespace) -> TransferOptions:
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
         drop_unsupported=args.drop_unsupported,
+        out_format=args.out_format,
     )
     for flag in FLAG_FIELDS:  # the calibrated group, by flag name
         if hasattr(args, flag):
