@@ -161,3 +161,25 @@ def test_unknown_quantization_type_names_tensor_and_type(ggufs, tmp_path) -> Non
     object.__setattr__(info, "ggml_type", 4)  # ggml type 4 (Q4_2) was removed from ggml
     with pytest.raises(CheckpointError, match=r"blk\.0\.ffn_up\.weight.*ggml type 4"):
         ckpt.get(key)
+
+
+def test_fuse_accepts_gguf_models_and_writes_a_loadable_model(ggufs, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraport.fusion import fuse
+
+    source = ggufs["llama"]
+    other = perturb_model(source, tmp_path / "other", 0.1)
+    other_gguf = write_gguf(other, tmp_path / "other.gguf", "F32")
+    out = tmp_path / "fused"
+    fuse(ggufs["llama-F32"], other_gguf, out, method="average", progress=False)
+    fused = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    first, second = load_file(str(source / "model.safetensors")), load_file(str(other / "model.safetensors"))
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(fused[key], (first[key] + second[key]) / 2, rtol=1e-5, atol=1e-6)
+    # The config and tokenizer come from the GGUF metadata.
+    text = "Hello world, def main(): return 42"
+    assert (
+        AutoTokenizer.from_pretrained(str(out))(text)["input_ids"]
+        == AutoTokenizer.from_pretrained(str(source))(text)["input_ids"]
+    )
