@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default=None, help="a rank-16 adapter of the source (default: PERF/adapter1-x1)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument(
+        "--reuse", action="store_true", help="take a run's row from WORK/rows.jsonl when it is there (else measure)"
+    )
     args = parser.parse_args(argv)
     perf, zoo, work = Path(args.perf), Path(args.zoo), Path(args.work)
     source = perf / "source"
@@ -202,7 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     text = make_text(zoo / "calibration.txt", work / "calibration.txt", args.samples)
     rows = []
+    measured = work / "rows.jsonl"  # every row this script measured, newest last
+    earlier = {}
+    if args.reuse and measured.exists():
+        earlier = {row["run"]: row for row in map(json.loads, measured.read_text().splitlines()) if row}
     for run in args.runs:
+        if run in earlier:
+            rows.append(earlier[run])
+            print(f"{run}: reused from {measured} (measured {earlier[run].get('date', 'earlier')})", flush=True)
+            continue
         cross = run.startswith("x")
         layers, beta = (int(run[1:]), 0.0) if cross else (int(run.split(":")[0]), float(run.split(":")[1]))
         s = make_view(source, work / f"S-{layers}", layers, zoo / "tokenizer")
@@ -231,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         floor = subprocess.run(floor_argv, capture_output=True, text=True, check=True)
         row.update(json.loads(floor.stdout.strip().splitlines()[-1]))
+        row["date"] = time.strftime("%Y-%m-%d %H:%M")
         rows.append(row)
+        with measured.open("a") as log:
+            log.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     command = "python " + " ".join(shlex.quote(x) for x in ["benchmarks/calibrated_scale.py", *(argv or sys.argv[1:])])
     lines = [
@@ -251,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         "spectrum, not trained models: the fits and R^2 say the machinery works at this size, not how much "
         "accuracy it recovers.",
         "",
-        "| run | mode | layers | beta | tokens | aligned | time (s) | s / layer | floor (s) | time / floor | "
-        "peak RSS (MB) | map R^2 | fit: copy | fit: calibrated | load (start, end) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | mode | layers | beta | tokens | aligned | time (s) | CPU (s) | s / layer | floor (s) | time / floor | "
+        "peak RSS (MB) | map R^2 | fit: copy | fit: calibrated | load (start, end) | measured |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
 
     def f(value: float | None, digits: int = 3) -> str:
@@ -262,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(
             f"| {r['run']} | {r['mode']} | {r['layers']} | {r['beta']:g} | {r['tokens']} | {r.get('aligned') or '-'} | "
-            f"{r['seconds']:.0f} | {r['seconds'] / r['layers']:.0f} | {r['floor_seconds']:.0f} | "
-            f"{r['seconds'] / r['floor_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {f(r.get('map_r2'), 2)} | "
-            f"{f(r['fit_copy'])} | {f(r['fit_after'])} | {r['load_start']:.1f}, {r['load_end']:.1f} |"
+            f"{r['seconds']:.0f} | {f(r.get('cpu_seconds'), 0)} | {r['seconds'] / r['layers']:.0f} | "
+            f"{r['floor_seconds']:.0f} | {r['seconds'] / r['floor_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{f(r.get('map_r2'), 2)} | {f(r['fit_copy'])} | {f(r['fit_after'])} | "
+            f"{r['load_start']:.1f}, {r['load_end']:.1f} | {r.get('date', '-')} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ the target's base accuracy and its oracle's (the same LoRA recipe trained on the
 of the port), scored with the evaluator (``loraport.evaluate``, lm-eval ``arc_challenge``
 scoring) on the task's evaluation set; gain recovery = (ported - base) / (oracle - base).
 ``loraport inspect`` of each source LoRA against the source base closes the report. Rows are
-cached in ``WORK/ports/rows.json`` by label (``--fresh`` to start over).
+cached by label in ``WORK/ports/rows-TARGET.json``, one file per target so that runs for
+different targets can go on side by side (``--fresh`` to start over).
 """
 
 from __future__ import annotations
@@ -64,9 +65,42 @@ def scores(assets: dict[str, Any], target: str, task: str) -> tuple[float | None
     """The target's base and oracle accuracy on the task, from the assets' stage records."""
     oracle = _stage(assets, f"lora-{target}-{task}")
     base = _stage(assets, f"base-{target}-{task}")
-    base_acc = (base or {}).get("score", {}).get("acc") if base else (oracle or {}).get("base_score", {}).get("acc")
+    copied = _stage(assets, f"identity-{target}-{task}")  # records the target's base score too
+    if base is not None:
+        base_acc = base["score"]["acc"]
+    else:
+        base_acc = (oracle or copied or {}).get("base_score", {}).get("acc")
     oracle_acc = (oracle or {}).get("score", {}).get("acc")
     return base_acc, oracle_acc
+
+
+def read_rows(ports: Path) -> dict[str, Any]:
+    """Every cached row by label (``rows-*.json``; ``rows.json`` is the older single file)."""
+    cache: dict[str, Any] = {}
+    for path in sorted(ports.glob("rows*.json")):
+        cache.update(json.loads(path.read_text()))
+    return cache
+
+
+def write_rows(ports: Path, target: str, cache: dict[str, Any]) -> None:
+    """Write the target's cached rows to ``rows-TARGET.json`` (replaced in one step)."""
+    ports.mkdir(parents=True, exist_ok=True)
+    path = ports / f"rows-{target}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in cache.items() if v["target"] == target}, indent=1))
+    tmp.replace(path)
+
+
+def copied_row(assets: dict[str, Any], target: str, task: str) -> dict[str, Any] | None:
+    """The ``identity`` row from the assets' ``identity-TARGET-TASK`` stage (the LoRA loaded unchanged by PEFT)."""
+    stage = _stage(assets, f"identity-{target}-{task}")
+    if stage is None:
+        return None
+    acc, n = stage["score"]["acc"], stage["score"]["n"]
+    return {"task": task, "target": target, "name": "identity", "options": METHODS["identity"], "acc": acc,
+            "stderr": (acc * (1 - acc) / n) ** 0.5, "seconds": None, "peak_rss_mb": None, "error": None,
+            "modules": None, "notes": ["identity rows of the derivatives: the source LoRA loaded unchanged "
+                                       "(assets stage identity-TARGET-TASK; no port process to time)"]}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -78,8 +112,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     assets = load_assets(work)
-    cache_path = work / "ports" / "rows.json"
-    cache: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.exists() and not args.fresh else {}
+    cache: dict[str, Any] = {} if args.fresh else read_rows(work / "ports")
     rows: list[dict[str, Any]] = []
     source = base_path(work, assets, SOURCE)
     for target in args.targets:
@@ -96,6 +129,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 label = f"{task}/{target}/{name}"
                 if label in cache:
                     rows.append(cache[label])
+                    continue
+                if name == "identity" and (row := copied_row(assets, target, task)) is not None:
+                    rows.append(row)
+                    continue
+                if args.cached_only:
                     continue
                 options = dict(METHODS[name])
                 if "calibration" in options:
@@ -118,8 +156,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                     row["notes"] = [n for n in report["notes"] if "mode" in n or n.startswith("WARNING")]
                 cache[label] = row
                 rows.append(row)
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                cache_path.write_text(json.dumps(cache, indent=1))
+                write_rows(work / "ports", target, cache)
                 acc = "-" if row["acc"] is None else f"{row['acc']:.3f}"
                 print(f"[real] {label}: acc {acc} ({measured['seconds']:.1f} s)"
                       + (f" error: {measured['error']}" if measured["error"] else ""), flush=True)  # fmt: skip
@@ -194,6 +231,10 @@ def render(rows: list[dict[str, Any]], extra: dict[str, Any], command: str, seco
     data = assets["stages"].get("data", {})
     for task, info in data.get("tasks", {}).items():
         lines.append(f"- `{task}` ({info['kind']}): {info['description']}; {info['n_eval']} evaluation questions.")
+        source = assets["stages"].get(f"lora-{SOURCE}-{task}")
+        if source:
+            lines[-1] += (f" On the source: base {source['base_score']['acc']:.3f}, with its LoRA "
+                          f"{source['score']['acc']:.3f}.")  # fmt: skip
     lines += ["", "| task | target | method | base | ported (s.e.) | oracle | gain recovery | modules | port time (s) "
               "| peak RSS (MB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
@@ -203,6 +244,9 @@ def render(rows: list[dict[str, Any]], extra: dict[str, Any], command: str, seco
             f"{_f(r['gain_recovery'], 2)} | {r.get('modules') or '-'} | {_f(r['seconds'], 1)} | "
             f"{_f(r['peak_rss_mb'], 0)} |"
         )
+    lines += ["", "`auto` (the default method) is `identity` wherever shapes match (the derivatives) and `prolora` "
+              "elsewhere (Gemma-3), so its rows would repeat those and it is not run. An oracle of `-` was not "
+              "trained (time on these machines); no gain recovery is given without one."]  # fmt: skip
     notes = sorted({n for r in rows for n in r.get("notes") or []})
     if notes:
         lines += ["", "Notes from the reports:", ""] + [f"- {n}" for n in notes]
@@ -240,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--cached-only", action="store_true", help="port nothing: render the cached rows")
     args = parser.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/real.py", *(argv or sys.argv[1:])])
     started = time.perf_counter()
