@@ -38,6 +38,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto": {"method": "auto"},
     "calibrated": {"method": "calibrated", "calibration": "generic"},
     "calibrated, domain text": {"method": "calibrated", "calibration": "domain"},
+    # what was tried on Gemma-3: layers paired by relative depth instead of CKA
+    "calibrated, domain text, relative depth": {
+        "method": "calibrated",
+        "calibration": "domain",
+        "calib_depth": "relative",
+    },
+    # the demo's shipped LoRA (the facts LoRA cut to its top 4 directions per module, float16)
+    "prolora, shipped rank-4 LoRA": {"method": "prolora", "subspace_rank": 64, "lora": "shipped"},
+    "calibrated, domain text, shipped rank-4 LoRA": {
+        "method": "calibrated",
+        "calibration": "domain",
+        "lora": "shipped",
+    },
 }
 SOURCE = "smollm2"
 
@@ -46,7 +59,10 @@ def load_assets(work: Path) -> dict[str, Any]:
     path = work / "assets.json"
     if not path.exists():
         raise SystemExit(f"{path} missing: run python benchmarks/real_assets.py --work {work} first")
-    return json.loads(path.read_text())
+    assets = json.loads(path.read_text())
+    for stage in sorted((work / "stages").glob("*.json")):  # stages finished since assets.json was written
+        assets["stages"][stage.stem] = json.loads(stage.read_text())
+    return assets
 
 
 def _stage(assets: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -138,12 +154,19 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 options = dict(METHODS[name])
                 if "calibration" in options:
                     options["calibration"] = str(calibration[options["calibration"]])
+                lora = adapter
+                if options.pop("lora", None) == "shipped":
+                    if task != "facts":
+                        continue  # the demo ships a facts LoRA only
+                    from loraport.pretrained.demo import data_dir
+
+                    lora = data_dir() / "facts-lora"
                 out_dir = work / "ports" / task / target / name.replace(", ", "-").replace(" ", "-")
-                kwargs = dict(adapter=str(adapter), source_base=source, target_base=target_base, out=str(out_dir),
+                kwargs = dict(adapter=str(lora), source_base=source, target_base=target_base, out=str(out_dir),
                               overwrite=True, progress=False, threads=args.threads,
                               cache_dir=str(work / "ports" / ".subspace-cache"), **options)  # fmt: skip
                 measured = port(kwargs, isolated=True)
-                row = {"task": task, "target": target, "name": name, "options": METHODS[name],
+                row = {"task": task, "target": target, "name": name, "options": METHODS[name], "command": args.command,
                        "load": os.getloadavg()[0], **measured}  # fmt: skip
                 row["acc"] = row["gain_recovery"] = row["stderr"] = None
                 if measured["error"] is None:
@@ -245,8 +268,12 @@ def render(rows: list[dict[str, Any]], extra: dict[str, Any], command: str, seco
             f"{_f(r['peak_rss_mb'], 0)} |"
         )
     lines += ["", "`auto` (the default method) is `identity` wherever shapes match (the derivatives) and `prolora` "
-              "elsewhere (Gemma-3), so its rows would repeat those and it is not run. An oracle of `-` was not "
-              "trained (time on these machines); no gain recovery is given without one."]  # fmt: skip
+              "elsewhere (Gemma-3), so its rows would repeat those and it is not run."]  # fmt: skip
+    if any(r["oracle"] is None for r in rows):
+        lines[-1] += " An oracle of `-` was not trained (time on these machines); no gain recovery without one."
+    commands = sorted({r["command"] for r in rows if r.get("command")})
+    if commands:
+        lines += ["", "The rows were computed (each once, then cached) by:", ""] + [f"- `{c}`" for c in commands]
     notes = sorted({n for r in rows for n in r.get("notes") or []})
     if notes:
         lines += ["", "Notes from the reports:", ""] + [f"- {n}" for n in notes]
@@ -287,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached-only", action="store_true", help="port nothing: render the cached rows")
     args = parser.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/real.py", *(argv or sys.argv[1:])])
+    args.command = command
     started = time.perf_counter()
     rows, extra = run(args)
     text = render(rows, extra, command, time.perf_counter() - started, import_baseline_mb())
