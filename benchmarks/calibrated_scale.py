@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = work / "rows.jsonl"  # every row this script measured, newest last
     earlier = {}
     if args.reuse and measured.exists():
-        earlier = {row["run"]: row for row in map(json.loads, measured.read_text().splitlines()) if row}
+        earlier = {row["run"]: row for row in map(json.loads, measured.read_text().splitlines())}
     for run in args.runs:
         if run in earlier:
             rows.append(earlier[run])

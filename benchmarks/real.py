@@ -59,10 +59,7 @@ def load_assets(work: Path) -> dict[str, Any]:
     path = work / "assets.json"
     if not path.exists():
         raise SystemExit(f"{path} missing: run python benchmarks/real_assets.py --work {work} first")
-    assets = json.loads(path.read_text())
-    for stage in sorted((work / "stages").glob("*.json")):  # stages finished since assets.json was written
-        assets["stages"][stage.stem] = json.loads(stage.read_text())
-    return assets
+    return json.loads(path.read_text())
 
 
 def _stage(assets: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -91,9 +88,9 @@ def scores(assets: dict[str, Any], target: str, task: str) -> tuple[float | None
 
 
 def read_rows(ports: Path) -> dict[str, Any]:
-    """Every cached row by label (``rows-*.json``; ``rows.json`` is the older single file)."""
+    """Every cached row by label (``rows-TARGET.json``)."""
     cache: dict[str, Any] = {}
-    for path in sorted(ports.glob("rows*.json")):
+    for path in sorted(ports.glob("rows-*.json")):
         cache.update(json.loads(path.read_text()))
     return cache
 

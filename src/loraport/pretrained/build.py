@@ -371,10 +371,11 @@ def build_assets(
     (root / "stages").mkdir(parents=True, exist_ok=True)
     records: dict[str, Any] = {}
     pending: list[Stage] = []
-    for stage in stages(config, gguf_dir):
-        path = root / "stages" / f"{stage.name}.json"
-        if path.is_file() and stage.name not in (redo or []):
-            records[stage.name] = json.loads(path.read_text(encoding="utf-8"))
+    planned = stages(config, gguf_dir)
+    for stage in planned:
+        record = _read_stage(root, stage.name)
+        if record is not None and stage.name not in (redo or []):
+            records[stage.name] = record
         elif only is None or stage.name in only:
             pending.append(stage)
     running: dict[Future[Any], tuple[Stage, ProcessPoolExecutor]] = {}
@@ -386,9 +387,8 @@ def build_assets(
                 if len(running) >= workers:
                     break
                 for dep in stage.deps:  # finished by another runner on the same work directory?
-                    done_elsewhere = root / "stages" / f"{dep}.json"
-                    if dep not in records and done_elsewhere.is_file():
-                        records[dep] = json.loads(done_elsewhere.read_text(encoding="utf-8"))
+                    if dep not in records and (record := _read_stage(root, dep)) is not None:
+                        records[dep] = record
                 if all(dep in records for dep in stage.deps):
                     pending.remove(stage)
                     # one pool per stage: a fresh process, so its peak RSS is its own
@@ -419,11 +419,22 @@ def build_assets(
     finally:
         for _, pool in running.values():
             pool.shutdown(cancel_futures=True)
+    for stage in planned:  # stages another runner on this work directory finished meanwhile
+        if stage.name in records or stage.name in failed:
+            continue
+        if (record := _read_stage(root, stage.name)) is not None:
+            records[stage.name] = record
     assets = {"config": config.to_dict(), "gguf_dir": gguf_dir, "stages": records}
     written = atomic_write_text(root / ASSETS, json.dumps(finite_json(assets), indent=1) + "\n")
     if failed:
         raise LoraportError(f"{len(failed)} stage(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     return written
+
+
+def _read_stage(root: Path, name: str) -> dict[str, Any] | None:
+    """The record of stage ``name`` under ``root/stages``, or None when it has not finished."""
+    path = root / "stages" / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _drop_dependents(pending: list[Stage], name: str, failed: dict[str, str]) -> list[Stage]:
