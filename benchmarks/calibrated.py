@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import shlex
 import sys
 import time
@@ -125,33 +124,26 @@ def _port_child(queue: Any, kwargs: dict[str, Any]) -> None:
     import transformers  # noqa: F401 - imported before the clock starts, as a long-running program would have
 
     from loraport import transfer
+    from loraport.report import peak_rss_mb
 
     started = time.perf_counter()
     try:
         result = transfer(**kwargs)
         totals = result.report.totals()
-        queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": _rss_mb(), "error": None,
+        queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "error": None,
                    "mean_kept_energy": totals["mean_kept_energy"],
                    "calibration": result.report.calibration})  # fmt: skip
     except Exception as exc:  # reported as a row
-        queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": _rss_mb(), "error": str(exc)})
-
-
-def _rss_mb() -> float:
-    """This process's peak RSS. ``VmHWM`` belongs to the process's own address space; ``ru_maxrss``
-    is inherited across fork + exec, so a spawned child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "error": str(exc)})
 
 
 def _baseline_child(queue: Any) -> None:
     import transformers  # noqa: F401
 
     import loraport.calibrate  # noqa: F401 - what every port imports
+    from loraport.report import peak_rss_mb
 
-    queue.put(_rss_mb())
+    queue.put(peak_rss_mb())
 
 
 def port(kwargs: dict[str, Any], isolated: bool) -> dict[str, Any]:

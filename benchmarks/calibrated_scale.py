@@ -54,7 +54,8 @@ result = transfer(adapter, source, target, out, overwrite=True, method="calibrat
                   calib_mode=mode, progress=False)
 seconds = time.perf_counter() - started
 stop.append(1)
-hwm = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+from loraport.report import peak_rss_mb
+hwm = peak_rss_mb()
 import resource
 ru = resource.getrusage(resource.RUSAGE_SELF)
 records = [r for r in result.report.records if r.fit_after is not None]

@@ -268,7 +268,17 @@ class TransferReport:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MB."""
+    """This process's peak resident set size so far, in MB.
+
+    On Linux ``VmHWM`` (of this process's own address space): ``ru_maxrss`` survives fork +
+    exec, so a spawned worker (a process pool's, a stage's) would report at least its parent's
+    peak. Elsewhere ``ru_maxrss``.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage / 1024 if sys.platform != "darwin" else usage / 2**20
 
