@@ -242,7 +242,7 @@ def test_existing_output_is_left_untouched(zoo, tmp_path, capsys) -> None:
 def test_failure_while_writing_leaves_nothing(zoo, tmp_path, monkeypatch) -> None:
     import importlib
 
-    transfer_module = importlib.import_module("loraport.transfer")
+    transfer_module = importlib.import_module("loraport.llm.port")
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -21,7 +21,7 @@ from loraport.batching.manifest import RESERVED_KEYS, job_options, load_jobs, tr
 from loraport.batching.plan import JOB_RECORD, plan_batch, subspace_tasks
 from loraport.batching.pools import size_local_pool
 from loraport.cli import build_parser, main
-from loraport.cli.transfer import options_from_args
+from loraport.port.options import options_from_args
 
 OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", "loraport_report.json", JOB_RECORD)
 
@@ -99,18 +99,31 @@ def test_job_keys_go_through_the_transfer_command_line(tmp_path: Path) -> None:
 
 
 def test_a_new_transfer_flag_is_a_manifest_key_without_changes(tmp_path: Path, monkeypatch) -> None:
-    import loraport.cli.transfer as cli_transfer
+    """An option declared once (a field with option()) is a transfer flag and a manifest key."""
+    from dataclasses import dataclass
 
-    original = cli_transfer._transfer_args
+    import loraport.port.options as port_options
+    from loraport.option_fields import declared, option
 
-    def extended(p) -> None:  # type: ignore[no-untyped-def]
-        original(p)
-        p.add_argument("--brand-new-setting", type=int, default=0)
+    @dataclass
+    class Extra:
+        brand_new_setting: int = option(0, flag="brand_new_setting", word=int, help="a new setting")
 
-    monkeypatch.setattr(cli_transfer, "_transfer_args", extended)
+    original = port_options.declared_options
+
+    def extended():  # type: ignore[no-untyped-def]
+        yield from original()
+        for field, spec in declared(Extra):
+            yield None, field, spec
+
+    monkeypatch.setattr(port_options, "declared_options", extended)
     entry = {"adapter": "a", "source_base": "s", "target_base": "t", "out": "o", "brand_new_setting": 5}
-    args, _, argv = job_options(entry, tmp_path)
+    args, options, argv = job_options(entry, tmp_path)
     assert args.brand_new_setting == 5 and "--brand-new-setting" in argv
+    assert options.brand_new_setting == 5  # type: ignore[attr-defined]
+    cli = build_parser().parse_args(["transfer", "--adapter", "a", "--source-base", "s", "--target-base", "t",
+                                     "--out", "o", "--brand-new-setting", "7"])  # fmt: skip
+    assert options_from_args(cli).brand_new_setting == 7  # type: ignore[attr-defined]
 
 
 def test_defaults_are_overridden_and_paths_are_relative_to_the_manifest(bases, tmp_path: Path) -> None:
@@ -265,7 +278,7 @@ def test_an_output_no_batch_wrote_needs_overwrite(bases, tmp_path: Path) -> None
 
 
 def test_an_interrupted_batch_leaves_only_complete_outputs_and_resumes(bases, tmp_path: Path, monkeypatch) -> None:
-    transfer_module = importlib.import_module("loraport.transfer")  # the package's `transfer` is the function
+    transfer_module = importlib.import_module("loraport.llm.port")  # the language-model front writes the adapter
 
     defaults, jobs = three_jobs(bases)
     manifest = write_manifest(tmp_path / "ports.yaml", defaults, jobs)

@@ -10,16 +10,16 @@ Public API::
 from __future__ import annotations
 
 from .adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
+from .api import transfer
 from .batching import BatchOptions, BatchResult, batch
 from .checkpoints import Checkpoint
 from .errors import AdapterError, CheckpointError, LoraportError, TransferError
 from .fusion import FUSION_METHODS, FuseOptions, FusionError, fuse, fuse_adapters
 from .methods import METHODS
+from .port import TransferOptions, TransferResult
 from .structure import inspect_adapter
 from .subspace import similarity, top_k_svd
-from .transfer import TransferOptions, TransferResult, transfer
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "FUSION_METHODS",

@@ -132,7 +132,7 @@ def port_and_score(
     row with ``acc=None`` and the reason in ``note``. ``calibration`` is the text file for
     ``method="calibrated"``.
     """
-    from .transfer import transfer
+    from .api import transfer
 
     row = PortScore(target_name, method, subspace_rank, base_acc=base_acc, oracle_acc=oracle_acc)
     started = time.perf_counter()

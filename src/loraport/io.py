@@ -90,3 +90,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def default_cache_dir() -> Path:
+    """``$LORAPORT_CACHE``, else ``$XDG_CACHE_HOME/loraport/subspaces`` (``~/.cache/...``)."""
+    env = os.environ.get("LORAPORT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "loraport" / "subspaces"

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,25 +28,8 @@ import torch
 
 from .architectures import Architecture
 from .checkpoints import Checkpoint
+from .checkpoints.meta import parameters_on_meta
 from .errors import LoraportError
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the ``meta`` device, buffers as usual (rotary ``inv_freq`` stays real)."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=False)
-
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 class Stop(Exception):

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .io import default_cache_dir
 from .lowrank import stabilize, thin_qr
 
 ALGORITHMS = ("exact", "randomized")
@@ -190,15 +191,6 @@ def orthonormalize(X: torch.Tensor) -> torch.Tensor:
 
 
 # -- cache ------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$LORAPORT_CACHE``, else ``$XDG_CACHE_HOME/loraport/subspaces`` (``~/.cache/...``)."""
-    env = os.environ.get("LORAPORT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "loraport" / "subspaces"
 
 
 class SubspaceCache:

@@ -2,8 +2,9 @@
 
 A job's keys are the ``transfer`` flags with underscores (``source_base`` for ``--source-base``,
 ``subspace_rank``, ``calibration``, ...); a job's keys override ``defaults``. Every job goes
-through the ``transfer`` sub-command's own argument parser and :func:`~loraport.cli.transfer.options_from_args`,
-so a new ``transfer`` flag is a valid manifest key without any change here.
+through the parser the ``transfer`` sub-command is built with and the same
+:func:`~loraport.port.options.options_from_args`, both derived from the declared options
+(:mod:`loraport.port.options`), so a new option is a valid manifest key without any change here.
 
 Example (YAML; JSON with the same structure works too)::
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraportError
-from ..transfer import TransferOptions
+from ..port.options import TransferOptions, add_transfer_arguments, options_from_args
 
 REQUIRED_KEYS = ("adapter", "source_base", "target_base", "out")
 PATH_KEYS = ("adapter", "out", "calibration", "report")  # always local paths
@@ -97,10 +98,8 @@ class _JobParser(argparse.ArgumentParser):
 
 def transfer_flags() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
     """The ``transfer`` sub-command's parser and its flags by manifest key (``subspace_rank`` -> action)."""
-    from ..cli.transfer import _transfer_args
-
     parser = _JobParser(prog="loraport transfer", add_help=False)
-    _transfer_args(parser)
+    add_transfer_arguments(parser)
     # Keyed by the flag's name, not its dest: ``keep_all: true`` is ``--keep-all`` (dest ``no_harm``).
     flags = {
         option[2:].replace("-", "_"): action
@@ -164,8 +163,6 @@ def job_options(
     Returns the parsed flags, the options (subspace cache set to the batch's ``cache_dir``) and
     the argv. Raises ``LoraportError`` naming the offending key.
     """
-    from ..cli.transfer import options_from_args
-
     if parser is None or flags is None:
         parser, flags = transfer_flags()
     argv: list[str] = []

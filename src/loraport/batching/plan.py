@@ -5,7 +5,7 @@ is recorded in its output directory (``loraport_job.json``, written atomically w
 adapter). A job is up to date when its output, report and identical record exist.
 
 Every pending job is paired and planned with the same code as a single port
-(:func:`~loraport.transfer.plan_units`); the distinct subspace requests over all jobs, minus
+(:func:`~loraport.port.plan_units`); the distinct subspace requests over all jobs, minus
 those already in the cache, are split into :class:`SubspaceTask` s of about equal cost, which
 the workers compute into the shared cache before the ports run.
 """
@@ -25,8 +25,8 @@ from ..calibrate import CALIBRATED
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
 from ..pairing import Pairing, linear_shape
+from ..port import plan_units, port_method
 from ..subspace import SubspaceCache
-from ..transfer import plan_units, port_method
 from .manifest import Job, Problem
 
 JOB_RECORD = "loraport_job.json"

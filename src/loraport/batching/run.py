@@ -20,9 +20,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import LoraportError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, default_cache_dir
 from ..report import finite_json, peak_rss_mb
-from ..subspace import default_cache_dir
 from .manifest import Job, ManifestError, load_jobs
 from .plan import REPORT_NAME, BatchPlan, job_state, plan_batch, subspace_tasks
 from .pools import LocalPool, RayPool, TreeRss, size_local_pool
@@ -261,7 +260,7 @@ def _make_pool(
 
 
 def _check_version(version: str | None, warnings: list[str]) -> None:
-    from .. import __version__
+    from ..version import __version__
 
     if version is not None and version != __version__:
         message = f"a worker runs loraport {version}, this process {__version__}: install the same version everywhere"

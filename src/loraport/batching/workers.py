@@ -64,7 +64,7 @@ class JobOutcome:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 
@@ -132,7 +132,7 @@ def one_line(exc: BaseException) -> str:
 
 def run_job(job: Job, record: dict[str, Any], threads: int) -> JobOutcome:
     """Port one job into its ``out`` (atomically, with its record); errors become a failed outcome."""
-    from ..transfer import transfer
+    from ..api import transfer
 
     started = time.perf_counter()
     outcome = JobOutcome(job.index, job.name, job.out, "failed", job.options.method, version=_version())

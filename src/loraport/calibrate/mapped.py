@@ -188,7 +188,8 @@ def output_readout(ckpt: Any, tokenizer: Any, device: torch.device) -> _Readout:
     """
     from transformers import AutoModelForCausalLM
 
-    from ..streaming import parameters_on_meta, resolve_key
+    from ..checkpoints.meta import parameters_on_meta
+    from ..streaming import resolve_key
 
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(ckpt.transformers_config())

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import TransferError
+from ..option_fields import declared, option
 
 CALIBRATED = "calibrated"
 INITS = ("auto", "identity", "project", "lorax", "procrustes", "prolora", "zero")
@@ -66,26 +67,114 @@ class CalibrationOptions:
         min_aligned: the smallest share of token positions that must align across tokenizers.
     """
 
-    text: str | os.PathLike[str] | Sequence[str] | None = None
-    samples: int = DEFAULT_SAMPLES
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    ridge: float | str = DEFAULT_RIDGE
-    init: str = DEFAULT_INIT
-    truncation: str = "rrr"
-    output_weight: float = DEFAULT_OUTPUT_WEIGHT
-    init_scale: str = "none"
-    batch_size: int = 16
-    rank: int | None = None
-    folds: int = 2
-    mode: str = "auto"
-    depth: str = "cka"
-    map: str = "ridge"
-    map_ridge: float = DEFAULT_MAP_RIDGE
-    writers: str = "o,down"
-    anchor: float = 1.0
-    anchor_layers: str = "last"
-    no_harm: bool = True
-    min_aligned: float = DEFAULT_MIN_ALIGNED
+    TITLE: ClassVar[str] = "calibrated transfer (--method calibrated)"
+
+    text: str | os.PathLike[str] | Sequence[str] | None = option(
+        None, name="calibration", flag="calibration", metavar="FILE", help="unlabeled text, one sample per line"
+    )
+    samples: int = option(
+        DEFAULT_SAMPLES,
+        name="calib_samples",
+        flag="calib_samples",
+        word=int,
+        metavar="N",
+        help=f"samples used (default {DEFAULT_SAMPLES})",
+    )
+    max_tokens: int = option(
+        DEFAULT_MAX_TOKENS,
+        name="calib_max_tokens",
+        flag="calib_max_tokens",
+        word=int,
+        metavar="T",
+        help=f"tokens per sample (default {DEFAULT_MAX_TOKENS})",
+    )
+    ridge: float | str = option(
+        DEFAULT_RIDGE,
+        name="ridge",
+        flag="ridge",
+        metavar="LAM",
+        help=f"ridge weight toward the init, in units of the mean input energy, or 'auto' (default {DEFAULT_RIDGE})",
+    )
+    init: str = option(
+        DEFAULT_INIT, name="init", flag="init", choices=INITS, help=f"start point's method (default {DEFAULT_INIT})"
+    )
+    truncation: str = option("rrr", name="calib_truncation")
+    output_weight: float = option(
+        DEFAULT_OUTPUT_WEIGHT,
+        name="calib_output_weight",
+        flag="calib_output_weight",
+        word=float,
+        metavar="BETA",
+        help="1: match each module's whole output (default); 0: only the adapter's contribution",
+    )
+    init_scale: str = option("none", name="calib_init_scale")
+    batch_size: int = option(16, name="calib_batch_size")
+    rank: int | None = option(
+        None,
+        name="calib_rank",
+        flag="calib_rank",
+        word=int,
+        metavar="R",
+        help="rank of the ported modules (default: the source's; more rank = a bigger, often better adapter)",
+    )
+    folds: int = option(2, name="calib_folds")
+    mode: str = option(
+        "auto",
+        name="calib_mode",
+        flag="calib_mode",
+        choices=MODES,
+        help="shared: module by module in shared coordinates; mapped: through maps learned between the two models' "
+        "hidden states (other tokenizer, widths, depth); auto (default): shared when tokenizer and shapes match",
+    )
+    depth: str = option(
+        "cka",
+        name="calib_depth",
+        flag="calib_depth",
+        choices=DEPTHS,
+        help="mapped: pair layers by activation similarity (cka, default) or relative depth",
+    )
+    map: str = option(
+        "ridge", name="calib_map", flag="calib_map", choices=MAPS, help="mapped: the map between hidden states"
+    )
+    map_ridge: float = option(
+        DEFAULT_MAP_RIDGE,
+        name="calib_map_ridge",
+        flag="calib_map_ridge",
+        word=float,
+        metavar="MU",
+        help=f"mapped: relative ridge of the maps (default {DEFAULT_MAP_RIDGE})",
+    )
+    writers: str = option(
+        "o,down",
+        name="calib_writers",
+        flag="calib_writers",
+        choices=WRITERS,
+        help="mapped: target modules that carry the effect (default o,down)",
+    )
+    anchor: float = option(
+        1.0,
+        name="calib_anchor",
+        flag="calib_anchor",
+        word=float,
+        metavar="W",
+        help="mapped: weight of the output anchor (same tokens decoded; 0: off; default 1.0)",
+    )
+    anchor_layers: str = option(
+        "last",
+        name="calib_anchor_layers",
+        flag="calib_anchor_layers",
+        choices=ANCHOR_LAYERS,
+        help="mapped: anchor the last layer's map (default) or every layer's",
+    )
+    no_harm: bool = option(
+        True,
+        name="no_harm",
+        flag="keep_all",
+        switch=True,
+        help="keep every ported module (default: leave out a module that fits held-out text worse than leaving it "
+        "out, or than the copy where shapes match; the report lists them)",
+    )
+    min_aligned: float = option(DEFAULT_MIN_ALIGNED, name="calib_min_aligned")
 
     def validate(self) -> None:
         """Check every field (raises ``TransferError``); reads the text file once to fail early."""
@@ -132,31 +221,9 @@ class CalibrationOptions:
         read_calibration_lines(self.text)
 
 
-# ``transfer`` flag names (underscored, as ``transfer(**overrides)`` and batch manifests spell them)
-# -> CalibrationOptions fields.
-FLAG_FIELDS: dict[str, str] = {
-    "calibration": "text",
-    "calib_samples": "samples",
-    "calib_max_tokens": "max_tokens",
-    "ridge": "ridge",
-    "init": "init",
-    "calib_truncation": "truncation",
-    "calib_output_weight": "output_weight",
-    "calib_init_scale": "init_scale",
-    "calib_batch_size": "batch_size",
-    "calib_rank": "rank",
-    "calib_folds": "folds",
-    "calib_mode": "mode",
-    "calib_depth": "depth",
-    "calib_map": "map",
-    "calib_map_ridge": "map_ridge",
-    "calib_writers": "writers",
-    "calib_anchor": "anchor",
-    "calib_anchor_layers": "anchor_layers",
-    "no_harm": "no_harm",
-    "calib_min_aligned": "min_aligned",
-}
-assert set(FLAG_FIELDS.values()) == {f.name for f in fields(CalibrationOptions)}
+# ``transfer()`` keyword names (underscored, as ``transfer(**overrides)`` spells them) -> CalibrationOptions fields.
+FLAG_FIELDS: dict[str, str] = {spec.name or f.name: f.name for f, spec in declared(CalibrationOptions)}
+assert len(FLAG_FIELDS) == len(fields(CalibrationOptions)), "every calibrated setting is a declared option"
 
 
 def options_summary(options: CalibrationOptions) -> dict[str, Any]:

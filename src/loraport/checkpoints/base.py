@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +45,13 @@ SIDE_FILES = (
     "*.model",
     "chat_template.*",
 )
+
+
+# Readers of single-file formats, in the order they are tried: ``(find, reader)`` where
+# ``find(path)`` returns the file ``path`` names in that format (or ``None``) and
+# ``reader(file, name)`` opens it. Each such reader registers itself when its module is
+# imported (the package imports them all), so this module imports no reader.
+FILE_FORMATS: list[tuple[Callable[[Path], Path | None], Callable[[Path, str], Checkpoint]]] = []
 
 
 class TensorSource(Protocol):
@@ -130,11 +137,10 @@ class Checkpoint:
         :class:`~loraport.checkpoints.gguf.GGUFCheckpoint` (same interface, tensors dequantized
         to float32 and named as ``transformers`` names them).
         """
-        from .gguf import GGUFCheckpoint, find_gguf
-
-        gguf_file = find_gguf(Path(name_or_path).expanduser())
-        if gguf_file is not None:
-            return GGUFCheckpoint(gguf_file, str(name_or_path))
+        for find, reader in FILE_FORMATS:
+            found = find(Path(name_or_path).expanduser())
+            if found is not None:
+                return reader(found, str(name_or_path))
         return cls(resolve_model_dir(name_or_path, revision), str(name_or_path))
 
     # -- what transformers needs to run the model ---------------------------------------

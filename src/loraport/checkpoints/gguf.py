@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .base import BIN_INDEX, BIN_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
+from .base import BIN_INDEX, BIN_SINGLE, FILE_FORMATS, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint
 from .files import read_bytes
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ class GGUFCheckpoint(Checkpoint):
 
     # -- what transformers needs to run the model ---------------------------------------
     def _cache_dir(self) -> Path:
-        from ..subspace import default_cache_dir
+        from ..io import default_cache_dir
 
         stat = self.file.resolve().stat()
         digest = hashlib.sha256(f"{self.file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -462,7 +462,7 @@ class GGUFCheckpoint(Checkpoint):
         """The whole model: built from the config, weights assigned one tensor at a time (a tied head re-tied)."""
         from transformers import AutoModelForCausalLM
 
-        from ..streaming import parameters_on_meta
+        from .meta import parameters_on_meta
 
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(self.transformers_config(), dtype=dtype)
@@ -483,3 +483,6 @@ class GGUFCheckpoint(Checkpoint):
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({self.name!r}, model_type={self.model_type!r}, tensors={len(self.gguf_names)})"
+
+
+FILE_FORMATS.append((find_gguf, GGUFCheckpoint))

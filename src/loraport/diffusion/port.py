@@ -1,9 +1,9 @@
 """Port an image-model LoRA (kohya, diffusers or per-component PEFT) between Stable Diffusion bases.
 
-The same unit loop as for LLM adapters (:func:`loraport.transfer.run_units`): every module
-is paired by name (:class:`~loraport.diffusion.pairing.DiffusionPairing`), its base weights
+The same unit loop as for LLM adapters (the port core, :func:`loraport.port.run_units`): every
+module is paired by name (:class:`~loraport.diffusion.pairing.DiffusionPairing`), its base weights
 (conv weights flattened to ``(out, in * kh * kw)``) give the subspaces, the chosen method
-maps the factors, :func:`~loraport.transfer.assemble_modules` re-factorises them, and the
+maps the factors, :func:`~loraport.port.assemble_modules` re-factorises them, and the
 writer restores each module's layout from the *target* weight (a 1x1 conv in SD-1.x, a
 linear layer in SDXL).
 """
@@ -20,7 +20,7 @@ from ..calibrate import CALIBRATED
 from ..errors import TransferError
 from ..io import atomic_file, check_output_dir, check_output_file
 from ..methods import get_method
-from ..transfer import (
+from ..port import (
     TransferOptions,
     TransferResult,
     assemble_modules,
@@ -104,7 +104,7 @@ def transfer_diffusion(
         extra_files: text files (name -> content) written into a directory ``out`` with the port.
 
     Returns:
-        A :class:`~loraport.transfer.TransferResult` whose adapter's modules are named
+        A :class:`~loraport.port.TransferResult` whose adapter's modules are named
         ``<component>.<diffusers module>``.
     """
     started = time.perf_counter() if started is None else started
@@ -154,7 +154,7 @@ def transfer_diffusion(
 
 
 def _provenance(src: DiffusionBase, tgt: DiffusionBase, options: TransferOptions) -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "loraport_version": __version__,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from .baselines import average, dare, task_arithmetic, ties
 from .core_space import CoreSpace
 from .lora import fuse_adapters
-from .methods import FUSION_METHODS, FusionMethod, merge_task_matrices
+from .methods import merge_task_matrices
 from .models import FusionResult, fuse
 from .options import (
     DEFAULT_EXCLUDE,
@@ -38,6 +38,7 @@ from .options import (
     RgspOptions,
     TiesOptions,
 )
+from .registry import FUSION_METHODS, FusionMethod
 from .report import FusionReport, TensorRecord
 from .rgsp import RgspAlignment, RgspRecord, rgsp_align, rgsp_fuse
 from .subspace_merge import iso_c, iso_cts, tsv

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import LoraportError
 from . import baselines
+from .registry import FUSION_METHODS
 from .regmean import DEFAULT_RIDGE, DEFAULT_SHRINKAGE
 from .rgsp import (
     DEFAULT_BETA,
@@ -213,8 +214,6 @@ class FuseOptions:
 
     @property
     def info(self) -> Any:
-        from .methods import FUSION_METHODS
-
         return FUSION_METHODS[self.method]
 
     @property
@@ -229,8 +228,6 @@ class FuseOptions:
 
     def validate(self) -> None:
         """Raise :class:`FusionError` on an unknown method or an out-of-range value."""
-        from .methods import FUSION_METHODS
-
         if self.method not in FUSION_METHODS:
             raise FusionError(f"unknown fusion method {self.method!r} (choose from {', '.join(FUSION_METHODS)})")
         _check(self.shard_size >= 1, f"shard size must be positive, got {self.shard_size}")

@@ -63,9 +63,9 @@ def run_real_demo(
     """
     import torch
 
+    from ..api import transfer
     from ..demo import TargetScorer
     from ..evaluate import load_arc_jsonl
-    from ..transfer import transfer
     from .packages import gguf_path
 
     note = say or (lambda text: None)

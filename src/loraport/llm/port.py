@@ -1,0 +1,116 @@
+"""Port a language-model LoRA (PEFT) between causal-LM bases: pair by role, run the port core, write PEFT.
+
+Base weights are read one tensor at a time (the next ones are read in a background thread
+while the current one is decomposed), decomposed once, and cached on disk; only subspaces
+(``U, S, V``) are kept in memory. ``calibrated`` refines the per-unit results on unlabeled
+text (shared coordinates), or, across tokenizers, carries the adapter's effect through maps
+between the two models' hidden states (``mapped``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
+from ..calibrate import CALIBRATED, MappedCalibrator, calibrate, choose_mode
+from ..checkpoints import Checkpoint
+from ..errors import TransferError
+from ..io import check_output_dir
+from ..pairing import Pairing
+from ..port import (
+    TransferOptions,
+    TransferResult,
+    assemble_modules,
+    check_written,
+    finish_report,
+    new_report,
+    port_method,
+    port_units,
+    write_port_dir,
+)
+
+
+def transfer_llm(
+    adapter: str | os.PathLike[str] | LoraAdapter,
+    source_base: str | os.PathLike[str] | Checkpoint,
+    target_base: str | os.PathLike[str] | Checkpoint,
+    out: str | os.PathLike[str] | None,
+    options: TransferOptions,
+    report_path: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    started: float | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> TransferResult:
+    """Port a PEFT LoRA adapter between language models (what :func:`loraport.transfer` calls for one).
+
+    Arguments as for :func:`loraport.transfer`; ``options`` are validated by the caller.
+    """
+    started = time.perf_counter() if started is None else started
+    if options.out_format not in (None, "peft"):
+        raise TransferError(f"--out-format {options.out_format} is for image-model LoRAs; LLM adapters are PEFT")
+    if out is not None:
+        check_output_dir(out, overwrite)
+    if not isinstance(adapter, LoraAdapter):
+        adapter = load_adapter(adapter, drop_unsupported=options.drop_unsupported)
+    src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
+    tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
+    calibrated = options.method == CALIBRATED
+    method = port_method(options)
+    pairing = Pairing(adapter, src, tgt, options.layer_map)
+
+    report = new_report(options, src.name, tgt.name, adapter)
+    report.layer_map = pairing.layer_map
+    report.notes += pairing.arch_s.notes + pairing.arch_t.notes
+
+    mode = None
+    if calibrated:
+        mode, notes = choose_mode(options.calibrated, pairing)
+        report.notes += notes
+    if pairing.layers_s != pairing.layers_t and options.layer_map is None and mode != "mapped":
+        report.notes.append(
+            f"depths differ ({pairing.layers_s} -> {pairing.layers_t}): layers paired by relative depth"
+        )
+    if mode == "mapped":
+        # The adapter's effect goes to the target's residual writers: no per-module init to compute.
+        parts = MappedCalibrator(pairing, adapter, options.calibrated, report, progress, options.device).run()
+    else:
+        parts = port_units(pairing.units, method, options, report, progress)
+        if calibrated:
+            parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
+    report.records += pairing.unpaired
+
+    modules = assemble_modules(parts)
+    target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
+    check_written(report, modules, started, report_path)
+    config = adapter_config_for(
+        target_adapter, tgt.name, _target_modules_field(modules, pairing), fan_in_fan_out=pairing.arch_t.transposed
+    )
+    target_adapter.config = config
+    written: Path | None = None
+    if out is not None:
+        written = write_port_dir(
+            out, overwrite, report, lambda tmp: save_adapter(target_adapter, tmp, config=config), extra_files
+        )
+    finish_report(report, started, report_path)
+    return TransferResult(target_adapter, report, written)
+
+
+def _target_modules_field(modules: dict[str, LoraModule], pairing: Pairing) -> list[str]:
+    """Leaf names (``q_proj``) when they select exactly the written modules, else full paths.
+
+    PEFT matches a leaf name against every module of the model, so leaves are only used
+    when the target checkpoint has no other weight with one of those leaf names.
+    """
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    matching = [
+        key
+        for key in pairing.tgt.keys()
+        if key.endswith(".weight") and key.removesuffix(".weight").rsplit(".", 1)[-1] in leaves
+    ]
+    return leaves if len(matching) == len(modules) else sorted(modules)
+
+
+__all__ = ["transfer_llm"]

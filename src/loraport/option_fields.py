@@ -1,0 +1,102 @@
+"""Options declared once: a dataclass field carries its command-line flag, help, choices and parser.
+
+Every setting of a port is a field of :class:`~loraport.port.TransferOptions` or of one of its
+method groups (:class:`~loraport.calibrate.CalibrationOptions`, ...), declared with
+:func:`option`. The ``transfer`` command's flags, the ``loraport batch`` manifest's keys, the
+keyword names of :func:`loraport.transfer` and the report's option record are all derived
+from those declarations (:mod:`loraport.port.options`), so a new option is written once, in
+the group of the method it belongs to.
+
+Example::
+
+    @dataclass
+    class MyOptions:
+        steps: int = option(100, flag="my_steps", help="training steps", metavar="N", word=int)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass
+from typing import Any
+
+OPTION = "loraport_option"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one option is spelled outside Python.
+
+    Attributes:
+        name: the keyword of :func:`loraport.transfer` (``calib_rank``); ``None``: the field's name.
+        flag: the command-line flag with underscores (``calib_rank`` -> ``--calib-rank``), also the
+            batch manifest key; ``None``: settable from Python only.
+        help: the flag's help text.
+        group: the concern it belongs to (``method``, ``subspace``, ``threshold``, ``output``,
+            ``run``); a method group's fields take the group's title instead.
+        choices: the allowed values (a callable is asked when the parser is built).
+        metavar: the flag's value name in help texts.
+        word: turns the command-line word into the value (``int``, ``float``); ``None``: the
+            word as written, and a non-string default is spelled as a word too.
+        convert: turns the parsed word into the field's value (may raise ``LoraportError``
+            with a one-line message); ``None``: the parsed word.
+        switch: a flag without a value, which sets the field to the opposite of its default.
+    """
+
+    name: str | None = None
+    flag: str | None = None
+    help: str = ""
+    group: str | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+    metavar: str | None = None
+    word: Callable[[str], Any] | None = None
+    convert: Callable[[Any], Any] | None = None
+    switch: bool = False
+
+    def allowed(self) -> tuple[str, ...] | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    default_factory: Callable[[], Any] | Any = MISSING,
+    help: str = "",
+    flag: str | None = None,
+    name: str | None = None,
+    group: str | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+    metavar: str | None = None,
+    word: Callable[[str], Any] | None = None,
+    convert: Callable[[Any], Any] | None = None,
+    switch: bool = False,
+) -> Any:
+    """A dataclass field declared as an option (see :class:`OptionSpec` for the arguments)."""
+    spec = OptionSpec(name, flag, help, group, choices, metavar, word, convert, switch)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={OPTION: spec})
+
+
+def option_spec(field: dataclasses.Field[Any]) -> OptionSpec | None:
+    """The declaration of a field, or ``None`` for a plain field."""
+    return field.metadata.get(OPTION)
+
+
+def declared(cls: type) -> Iterator[tuple[dataclasses.Field[Any], OptionSpec]]:
+    """The fields of dataclass ``cls`` that are declared options, in declaration order."""
+    for field in dataclasses.fields(cls):
+        spec = option_spec(field)
+        if spec is not None:
+            yield field, spec
+
+
+def default_of(field: dataclasses.Field[Any]) -> Any:
+    """The field's default value (a fresh one for ``default_factory`` fields)."""
+    if field.default is not MISSING:
+        return field.default
+    if field.default_factory is not MISSING:
+        return field.default_factory()
+    raise ValueError(f"option {field.name} has no default")
+
+
+__all__ = ["OPTION", "OptionSpec", "declared", "default_of", "option", "option_spec"]
