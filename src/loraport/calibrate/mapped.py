@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, LoraModule
+from ..alignment import token_texts
 from ..architectures import relative_layer_map
 from ..errors import TransferError
 from ..lowrank import frobenius_norm
@@ -158,11 +159,6 @@ class _WriterMoments:
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_norm")
 
 
-def _token_text(token: str) -> str:
-    """A vocabulary entry as text: byte-level BPE's ``Ġ``/``Ċ`` and sentencepiece's ``▁`` as space / newline."""
-    return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n")
-
-
 @dataclass
 class _Readout:
     """How a model reads out tokens: its output-head tensor, the final norm's gain, its vocabulary."""
@@ -214,7 +210,7 @@ def output_readout(ckpt: Any, tokenizer: Any, device: torch.device) -> _Readout:
         probe[:, 1::2] = -1
         with torch.no_grad():
             gain = (norm(probe) - norm(-probe))[0] / (2 * probe[0])
-    vocab = {_token_text(token): index for token, index in tokenizer.get_vocab().items() if index < vocab_rows}
+    vocab = token_texts(tokenizer, vocab_rows)
     return _Readout(ckpt, key, gain, vocab)
 
 
