@@ -32,9 +32,11 @@ class AlignedSample:
     source_tokens: int
 
 
-def _ends(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[int], list[int | None]]:
-    """Token ids and, per position, the character offset where the token ends (``None``: special token)."""
-    encoded = tokenizer(text, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
+def token_ends(tokenizer: Any, text: str, max_tokens: int | None = None) -> tuple[list[int], list[int | None]]:
+    """Token ids (the tokenizer's default special tokens, cut to ``max_tokens`` if given) and, per
+    position, the character offset where the token ends (``None``: a special token)."""
+    cut = {} if max_tokens is None else {"truncation": True, "max_length": max_tokens}
+    encoded = tokenizer(text, return_offsets_mapping=True, **cut)
     ids = list(encoded["input_ids"])
     ends: list[int | None] = []
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -49,8 +51,8 @@ def align_sample(text: str, tokenizer_s: Any, tokenizer_t: Any, max_tokens: int)
     When several tokens end at one character (a byte-level BPE splitting a multi-byte
     character), the last of them represents it on each side.
     """
-    ids_s, ends_s = _ends(tokenizer_s, text, max_tokens)
-    ids_t, ends_t = _ends(tokenizer_t, text, max_tokens)
+    ids_s, ends_s = token_ends(tokenizer_s, text, max_tokens)
+    ids_t, ends_t = token_ends(tokenizer_t, text, max_tokens)
     last_s: dict[int, int] = {}
     for i, end in enumerate(ends_s):
         if end is not None:
@@ -89,4 +91,4 @@ def shared_vocabulary(
     return ids_s, ids_t
 
 
-__all__ = ["AlignedSample", "align_sample", "shared_vocabulary", "token_text", "token_texts"]
+__all__ = ["AlignedSample", "align_sample", "shared_vocabulary", "token_ends", "token_text", "token_texts"]

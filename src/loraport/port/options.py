@@ -22,6 +22,7 @@ import torch
 
 from ..architectures import parse_layer_map
 from ..calibrate import CALIBRATED, FLAG_FIELDS, CalibrationOptions
+from ..distill.options import DISTILL, DISTILL_FIELDS, DistillOptions
 from ..errors import LoraportError, TransferError
 from ..methods import METHODS, get_method
 from ..option_fields import OptionSpec, declared, default_of, option
@@ -38,7 +39,7 @@ GROUP_TITLES = {"subspace": "subspaces", "threshold": "thresholds", "output": "o
 
 def method_names() -> tuple[str, ...]:
     """Every ``--method`` choice: the per-module methods and the methods with their own group."""
-    return tuple(sorted([*METHODS, CALIBRATED]))
+    return tuple(sorted([*METHODS, CALIBRATED, DISTILL]))
 
 
 def parse_thresholds(text: str | None) -> dict[str, float]:
@@ -85,6 +86,10 @@ class TransferOptions:
             (:class:`~loraport.calibrate.CalibrationOptions`: text, samples, ridge, init, mode, ...).
             :func:`loraport.transfer` also takes them flat, spelled like the command-line flags
             (``calibration=``, ``calib_rank=``, ``ridge=``, ...; :data:`~loraport.calibrate.FLAG_FIELDS`).
+            ``distill`` uses its text (generic text) and ``init`` too.
+        distill: the settings of ``method="distill"`` (:class:`~loraport.distill.DistillOptions`:
+            prompts, synthesize, rank, steps, time, ...), also taken flat (``prompts=``,
+            ``distill_rank=``, ...; :data:`~loraport.distill.DISTILL_FIELDS`).
         out_format: image-model LoRAs only: ``kohya``, ``diffusers`` or ``peft`` (one PEFT
             directory per component); ``None`` (default) writes the input's format.
     """
@@ -165,6 +170,7 @@ class TransferOptions:
     )
     report_similarity: bool | None = option(None, group="subspace")
     calibrated: CalibrationOptions = field(default_factory=CalibrationOptions)
+    distill: DistillOptions = field(default_factory=DistillOptions)
     out_format: str | None = option(
         None,
         flag="out_format",
@@ -176,8 +182,11 @@ class TransferOptions:
     def validate(self) -> None:
         if self.method == CALIBRATED:
             self.calibrated.validate()
+        if self.method == DISTILL:
+            self.distill.validate()
+            self.calibrated.validate_for_distill()
         try:
-            get_method(self.init_method if self.method == CALIBRATED else self.method)
+            get_method(self.init_method if self.method in (CALIBRATED, DISTILL) else self.method)
             if self.fallback != "skip":
                 fallback = get_method(self.fallback)
                 if fallback.name == self.method:
@@ -199,13 +208,15 @@ class TransferOptions:
 
     @property
     def init_method(self) -> str:
-        """The per-module method whose output calibration starts from (``zero`` starts from the copy's units)."""
+        """The per-module method a calibrated or distilled port starts from (``zero`` starts from the copy's units)."""
         return "identity" if self.calibrated.init == "zero" else self.calibrated.init
 
     def set(self, name: str, value: Any) -> None:
         """Set an option by its field name or its keyword name (``calib_rank`` sets ``calibrated.rank``)."""
         if name in FLAG_FIELDS:
             setattr(self.calibrated, FLAG_FIELDS[name], value)
+        elif name in DISTILL_FIELDS:
+            setattr(self.distill, DISTILL_FIELDS[name], value)
         elif name in {f.name for f in fields(self)}:
             setattr(self, name, value)
         else:
@@ -228,7 +239,7 @@ class TransferOptions:
 
 
 # The method groups of TransferOptions: field name -> its options class (which has a TITLE).
-METHOD_GROUPS: dict[str, type] = {"calibrated": CalibrationOptions}
+METHOD_GROUPS: dict[str, type] = {"calibrated": CalibrationOptions, "distill": DistillOptions}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,381 @@
+"""The student: the target base with a new LoRA, its targets from the teacher, its loss and its agreement.
+
+The teacher's outputs are mapped onto the student's tokenization of the same texts: a teacher
+position and a student position are aligned when their tokens end at the same character
+(:mod:`loraport.alignment`); there the student's next-token distribution over the support
+(its whole vocabulary, or the shared tokens renormalised) is pulled toward the teacher's by a
+KL divergence computed on the teacher's top ``K`` plus one tail bucket. The sequence-level part
+is the student's negative log-likelihood of the teacher's continuation in its own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapters import LoraModule, lora_scale
+from ..lowrank import balanced_factors
+from .teacher import TeacherOutputs, text_ends
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class StudentSample:
+    """One text as the student sees it.
+
+    Attributes:
+        ids: student token ids of ``prompt + continuation``.
+        kl_positions: ``(P,)`` student positions with a teacher distribution.
+        kl_ids: ``(P, K)`` support indices of the teacher's top tokens; ``kl_logprobs``: theirs.
+        seq_positions: ``(C,)`` positions predicting the continuation's tokens ``seq_ids``.
+    """
+
+    ids: list[int]
+    kl_positions: torch.Tensor
+    kl_ids: torch.Tensor
+    kl_logprobs: torch.Tensor
+    seq_positions: torch.Tensor
+    seq_ids: torch.Tensor
+
+    @property
+    def first_position(self) -> int:
+        found = [int(t.min()) for t in (self.kl_positions, self.seq_positions) if t.numel()]
+        return min(found) if found else len(self.ids) - 1
+
+
+def student_samples(
+    tokenizer: Any, teacher: TeacherOutputs, indices: Sequence[int] | None = None
+) -> list[StudentSample]:
+    """The teacher's targets on the student's tokens for texts ``indices`` (default: all)."""
+    chosen = range(len(teacher.prompts)) if indices is None else indices
+    samples = []
+    for i in chosen:
+        prompt_chars = len(teacher.prompts[i])
+        ids, ends = text_ends(tokenizer, teacher.prompts[i] + teacher.continuations[i])
+        last_at: dict[int, int] = {}
+        for j, end in enumerate(ends):
+            if end >= 0:
+                last_at[end] = j
+        teacher_ends = teacher.ends[i]
+        rows, positions = [], []
+        for row, pos in enumerate(teacher.positions[i].tolist()):
+            j = last_at.get(int(teacher_ends[pos]))
+            if j is not None and j < len(ids):
+                rows.append(row)
+                positions.append(j)
+        seq_pos, seq_ids = [], []
+        for j in range(1, len(ids)):
+            if ends[j] > prompt_chars and ends[j - 1] >= prompt_chars:
+                seq_pos.append(j - 1)
+                seq_ids.append(ids[j])
+        samples.append(
+            StudentSample(
+                ids,
+                torch.tensor(positions, dtype=torch.long),
+                teacher.top_ids[i][rows],
+                teacher.top_logprobs[i][rows],
+                torch.tensor(seq_pos, dtype=torch.long),
+                torch.tensor(seq_ids, dtype=torch.long),
+            )
+        )
+    return samples
+
+
+# -- the PEFT student -------------------------------------------------------------------------
+
+
+def build_student(
+    model: Any,
+    modules: Sequence[str],
+    rank: int,
+    alpha: float,
+    use_rslora: bool,
+    init: dict[str, LoraModule],
+    seed: int,
+    fan_in_fan_out: bool = False,
+) -> tuple[Any, dict[str, str]]:
+    """Wrap ``model`` in a PEFT LoRA of ``rank`` on ``modules``, set to the start port ``init`` where it has one.
+
+    A start module of lower rank fills the first rows / columns (the rest: PEFT's random ``A``,
+    zero ``B``: no change); one of higher rank is cut to ``rank`` by its SVD. Returns the model
+    and notes per module (e.g. what was cut).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # PEFT's initialisation of A
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(modules),
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        student = get_peft_model(model, config)
+    scale = lora_scale(alpha, rank, use_rslora)
+    notes: dict[str, str] = {}
+    layers = lora_layers(student)
+    for name, start in init.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        A_w, B_w = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        factors = balanced_factors(
+            (start.B.double() * math.sqrt(start.scale / scale)), start.A.double() * math.sqrt(start.scale / scale)
+        )
+        B0, A0 = factors.B, factors.A
+        if B0.shape[1] > rank:
+            cut = balanced_factors(B0, A0, max_rank=rank)
+            notes[name] = f"start port of rank {B0.shape[1]} cut to {rank}"
+            B0, A0 = cut.B, cut.A
+        r0 = B0.shape[1]
+        with torch.no_grad():
+            A_w[:r0] = A0.to(A_w)
+            B_w.zero_()
+            B_w[:, :r0] = B0.to(B_w)
+    return student, notes
+
+
+def lora_layers(student: Any) -> dict[str, Any]:
+    """The student's LoRA layers by module name (as the adapter names them)."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in student.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
+
+
+def lora_parameters(student: Any) -> dict[str, torch.Tensor]:
+    """The trainable factors by stable name (``<module>.A`` / ``<module>.B``)."""
+    params: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(student).items():
+        params[f"{name}.A"] = layer.lora_A["default"].weight
+        params[f"{name}.B"] = layer.lora_B["default"].weight
+    return params
+
+
+def student_modules(student: Any, alpha: float, use_rslora: bool) -> dict[str, LoraModule]:
+    """The student's LoRA as :class:`~loraport.adapters.LoraModule` s (float32 copies)."""
+    return {
+        name: LoraModule(
+            name,
+            layer.lora_A["default"].weight.detach().float().cpu().clone(),
+            layer.lora_B["default"].weight.detach().float().cpu().clone(),
+            alpha,
+            use_rslora,
+        )
+        for name, layer in lora_layers(student).items()
+    }
+
+
+# -- loss and agreement -------------------------------------------------------------------------
+
+
+@dataclass
+class BatchStats:
+    """Sums over a batch: ``seq_nll`` over ``seq_tokens``, ``kl`` over ``kl_positions``, greedy ``agreed``."""
+
+    seq_nll: float = 0.0
+    seq_tokens: int = 0
+    kl: float = 0.0
+    kl_positions: int = 0
+    agreed: int = 0
+
+    def add(self, other: BatchStats) -> None:
+        self.seq_nll += other.seq_nll
+        self.seq_tokens += other.seq_tokens
+        self.kl += other.kl
+        self.kl_positions += other.kl_positions
+        self.agreed += other.agreed
+
+    @property
+    def agreement(self) -> float:
+        return self.agreed / self.seq_tokens if self.seq_tokens else 0.0
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.kl_positions if self.kl_positions else 0.0
+
+    @property
+    def agreement_stderr(self) -> float:
+        a, n = self.agreement, self.seq_tokens
+        return math.sqrt(max(a * (1 - a), 1e-12) / n) if n else 0.0
+
+
+def sparse_kl(student_logprobs: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` per position over the teacher's top ``K`` plus one tail bucket.
+
+    Args:
+        student_logprobs: ``(P, S)`` log-probabilities over the support.
+        top_ids / top_logprobs: ``(P, K)`` the teacher's top support indices and log-probabilities.
+    Returns:
+        ``(P,)``.
+    """
+    p = top_logprobs.exp()
+    q_log = student_logprobs.gather(1, top_ids)
+    head = torch.sum(p * (top_logprobs - q_log), dim=1)
+    p_tail = (1 - p.sum(1)).clamp(min=0)
+    q_tail = (1 - q_log.exp().sum(1)).clamp(min=1e-12)
+    tail = torch.where(p_tail > 1e-9, p_tail * (torch.log(p_tail.clamp(min=1e-12)) - torch.log(q_tail)), 0.0)
+    return head + tail
+
+
+def _left_pad(samples: Sequence[StudentSample], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, width - len(s.ids) :] = torch.tensor(s.ids, dtype=torch.long)
+        mask[i, width - len(s.ids) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def batch_loss(
+    student: Any,
+    samples: Sequence[StudentSample],
+    pad: int,
+    support: torch.Tensor | None,
+    weights: tuple[float, float],
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+) -> tuple[torch.Tensor, BatchStats]:
+    """The weighted loss ``w_seq * mean NLL + w_kl * mean KL`` of a batch, and its :class:`BatchStats`.
+
+    The batch is left-padded and logits are computed for its last positions only
+    (``logits_to_keep``): every target sits at the end of its text.
+    """
+    ids, mask, positions = _left_pad(samples, pad, device)
+    keep = min(max(len(s.ids) - s.first_position for s in samples) + 1, ids.shape[1])
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        logits = student(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    logits = logits.float()
+    stats = BatchStats()
+    seq_terms, kl_terms = [], []
+    for row, sample in enumerate(samples):
+        shift = keep - len(sample.ids)  # row index of position p: p + shift
+        if sample.seq_positions.numel():
+            rows = logits[row, (sample.seq_positions + shift).to(device)]
+            logprobs = torch.log_softmax(rows, dim=-1)
+            targets = sample.seq_ids.to(device)
+            nll = -logprobs.gather(1, targets[:, None])[:, 0]
+            seq_terms.append(nll)
+            stats.agreed += int((rows.argmax(-1) == targets).sum())
+            stats.seq_tokens += int(targets.numel())
+            stats.seq_nll += float(nll.detach().sum())
+        if sample.kl_positions.numel():
+            rows = logits[row, (sample.kl_positions + shift).to(device)]
+            if support is not None:
+                rows = rows[:, support.to(device)]
+            kl = sparse_kl(torch.log_softmax(rows, dim=-1), sample.kl_ids.to(device), sample.kl_logprobs.to(device))
+            kl_terms.append(kl)
+            stats.kl += float(kl.detach().sum())
+            stats.kl_positions += int(kl.numel())
+    w_seq, w_kl = weights
+    loss = logits.new_zeros(())
+    if seq_terms and w_seq > 0:
+        loss = loss + w_seq * torch.cat(seq_terms).mean()
+    if kl_terms and w_kl > 0:
+        loss = loss + w_kl * torch.cat(kl_terms).mean()
+    return loss, stats
+
+
+@torch.no_grad()
+def evaluate_samples(
+    student: Any,
+    samples: Sequence[StudentSample],
+    pad: int,
+    support: torch.Tensor | None,
+    device: torch.device,
+    batch_size: int = 16,
+    autocast: torch.dtype | None = None,
+) -> BatchStats:
+    """Agreement (the teacher's continuation tokens the student predicts greedily) and mean KL, summed."""
+    total = BatchStats()
+    for start in range(0, len(samples), batch_size):
+        _, stats = batch_loss(student, samples[start : start + batch_size], pad, support, (0.0, 0.0), device, autocast)
+        total.add(stats)
+    return total
+
+
+@dataclass
+class KeepSample:
+    """A line of generic text and the target base's own top-``K`` next-token distributions on it."""
+
+    ids: list[int]
+    top_ids: torch.Tensor  # (L - 1, K) vocabulary ids
+    top_logprobs: torch.Tensor  # (L - 1, K)
+
+
+@torch.no_grad()
+def keep_samples(
+    student: Any, rows: Sequence[Sequence[int]], pad: int, top_k: int, device: torch.device
+) -> list[KeepSample]:
+    """The target base's predictions (the student with its LoRA switched off) on generic token rows."""
+    out = []
+    with student.disable_adapter():
+        for row in rows:
+            ids = torch.tensor([list(row)], dtype=torch.long, device=device)
+            logits = student(input_ids=ids).logits[0, :-1].float()
+            top = torch.topk(torch.log_softmax(logits, dim=-1), top_k, dim=-1)
+            out.append(KeepSample(list(row), top.indices.cpu(), top.values.cpu()))
+    return out
+
+
+def keep_loss(
+    student: Any, samples: Sequence[KeepSample], pad: int, device: torch.device, autocast: torch.dtype | None = None
+) -> torch.Tensor:
+    """Mean KL from the target base's own predictions to the student's on generic text."""
+    width = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        mask[i, : len(s.ids)] = 1
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        logits = student(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    terms = []
+    for i, s in enumerate(samples):
+        logprobs = torch.log_softmax(logits[i, : len(s.ids) - 1].float(), dim=-1)
+        terms.append(sparse_kl(logprobs, s.top_ids.to(device), s.top_logprobs.to(device)))
+    return torch.cat(terms).mean()
+
+
+@torch.no_grad()
+def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device) -> float:
+    """Mean next-token negative log-likelihood of the token rows (nats per token)."""
+    total, count = 0.0, 0
+    for row in rows:
+        ids = torch.tensor([list(row)], dtype=torch.long, device=device)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        total += float(nll)
+        count += ids.shape[1] - 1
+    return total / max(count, 1)
+
+
+__all__ = [
+    "BatchStats",
+    "KeepSample",
+    "StudentSample",
+    "batch_loss",
+    "build_student",
+    "evaluate_samples",
+    "keep_loss",
+    "keep_samples",
+    "lora_layers",
+    "lora_parameters",
+    "mean_nll",
+    "sparse_kl",
+    "student_modules",
+    "student_samples",
+]
