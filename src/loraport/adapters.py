@@ -354,3 +354,20 @@ def save_adapter(
     save_file(state, str(root / WEIGHTS_NAME), metadata={"format": "pt"})
     (root / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return root
+
+
+def attach_adapter(model: Any, adapter: LoraAdapter) -> Any:
+    """``model`` (a ``transformers`` model of the adapter's base) with ``adapter`` attached by PEFT.
+
+    The adapter can then be switched off (``with model.disable_adapter(): ...``) to see the base.
+    """
+    import tempfile
+    import warnings
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory(prefix="loraport-adapter-") as tmp:
+        save_adapter(adapter, tmp)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, tmp)

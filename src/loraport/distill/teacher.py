@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapters import LoraAdapter, LoraModule, save_adapter
+from ..adapters import LoraAdapter, LoraModule, attach_adapter
 from ..alignment import token_ends
 from ..checkpoints import Checkpoint
 from ..errors import TransferError
@@ -145,17 +145,7 @@ def checkpoint_digest(ckpt: Checkpoint) -> str:
 
 def load_teacher(src: Checkpoint, adapter: LoraAdapter, device: torch.device, dtype: torch.dtype) -> Any:
     """The source base with ``adapter`` attached by PEFT (so it can be switched off), in eval mode."""
-    import warnings
-
-    from peft import PeftModel
-
-    model = src.load_causal_lm(dtype)
-    with tempfile.TemporaryDirectory(prefix="loraport-teacher-") as tmp:
-        save_adapter(adapter, tmp)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            teacher = PeftModel.from_pretrained(model, tmp)
-    return teacher.to(device).eval()
+    return attach_adapter(src.load_causal_lm(dtype), adapter).to(device).eval()
 
 
 def _pad_id(tokenizer: Any) -> int:

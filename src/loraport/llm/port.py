@@ -94,7 +94,8 @@ def transfer_llm(
             if options.calibrated.init == "zero":  # the start is the target itself (the units only name modules)
                 parts = []
             parts = distiller.run(parts, assemble_modules(parts))
-    report.records += pairing.unpaired
+    if mode != "mapped":  # mapped carries every source layer's effect through the residual stream
+        report.records += pairing.unpaired
 
     modules = assemble_modules(parts)
     target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
