@@ -182,6 +182,29 @@ def test_sparse_kl_matches_the_dense_kl_when_the_top_k_holds_everything() -> Non
     assert float(sparse_kl(p, top4.indices, top4.values).abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_head_on_final_hidden_states_gives_the_models_logits(zoo, model_type: str) -> None:
+    """The student applies the output head itself (only where needed): it must equal the forward pass,
+    Gemma-2's final soft-capping included."""
+    from transformers import AutoModelForCausalLM
+
+    from loraport.distill.student import final_hidden, head_logits
+
+    path = zoo.llama if model_type == "llama" else zoo.gemma2
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 0, 5, 9, 3, 7], [4, 8, 2, 6, 1, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        hidden = final_hidden(lm, ids, mask, positions)
+        torch.testing.assert_close(head_logits(lm, hidden[1]), expected[1], rtol=1e-5, atol=1e-5)
+        rows = torch.tensor([3, 1, 7])
+        torch.testing.assert_close(head_logits(lm, hidden[0, 2:], rows), expected[0, 2:, rows], rtol=1e-5, atol=1e-5)
+    if model_type == "gemma2":
+        assert lm.config.final_logit_softcapping
+
+
 # -- end to end ----------------------------------------------------------------------------------
 
 

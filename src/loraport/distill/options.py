@@ -147,7 +147,7 @@ class DistillOptions:
         metavar="W",
         help="with --calibration: weight of keeping the target's own predictions on that text (default 0.5)",
     )
-    generic_lines: int = option(64, name="distill_generic_lines")
+    generic_lines: int = option(32, name="distill_generic_lines")
     seed: int = option(0, name="distill_seed", flag="distill_seed", word=int, metavar="S", help="random seed")
     cache: str | None = option(
         None,

@@ -43,11 +43,6 @@ class StudentSample:
     seq_positions: torch.Tensor
     seq_ids: torch.Tensor
 
-    @property
-    def first_position(self) -> int:
-        found = [int(t.min()) for t in (self.kl_positions, self.seq_positions) if t.numel()]
-        return min(found) if found else len(self.ids) - 1
-
 
 def student_samples(
     tokenizer: Any, teacher: TeacherOutputs, indices: Sequence[int] | None = None
@@ -240,6 +235,25 @@ def _left_pad(samples: Sequence[StudentSample], pad: int, device: torch.device) 
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def head_logits(lm: Any, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The output head on final hidden states ``(N, d)``: ``(N, V)`` logits, or ``(N, len(rows))`` for ``rows``
+    of the vocabulary only (the model's final logit soft-capping applied, as its forward pass does)."""
+    head = lm.get_output_embeddings()
+    weight = head.weight if rows is None else head.weight[rows]
+    logits = hidden @ weight.mT.to(hidden.dtype)
+    bias = getattr(head, "bias", None)
+    if bias is not None:
+        logits = logits + (bias if rows is None else bias[rows]).to(hidden.dtype)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def final_hidden(student: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The decoder's final (normed) hidden states ``(B, L, d)``: the output head is applied only where needed."""
+    lm = student.get_base_model() if hasattr(student, "get_base_model") else student
+    return lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+
+
 def batch_loss(
     student: Any,
     samples: Sequence[StudentSample],
@@ -251,37 +265,39 @@ def batch_loss(
 ) -> tuple[torch.Tensor, BatchStats]:
     """The weighted loss ``w_seq * mean NLL + w_kl * mean KL`` of a batch, and its :class:`BatchStats`.
 
-    The batch is left-padded and logits are computed for its last positions only
-    (``logits_to_keep``): every target sits at the end of its text.
+    The batch is left-padded; the output head is applied at the target positions only, over the
+    whole vocabulary where the continuation's likelihood is taken and over the support where the
+    KL is (a large vocabulary's head costs more than the rest of a small model: 262k rows on
+    Gemma-3-270M, of which two tokenizers share about a tenth).
     """
     ids, mask, positions = _left_pad(samples, pad, device)
-    keep = min(max(len(s.ids) - s.first_position for s in samples) + 1, ids.shape[1])
+    width = ids.shape[1]
+    lm = student.get_base_model() if hasattr(student, "get_base_model") else student
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        logits = student(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    logits = logits.float()
+        hidden = final_hidden(student, ids, mask, positions)
+    hidden = hidden.float()
+    rows_support = None if support is None else support.to(device)
     stats = BatchStats()
     seq_terms, kl_terms = [], []
     for row, sample in enumerate(samples):
-        shift = keep - len(sample.ids)  # row index of position p: p + shift
+        shift = width - len(sample.ids)  # padded index of position p: p + shift
         if sample.seq_positions.numel():
-            rows = logits[row, (sample.seq_positions + shift).to(device)]
-            logprobs = torch.log_softmax(rows, dim=-1)
+            logits = head_logits(lm, hidden[row, (sample.seq_positions + shift).to(device)])
+            logprobs = torch.log_softmax(logits, dim=-1)
             targets = sample.seq_ids.to(device)
             nll = -logprobs.gather(1, targets[:, None])[:, 0]
             seq_terms.append(nll)
-            stats.agreed += int((rows.argmax(-1) == targets).sum())
+            stats.agreed += int((logits.argmax(-1) == targets).sum())
             stats.seq_tokens += int(targets.numel())
             stats.seq_nll += float(nll.detach().sum())
         if sample.kl_positions.numel():
-            rows = logits[row, (sample.kl_positions + shift).to(device)]
-            if support is not None:
-                rows = rows[:, support.to(device)]
-            kl = sparse_kl(torch.log_softmax(rows, dim=-1), sample.kl_ids.to(device), sample.kl_logprobs.to(device))
+            logits = head_logits(lm, hidden[row, (sample.kl_positions + shift).to(device)], rows_support)
+            kl = sparse_kl(torch.log_softmax(logits, dim=-1), sample.kl_ids.to(device), sample.kl_logprobs.to(device))
             kl_terms.append(kl)
             stats.kl += float(kl.detach().sum())
             stats.kl_positions += int(kl.numel())
     w_seq, w_kl = weights
-    loss = logits.new_zeros(())
+    loss = hidden.new_zeros(())
     if seq_terms and w_seq > 0:
         loss = loss + w_seq * torch.cat(seq_terms).mean()
     if kl_terms and w_kl > 0:
@@ -351,15 +367,21 @@ def keep_loss(
 
 
 @torch.no_grad()
-def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device) -> float:
-    """Mean next-token negative log-likelihood of the token rows (nats per token)."""
+def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass."""
     total, count = 0.0, 0
-    for row in rows:
-        ids = torch.tensor([list(row)], dtype=torch.long, device=device)
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-        total += float(nll)
-        count += ids.shape[1] - 1
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, : len(row)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+        count += int((targets != -100).sum())
     return total / max(count, 1)
 
 
@@ -370,6 +392,8 @@ __all__ = [
     "batch_loss",
     "build_student",
     "evaluate_samples",
+    "final_hidden",
+    "head_logits",
     "keep_loss",
     "keep_samples",
     "lora_layers",
