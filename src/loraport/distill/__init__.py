@@ -43,8 +43,10 @@ from .generic import stdlib_paragraphs
 from .options import DEFAULT_MAX_STEPS, DISTILL, DISTILL_FIELDS, DistillOptions, distill_summary
 from .prompts import read_prompts, split_heldout
 from .student import (
+    base_model,
     build_student,
     evaluate_samples,
+    head_rows,
     keep_samples,
     lora_parameters,
     mean_nll,
@@ -243,6 +245,7 @@ class Distiller:
             fan_in_fan_out=self.pairing.arch_t.transposed,
         )  # fmt: skip
         params = lora_parameters(student)
+        support_rows = None if support_t is None else head_rows(base_model(student), support_t)
         pad = tokenizer_t.pad_token_id if tokenizer_t.pad_token_id is not None else (tokenizer_t.eos_token_id or 0)
         train = student_samples(tokenizer_t, teacher, train_idx)
         heldout = student_samples(tokenizer_t, teacher, held_idx)
@@ -277,10 +280,10 @@ class Distiller:
         }  # fmt: skip
         run_dir = self.cache / f"run-{cache_key(run_key)}"
         state = train_student(
-            student, params, train, heldout, probe, keep, pad, support_t, self.device, config, run_dir, self.progress
+            student, params, train, heldout, probe, keep, pad, support_rows, self.device, config, run_dir, self.progress
         )
         trained = time.perf_counter() - load_started
-        final = evaluate_samples(student, heldout, pad, support_t, self.device, options.batch_size, self.autocast)
+        final = evaluate_samples(student, heldout, pad, support_rows, self.device, options.batch_size, self.autocast)
         start = state.history[0]
         tolerance = _stderr(start.heldout_agreement, final.seq_tokens)
         distilled_wins = final.agreement >= start.heldout_agreement - tolerance

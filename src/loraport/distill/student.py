@@ -235,23 +235,37 @@ def _left_pad(samples: Sequence[StudentSample], pad: int, device: torch.device) 
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def head_logits(lm: Any, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The output head on final hidden states ``(N, d)``: ``(N, V)`` logits, or ``(N, len(rows))`` for ``rows``
-    of the vocabulary only (the model's final logit soft-capping applied, as its forward pass does)."""
+def head_logits(lm: Any, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The output head on final hidden states ``(N, d)``: ``(N, V)`` logits, or with ``weight`` (some of
+    the head's rows, :func:`head_rows`) those rows' logits only; the model's final logit soft-capping
+    applied, as its forward pass does. The head's bias, if any, must be folded in by the caller."""
     head = lm.get_output_embeddings()
-    weight = head.weight if rows is None else head.weight[rows]
-    logits = hidden @ weight.mT.to(hidden.dtype)
+    logits = hidden @ (head.weight if weight is None else weight).mT.to(hidden.dtype)
     bias = getattr(head, "bias", None)
-    if bias is not None:
-        logits = logits + (bias if rows is None else bias[rows]).to(hidden.dtype)
+    if bias is not None and weight is None:
+        logits = logits + bias.to(hidden.dtype)
     cap = getattr(lm.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def head_rows(lm: Any, rows: torch.Tensor) -> torch.Tensor:
+    """The head's weight rows ``rows`` (a copy made once: the support's rows of a large vocabulary)."""
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("an output head with a bias is not supported for a restricted support")
+    return head.weight.detach()[rows.to(head.weight.device)].clone()
+
+
+def base_model(student: Any) -> Any:
+    """The ``transformers`` model under a PEFT wrapper (itself otherwise)."""
+    return student.get_base_model() if hasattr(student, "get_base_model") else student
+
+
 def final_hidden(student: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The decoder's final (normed) hidden states ``(B, L, d)``: the output head is applied only where needed."""
-    lm = student.get_base_model() if hasattr(student, "get_base_model") else student
-    return lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    return (
+        base_model(student).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    )
 
 
 def batch_loss(
@@ -268,40 +282,44 @@ def batch_loss(
     The batch is left-padded; the output head is applied at the target positions only, over the
     whole vocabulary where the continuation's likelihood is taken and over the support where the
     KL is (a large vocabulary's head costs more than the rest of a small model: 262k rows on
-    Gemma-3-270M, of which two tokenizers share about a tenth).
+    Gemma-3-270M, of which two tokenizers share about a tenth). ``support``: the head's rows of
+    the shared vocabulary (:func:`head_rows`), ``None`` for the whole vocabulary.
     """
     ids, mask, positions = _left_pad(samples, pad, device)
     width = ids.shape[1]
-    lm = student.get_base_model() if hasattr(student, "get_base_model") else student
+    lm = base_model(student)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         hidden = final_hidden(student, ids, mask, positions)
-    hidden = hidden.float()
-    rows_support = None if support is None else support.to(device)
+    flat = hidden.float().reshape(-1, hidden.shape[-1])
     stats = BatchStats()
-    seq_terms, kl_terms = [], []
-    for row, sample in enumerate(samples):
-        shift = width - len(sample.ids)  # padded index of position p: p + shift
-        if sample.seq_positions.numel():
-            logits = head_logits(lm, hidden[row, (sample.seq_positions + shift).to(device)])
-            logprobs = torch.log_softmax(logits, dim=-1)
-            targets = sample.seq_ids.to(device)
-            nll = -logprobs.gather(1, targets[:, None])[:, 0]
-            seq_terms.append(nll)
-            stats.agreed += int((logits.argmax(-1) == targets).sum())
-            stats.seq_tokens += int(targets.numel())
-            stats.seq_nll += float(nll.detach().sum())
-        if sample.kl_positions.numel():
-            logits = head_logits(lm, hidden[row, (sample.kl_positions + shift).to(device)], rows_support)
-            kl = sparse_kl(torch.log_softmax(logits, dim=-1), sample.kl_ids.to(device), sample.kl_logprobs.to(device))
-            kl_terms.append(kl)
-            stats.kl += float(kl.detach().sum())
-            stats.kl_positions += int(kl.numel())
+
+    def where(attribute: str) -> torch.Tensor:
+        return torch.cat([
+            getattr(s, attribute) + row * width + width - len(s.ids) for row, s in enumerate(samples)
+        ]).to(device)  # fmt: skip
+
+    loss = flat.new_zeros(())
     w_seq, w_kl = weights
-    loss = hidden.new_zeros(())
-    if seq_terms and w_seq > 0:
-        loss = loss + w_seq * torch.cat(seq_terms).mean()
-    if kl_terms and w_kl > 0:
-        loss = loss + w_kl * torch.cat(kl_terms).mean()
+    seq_index = where("seq_positions")
+    if seq_index.numel():
+        logits = head_logits(lm, flat[seq_index])
+        targets = torch.cat([s.seq_ids for s in samples]).to(device)
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        stats.agreed = int((logits.detach().argmax(-1) == targets).sum())
+        stats.seq_tokens = int(targets.numel())
+        stats.seq_nll = float(nll.detach().sum())
+        if w_seq > 0:
+            loss = loss + w_seq * nll.mean()
+    kl_index = where("kl_positions")
+    if kl_index.numel():
+        logits = head_logits(lm, flat[kl_index], support)
+        top_ids = torch.cat([s.kl_ids for s in samples]).to(device)
+        top_logprobs = torch.cat([s.kl_logprobs for s in samples]).to(device)
+        kl = sparse_kl(torch.log_softmax(logits, dim=-1), top_ids, top_logprobs)
+        stats.kl = float(kl.detach().sum())
+        stats.kl_positions = int(kl.numel())
+        if w_kl > 0:
+            loss = loss + w_kl * kl.mean()
     return loss, stats
 
 
@@ -389,11 +407,13 @@ __all__ = [
     "BatchStats",
     "KeepSample",
     "StudentSample",
+    "base_model",
     "batch_loss",
     "build_student",
     "evaluate_samples",
     "final_hidden",
     "head_logits",
+    "head_rows",
     "keep_loss",
     "keep_samples",
     "lora_layers",
