@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +71,16 @@ class TensorInfo:
 
 @dataclass
 class GGUFHeader:
-    """Metadata (arrays longer than ``_MAX_ARRAY`` are recorded by length only) and tensor table."""
+    """Metadata (arrays longer than ``_MAX_ARRAY`` are recorded by length only) and tensor table.
+
+    ``value_types``: the GGUF value type of each metadata key (``gguf.GGUFValueType``).
+    """
 
     version: int
     metadata: dict[str, Any]
     skipped_arrays: dict[str, int]
     tensors: dict[str, TensorInfo]
+    value_types: dict[str, int] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -156,9 +160,11 @@ def read_header(path: Path) -> GGUFHeader:
             n_tensors, n_kv = cursor.take("<Q"), cursor.take("<Q")
             metadata: dict[str, Any] = {}
             skipped: dict[str, int] = {}
+            value_types: dict[str, int] = {}
             for _ in range(n_kv):
                 key = cursor.string()
-                metadata[key] = cursor.value(cursor.take("<I"), key, skipped)
+                value_types[key] = cursor.take("<I")
+                metadata[key] = cursor.value(value_types[key], key, skipped)
             raw: list[tuple[str, tuple[int, ...], int, int]] = []
             for _ in range(n_tensors):
                 name = cursor.string()
@@ -185,7 +191,7 @@ def read_header(path: Path) -> GGUFHeader:
                 f"of a {size}-byte file)"
             )
         tensors[name] = TensorInfo(name, shape, ggml_type, begin, nbytes)
-    return GGUFHeader(version, metadata, skipped, tensors)
+    return GGUFHeader(version, metadata, skipped, tensors, value_types)
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -261,8 +267,8 @@ def transformers_config_dict(header: GGUFHeader) -> dict[str, Any]:
     for special in ("bos", "eos", "unknown", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{special}_token_id")
         if isinstance(token_id, int):
-            field = {"unknown": "unk", "padding": "pad"}.get(special, special)
-            values[f"{field}_token_id"] = token_id
+            prefix_name = {"unknown": "unk", "padding": "pad"}.get(special, special)
+            values[f"{prefix_name}_token_id"] = token_id
     if model_type == "gemma3":
         model_type = "gemma3_text"
     if isinstance(name, str):
