@@ -206,7 +206,8 @@ def _check_metadata(path: Path, header: GGUFHeader) -> tuple[str, float]:
     meta = header.metadata
     kind = meta.get(TYPE_KEY)
     if kind != "adapter":
-        hint = " (a model file: pass it as a base, not as --adapter)" if kind == "model" else ""
+        model = kind == "model" or not any(name.endswith(_SUFFIXES) for name in header.tensors)
+        hint = " (a model file: pass it as a base, not as --adapter)" if model else ""
         raise AdapterError(f"{path}: general.type is {kind!r}, expected 'adapter'{hint}")
     if meta.get(ADAPTER_TYPE_KEY) != "lora":
         raise AdapterError(f"{path}: adapter.type is {meta.get(ADAPTER_TYPE_KEY)!r}, expected 'lora'")
