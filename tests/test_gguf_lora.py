@@ -24,11 +24,14 @@ from loraport.zoo.tiny import make_bpe_tokenizer, make_random_adapter, make_tiny
 from .helpers import dense_updates
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def main():\n    return 42\n", "Question: 2 + 2?"] * 10
-# Tiny models llama.cpp runs as transformers does (Gemma-3: llama.cpp scales attention by 1/sqrt(head_dim)).
+# Tiny models llama.cpp runs as transformers does (Gemma: llama.cpp scales attention by 1/sqrt(head_dim)).
 TINY = {
     "llama": {},
     "qwen2": {},
     "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 32},
+    "qwen3": {},
+    "gemma2": {"query_pre_attn_scalar": 16},
+    "phi3": {},  # fused qkv_proj and gate_up_proj
 }
 
 

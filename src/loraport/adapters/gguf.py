@@ -240,10 +240,11 @@ def _config_and_names(
         if f"{architecture}.block_count" not in header.metadata:  # llama.cpp's converter does not write it
             blocks = [int(m.group(1)) for n in header.tensors if (m := _BLOCK.match(n))]
             config["num_hidden_layers"] = max(blocks, default=-1) + 1
+        config["pad_token_id"] = None  # no tokenizer here: a default pad id may not fit the file's vocabulary
     try:
         return config, gguf_to_hf_names(architecture, config, tensor_processor(architecture, config))
-    except (CheckpointError, ValueError, TypeError) as exc:
-        raise AdapterError(f"{path}: cannot map {architecture} tensor names ({exc})") from None
+    except Exception as exc:  # building the model class from a partial config: any failure is this one message
+        raise AdapterError(f"{path}: cannot map {architecture} tensor names ({type(exc).__name__}: {exc})") from None
 
 
 def _why_unsupported(name: str) -> str:
