@@ -152,7 +152,7 @@ def write_gguf_lora(
     if not adapter.modules:
         raise AdapterError(f"{path}: an adapter without modules cannot be written")
     architecture = base.architecture
-    processor = base._tensor_processor()
+    processor = base.processor
     alpha = _file_alpha(adapter.modules)
     storage = np.float16 if adapter.dtype == torch.float16 else np.float32
     tensors: list[tuple[str, np.ndarray]] = []

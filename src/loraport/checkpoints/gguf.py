@@ -402,6 +402,7 @@ class GGUFCheckpoint(Checkpoint):
         file: the GGUF file; ``root`` is its directory.
         header: the parsed header (metadata and tensor table).
         gguf_names: Hugging Face tensor name -> GGUF tensor name.
+        processor: ``transformers``' tensor processor that :meth:`get` applies (:func:`tensor_processor`).
     """
 
     def __init__(self, path: Path, name: str | None = None) -> None:
@@ -409,7 +410,7 @@ class GGUFCheckpoint(Checkpoint):
         self.header = read_header(self.file)
         self._config_obj: Any = None
         super().__init__(self.file.parent, name if name is not None else str(path))
-        self._processor = self._tensor_processor()
+        self.processor = tensor_processor(self.architecture, self.config)
         self._shapes: dict[str, tuple[int, ...]] = {}
 
     # -- metadata -----------------------------------------------------------------------
@@ -433,7 +434,7 @@ class GGUFCheckpoint(Checkpoint):
     def _gguf_to_hf_names(self) -> dict[str, str]:
         """GGUF tensor name -> ``transformers`` parameter name (:func:`gguf_to_hf_names`)."""
         try:
-            return gguf_to_hf_names(self.architecture, self.config, self._tensor_processor())
+            return gguf_to_hf_names(self.architecture, self.config, tensor_processor(self.architecture, self.config))
         except CheckpointError as exc:
             raise CheckpointError(f"{self.file}: {exc}") from None
 
@@ -450,9 +451,6 @@ class GGUFCheckpoint(Checkpoint):
             self._config_obj = transformers_config(self.config)
         return self._config_obj
 
-    def _tensor_processor(self) -> Any:
-        return tensor_processor(self.architecture, self.config)
-
     # -- tensors ------------------------------------------------------------------------
     def _info(self, key: str) -> TensorInfo:
         gguf_name = self.gguf_names.get(key)
@@ -462,7 +460,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def shape(self, key: str) -> tuple[int, ...]:
         info = self._info(key)
-        if type(self._processor).__name__ in _SHAPE_KEEPING:
+        if type(self.processor).__name__ in _SHAPE_KEEPING:
             return info.shape
         if key not in self._shapes:  # a processor that may transpose (gpt2): ask it
             self._shapes[key] = tuple(self.get(key).shape)
@@ -473,7 +471,7 @@ class GGUFCheckpoint(Checkpoint):
         if given)."""
         info = self._info(key)
         weights = read_tensor(self._fd(), info, self.file)
-        weights = self._processor.process(weights=weights, name=info.name, parsed_parameters={"tensors": {}}).weights
+        weights = self.processor.process(weights=weights, name=info.name, parsed_parameters={"tensors": {}}).weights
         tensor = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         return tensor if rows is None else tensor[rows[0] : rows[1]]
 
