@@ -27,12 +27,22 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models", nargs="+", required=True, metavar="MODEL", help="two or more models, or two or more LoRA adapters"
     )
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument(
+        "--out", required=True, help="output directory (written atomically); adapters: also a .gguf file (GGUF LoRA)"
+    )
+    p.add_argument(
+        "--out-format",
+        choices=["peft", "gguf"],
+        default=None,
+        help="adapters: peft or gguf (llama.cpp --lora; needs --base, the .gguf model; default: gguf for a .gguf "
+        "--out, else the first input's format)",
+    )
     p.add_argument("--method", default=d.method, choices=list(FUSION_METHODS), help=f"default {d.method}")
     p.add_argument(
         "--base",
         default=None,
-        help="common base model C (task-vector methods; regmean on adapters: the base they were trained on)",
+        help="common base model C (task-vector methods; adapters: the base they were trained on, for regmean, "
+        "a GGUF output or GGUF inputs)",
     )
     p.add_argument(
         "--rank",
@@ -166,14 +176,14 @@ def _options(args: argparse.Namespace) -> object:
 def _fuse(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..adapters import CONFIG_NAME
+    from ..adapters import CONFIG_NAME, is_gguf_lora
     from ..fusion import fuse, fuse_adapters
 
     if len(args.models) < 2:
         raise LoraportError(f"--models needs at least two inputs, got {len(args.models)}")
     options = _options(args)
     first, second, *more = args.models
-    is_adapter = [(Path(m) / CONFIG_NAME).exists() for m in args.models]
+    is_adapter = [(Path(m) / CONFIG_NAME).exists() or is_gguf_lora(m) for m in args.models]
     common = dict(options=options, report_path=args.report, overwrite=args.overwrite, progress=not args.quiet)
     if any(is_adapter):
         if not all(is_adapter):
@@ -181,12 +191,18 @@ def _fuse(args: argparse.Namespace) -> int:
             raise LoraportError(
                 f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
             )
-        if args.base and args.method != "regmean":
+        gguf = args.out_format == "gguf" or args.out.endswith(".gguf") or any(is_gguf_lora(m) for m in args.models)
+        if args.base and args.method != "regmean" and not gguf:
             raise LoraportError(
-                "--base is for model fusion (and regmean on adapters); adapters are fused on their shared base (C = 0)"
+                "--base is for model fusion (regmean on adapters, GGUF LoRAs); adapters are fused on their shared "
+                "base (C = 0)"
             )
-        result = fuse_adapters(first, second, args.out, more=more, rank=args.rank, base=args.base, **common)
+        result = fuse_adapters(
+            first, second, args.out, more=more, rank=args.rank, base=args.base, out_format=args.out_format, **common
+        )
     else:
+        if args.out_format is not None:
+            raise LoraportError("--out-format is for fusing adapters; fused models are written as safetensors")
         result = fuse(first, second, args.out, more=more, base=args.base, **common)
     print(result.report.summary())
     print(f"{result.report.kind} written to {args.out}" + (f"; report {args.report}" if args.report else ""))

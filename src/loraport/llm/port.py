@@ -1,4 +1,5 @@
-"""Port a language-model LoRA (PEFT) between causal-LM bases: pair by role, run the port core, write PEFT.
+"""Port a language-model LoRA (PEFT or GGUF) between causal-LM bases: pair by role, run the port core, write
+PEFT or GGUF.
 
 Base weights are read one tensor at a time (the next ones are read in a background thread
 while the current one is decomposed), decomposed once, and cached on disk; only subspaces
@@ -15,12 +16,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
+from ..adapters import (
+    GGUF_LORA_NAME,
+    LoraAdapter,
+    LoraModule,
+    adapter_config_for,
+    gguf_target,
+    load_adapter,
+    output_format,
+    save_adapter,
+    write_gguf_lora,
+)
 from ..calibrate import CALIBRATED, MappedCalibrator, calibrate, choose_mode, unrelated_reason
 from ..checkpoints import Checkpoint
 from ..distill import DISTILL, Distiller
 from ..errors import TransferError
-from ..io import check_output_dir
+from ..io import atomic_file, check_output_dir, check_output_file
 from ..pairing import Pairing
 from ..port import (
     TransferOptions,
@@ -49,19 +60,28 @@ def transfer_llm(
     started: float | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> TransferResult:
-    """Port a PEFT LoRA adapter between language models (what :func:`loraport.transfer` calls for one).
+    """Port a PEFT or GGUF LoRA between language models (what :func:`loraport.transfer` calls for one).
 
-    Arguments as for :func:`loraport.transfer`; ``options`` are validated by the caller.
+    Arguments as for :func:`loraport.transfer`; ``options`` are validated by the caller. The
+    output format is ``options.out_format``, else ``gguf`` for an ``out`` ending in ``.gguf``,
+    else the input's; a GGUF output needs a GGUF target base (its names, architecture and row
+    order) and is one file (``out`` ending in ``.gguf``) or a directory holding
+    ``adapter.gguf`` and the report.
     """
     started = time.perf_counter() if started is None else started
-    if options.out_format not in (None, "peft"):
-        raise TransferError(f"--out-format {options.out_format} is for image-model LoRAs; LLM adapters are PEFT")
-    if out is not None:
+    fmt = output_format(options.out_format, adapter, out)
+    single_file = out is not None and str(out).endswith(".gguf")
+    if single_file:
+        if extra_files:
+            raise TransferError(f"{out}: extra files need a directory --out, not a .gguf file")
+        check_output_file(out, overwrite)
+    elif out is not None:
         check_output_dir(out, overwrite)
-    if not isinstance(adapter, LoraAdapter):
-        adapter = load_adapter(adapter, drop_unsupported=options.drop_unsupported)
     src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
     tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
+    gguf_base = gguf_target(tgt) if fmt == "gguf" else None
+    if not isinstance(adapter, LoraAdapter):
+        adapter = load_adapter(adapter, drop_unsupported=options.drop_unsupported, base=src)
     pairing = Pairing(adapter, src, tgt, options.layer_map)
     options, auto_notes = _auto_method(options, pairing)
     calibrated = options.method == CALIBRATED
@@ -105,7 +125,20 @@ def transfer_llm(
     )
     target_adapter.config = config
     written: Path | None = None
-    if out is not None:
+    if out is not None and gguf_base is not None:
+        provenance = _provenance(src, tgt, options)
+        if single_file:
+            report.output = str(out)
+            with atomic_file(out, overwrite=overwrite) as tmp:
+                write_gguf_lora(target_adapter, tmp, gguf_base, provenance=provenance)
+            written = Path(out)
+        else:
+
+            def write(tmp: Path) -> None:
+                write_gguf_lora(target_adapter, tmp / GGUF_LORA_NAME, gguf_base, provenance=provenance)
+
+            written = write_port_dir(out, overwrite, report, write, extra_files)
+    elif out is not None:
         written = write_port_dir(
             out, overwrite, report, lambda tmp: save_adapter(target_adapter, tmp, config=config), extra_files
         )
@@ -132,6 +165,12 @@ def _auto_method(options: TransferOptions, pairing: Pairing) -> tuple[TransferOp
     )
     log.warning(warning)
     return options, [warning]
+
+
+def _provenance(src: Checkpoint, tgt: Checkpoint, options: TransferOptions) -> dict[str, str]:
+    from ..version import __version__
+
+    return {"version": __version__, "method": options.method, "source_base": src.name, "target_base": tgt.name}
 
 
 def _target_modules_field(modules: dict[str, LoraModule], pairing: Pairing) -> list[str]:

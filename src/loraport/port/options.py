@@ -31,7 +31,7 @@ DEFAULT_METHOD = "auto"
 DEFAULT_SUBSPACE_RANK = 64
 SIMILARITY_MODES = ("min", "mean", "U", "V")
 THRESHOLD_ON = ("raw", "above_chance")
-OUT_FORMATS = ("kohya", "diffusers", "peft")
+OUT_FORMATS = ("kohya", "diffusers", "peft", "gguf")
 
 # Help-section titles of the shared options' concerns (a method group has its own title).
 GROUP_TITLES = {"subspace": "subspaces", "threshold": "thresholds", "output": "output"}
@@ -90,8 +90,10 @@ class TransferOptions:
         distill: the settings of ``method="distill"`` (:class:`~loraport.distill.DistillOptions`:
             prompts, synthesize, rank, steps, time, ...), also taken flat (``prompts=``,
             ``distill_rank=``, ...; :data:`~loraport.distill.DISTILL_FIELDS`).
-        out_format: image-model LoRAs only: ``kohya``, ``diffusers`` or ``peft`` (one PEFT
-            directory per component); ``None`` (default) writes the input's format.
+        out_format: language-model LoRAs: ``peft`` or ``gguf`` (a GGUF LoRA for llama.cpp; needs a
+            GGUF target base); image-model LoRAs: ``kohya``, ``diffusers`` or ``peft`` (one PEFT
+            directory per component); ``None`` (default) writes the input's format (language
+            models: ``gguf`` for an ``out`` ending in ``.gguf``).
     """
 
     method: str = option(
@@ -176,7 +178,9 @@ class TransferOptions:
         flag="out_format",
         group="output",
         choices=OUT_FORMATS,
-        help="image-model LoRAs: output format (default: the input's; peft = one PEFT directory per component)",
+        help="output format (default: the input's; gguf when --out ends in .gguf). Language models: peft or "
+        "gguf (llama.cpp --lora, Ollama ADAPTER; needs a .gguf target base); image models: kohya, diffusers or "
+        "peft (one PEFT directory per component)",
     )
 
     def validate(self) -> None:
@@ -202,7 +206,7 @@ class TransferOptions:
         if self.similarity not in SIMILARITY_MODES:
             raise TransferError(f"similarity must be one of {SIMILARITY_MODES}, got {self.similarity!r}")
         if self.out_format not in (None, *OUT_FORMATS):
-            raise TransferError(f"--out-format must be kohya, diffusers or peft, got {self.out_format!r}")
+            raise TransferError(f"--out-format must be one of {', '.join(OUT_FORMATS)}, got {self.out_format!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TransferError("--device cuda requested but CUDA is not available")
 
@@ -256,7 +260,7 @@ class PortArgument:
 PORT_ARGUMENTS = (
     PortArgument(
         "adapter",
-        "PEFT LoRA adapter directory trained on the source base, or an image-model LoRA "
+        "PEFT LoRA adapter directory or GGUF LoRA file trained on the source base, or an image-model LoRA "
         "(kohya / diffusers .safetensors file, a directory holding one, or per-component PEFT directories)",
         required=True,
     ),
@@ -269,7 +273,8 @@ PORT_ARGUMENTS = (
     PortArgument("target_base", "target base model (as --source-base)", required=True),
     PortArgument(
         "out",
-        "output adapter directory (written atomically); image-model LoRAs: also a .safetensors file",
+        "output adapter directory (written atomically); also a single file: .gguf (GGUF LoRA), "
+        ".safetensors (image-model LoRAs)",
         required=True,
     ),
     PortArgument("report", "write the report (JSON + Markdown)", metavar="FILE.json"),
