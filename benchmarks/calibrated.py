@@ -102,6 +102,8 @@ TABLE: dict[str, dict[str, Any]] = {
         "calibration": "domain",
         "calib_mode": "mapped",
     },
+    # distillation from the task's training questions (no answers): ARC JSONL through the evaluator's template
+    "distill": {"method": "distill", "prompts": "train"},
 }
 DEFAULT_TARGETS = ["D5", "D15", "D30", "I", "X"]
 
@@ -251,6 +253,9 @@ def run(args: argparse.Namespace, names: list[str], isolated: bool) -> list[dict
                 options = dict(specs[name])
                 if "calibration" in options:
                     options["calibration"] = calibration[options["calibration"]]
+                if "prompts" in options:
+                    options["prompts"] = str(zoo.path(zoo.tasks[task]["train"]))
+                    options["distill_cache"] = str(work / ".distill" / label.replace("/", "-").replace(" ", ""))
                 out_dir = work / "adapters" / task / target / name
                 kwargs = dict(adapter=str(adapter), source_base=str(source), target_base=str(zoo.model_path(target)),
                               out=str(out_dir), overwrite=True, progress=False, threads=args.threads,

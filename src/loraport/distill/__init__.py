@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 
 Part = tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]
 MIN_SHARED_SHARE = 0.05  # of the smaller vocabulary: fewer shared tokens cannot compare two distributions
-GENERIC_TOKENS = 64
+GENERIC_TOKENS = 48
 PROBE_LIMIT = 64
 
 
@@ -202,18 +202,22 @@ class Distiller:
 
     # -- student --------------------------------------------------------------------------------
     def _generic_rows(self, tokenizer_t: Any) -> tuple[list[list[int]], list[list[int]], str]:
-        """Token rows of generic text: ``(keep rows, perplexity rows, name)`` (disjoint lines)."""
+        """Token rows of generic text: ``(keep rows, perplexity rows, name)``, from disjoint lines.
+
+        ``--calibration`` text, else paragraphs of the standard library's docstrings: the first
+        ``generic_lines`` measure the perplexity change, the next ``4 * generic_lines`` are kept.
+        """
         count = self.options.generic_lines
         if self.generic_text is not None:
             lines, name = read_calibration_lines(self.generic_text)
+            lines = lines[len(lines) // 2 :][:count] + lines[: len(lines) // 2][: 4 * count]
+            measured = min(count, len(lines) - len(lines) // 2) if len(lines) > 1 else len(lines)
         else:
-            lines, name = stdlib_paragraphs(2 * count, self.options.seed), "standard-library docstrings"
+            lines, name = stdlib_paragraphs(5 * count, self.options.seed), "standard-library docstrings"
+            measured = min(count, len(lines))
         rows = [list(r) for r in tokenizer_t(lines, truncation=True, max_length=GENERIC_TOKENS)["input_ids"]]
-        rows = [r for r in rows if len(r) > 1]
-        if self.generic_text is None:
-            return [], rows[:count], name
-        half = max(1, len(rows) // 2)
-        return rows[:half][: 4 * count], rows[half:][:count], name
+        keep, ppl = [r for r in rows[measured:] if len(r) > 1], [r for r in rows[:measured] if len(r) > 1]
+        return keep, ppl, name
 
     def _modules(self) -> list[str]:
         names = []
@@ -255,7 +259,11 @@ class Distiller:
         if wanted and aligned == 0:
             raise TransferError("distill: no teacher position lines up with a student position (character ends)")
         keep_rows, ppl_rows, generic_name = self._generic_rows(tokenizer_t)
-        keep = keep_samples(student, keep_rows, pad, options.top_k, self.device) if options.keep_weight > 0 else []
+        keep = (
+            keep_samples(student, keep_rows, pad, options.top_k, self.device, support_rows)
+            if options.keep_weight > 0
+            else []
+        )
         with student.disable_adapter():
             base_nll = mean_nll(student, ppl_rows, self.device)
         start_nll = mean_nll(student, ppl_rows, self.device)

@@ -46,7 +46,8 @@ class DistillOptions:
         top_k: teacher probabilities kept per position (the rest is one tail bucket).
         eval_every / patience: held-out evaluation every ``eval_every`` steps; training stops
             after ``patience`` evaluations without improvement.
-        keep_weight: weight of keeping the target's own predictions on ``--calibration`` text.
+        keep_weight: weight of keeping the target's own predictions on generic text (``--calibration``
+            lines, else standard-library docstrings; lines apart from those the perplexity is measured on).
         generic_lines: lines of generic text the perplexity change is measured on.
         seed: data order, held-out split, synthesis and LoRA initialisation.
         cache: teacher outputs and training checkpoints (default ``~/.cache/loraport/distill``);
@@ -145,7 +146,8 @@ class DistillOptions:
         flag="distill_keep_weight",
         word=float,
         metavar="W",
-        help="with --calibration: weight of keeping the target's own predictions on that text (default 0.5)",
+        help="weight of keeping the target's own predictions on generic text (--calibration, else standard-library "
+        "docstrings; default 0.5; 0: off)",
     )
     generic_lines: int = option(32, name="distill_generic_lines")
     seed: int = option(0, name="distill_seed", flag="distill_seed", word=int, metavar="S", help="random seed")

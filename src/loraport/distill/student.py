@@ -352,36 +352,50 @@ class KeepSample:
 
 @torch.no_grad()
 def keep_samples(
-    student: Any, rows: Sequence[Sequence[int]], pad: int, top_k: int, device: torch.device
+    student: Any,
+    rows: Sequence[Sequence[int]],
+    pad: int,
+    top_k: int,
+    device: torch.device,
+    support: torch.Tensor | None = None,
 ) -> list[KeepSample]:
-    """The target base's predictions (the student with its LoRA switched off) on generic token rows."""
+    """The target base's predictions (the student with its LoRA switched off) on generic token rows, over the
+    support (``support``: its head rows, :func:`head_rows`; ``None``: the whole vocabulary)."""
+    lm = base_model(student)
     out = []
     with student.disable_adapter():
         for row in rows:
             ids = torch.tensor([list(row)], dtype=torch.long, device=device)
-            logits = student(input_ids=ids).logits[0, :-1].float()
-            top = torch.topk(torch.log_softmax(logits, dim=-1), top_k, dim=-1)
+            hidden = final_hidden(student, ids, torch.ones_like(ids), torch.arange(len(row), device=device)[None])
+            logits = head_logits(lm, hidden[0, :-1].float(), support)
+            top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
             out.append(KeepSample(list(row), top.indices.cpu(), top.values.cpu()))
     return out
 
 
 def keep_loss(
-    student: Any, samples: Sequence[KeepSample], pad: int, device: torch.device, autocast: torch.dtype | None = None
+    student: Any,
+    samples: Sequence[KeepSample],
+    pad: int,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+    support: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean KL from the target base's own predictions to the student's on generic text."""
+    """Mean KL from the target base's own predictions to the student's on generic text (over the support)."""
     width = max(len(s.ids) for s in samples)
     ids = torch.full((len(samples), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(samples):
         ids[i, : len(s.ids)] = torch.tensor(s.ids)
         mask[i, : len(s.ids)] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        logits = student(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    terms = []
-    for i, s in enumerate(samples):
-        logprobs = torch.log_softmax(logits[i, : len(s.ids) - 1].float(), dim=-1)
-        terms.append(sparse_kl(logprobs, s.top_ids.to(device), s.top_logprobs.to(device)))
-    return torch.cat(terms).mean()
+        hidden = final_hidden(student, ids.to(device), mask.to(device), positions.to(device))
+    rows = torch.cat([hidden[i, : len(s.ids) - 1] for i, s in enumerate(samples)]).float()
+    logprobs = torch.log_softmax(head_logits(base_model(student), rows, support), dim=-1)
+    top_ids = torch.cat([s.top_ids for s in samples]).to(device)
+    top_logprobs = torch.cat([s.top_logprobs for s in samples]).to(device)
+    return sparse_kl(logprobs, top_ids, top_logprobs).mean()
 
 
 @torch.no_grad()

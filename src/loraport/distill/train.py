@@ -264,7 +264,7 @@ def train_student(
         if keep and config.keep_weight > 0:
             count = min(KEEP_LINES, len(keep))
             lines = [keep[(state.step * count + j) % len(keep)] for j in range(count)]
-            loss = loss + config.keep_weight * keep_loss(student, lines, pad, device, config.autocast)
+            loss = loss + config.keep_weight * keep_loss(student, lines, pad, device, config.autocast, support)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
