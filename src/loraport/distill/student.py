@@ -364,13 +364,26 @@ def keep_samples(
     lm = base_model(student)
     out = []
     with student.disable_adapter():
-        for row in rows:
-            ids = torch.tensor([list(row)], dtype=torch.long, device=device)
-            hidden = final_hidden(student, ids, torch.ones_like(ids), torch.arange(len(row), device=device)[None])
-            logits = head_logits(lm, hidden[0, :-1].float(), support)
-            top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
-            out.append(KeepSample(list(row), top.indices.cpu(), top.values.cpu()))
+        for start in range(0, len(rows), 8):
+            chunk = [list(r) for r in rows[start : start + 8]]
+            ids, mask = _right_pad(chunk, pad, device)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            hidden = final_hidden(student, ids, mask, positions)
+            for i, row in enumerate(chunk):
+                logits = head_logits(lm, hidden[i, : len(row) - 1].float(), support)
+                top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
+                out.append(KeepSample(row, top.indices.cpu(), top.values.cpu()))
     return out
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def keep_loss(
@@ -382,15 +395,10 @@ def keep_loss(
     support: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean KL from the target base's own predictions to the student's on generic text (over the support)."""
-    width = max(len(s.ids) for s in samples)
-    ids = torch.full((len(samples), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(samples):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        mask[i, : len(s.ids)] = 1
+    ids, mask = _right_pad([s.ids for s in samples], pad, device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        hidden = final_hidden(student, ids.to(device), mask.to(device), positions.to(device))
+        hidden = final_hidden(student, ids, mask, positions)
     rows = torch.cat([hidden[i, : len(s.ids) - 1] for i, s in enumerate(samples)]).float()
     logprobs = torch.log_softmax(head_logits(base_model(student), rows, support), dim=-1)
     top_ids = torch.cat([s.top_ids for s in samples]).to(device)
@@ -403,15 +411,9 @@ def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, ba
     """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass."""
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(chunk):
-            ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, : len(row)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
+        ids, mask = _right_pad(rows[start : start + batch_size], 0, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
         count += int((targets != -100).sum())
     return total / max(count, 1)
