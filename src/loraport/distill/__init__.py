@@ -21,6 +21,7 @@ Training is resumable and deterministic for a seed (:mod:`.train`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -140,6 +141,7 @@ class Distiller:
             "prompts": _digest(given.prompts),
             "synthesize": options.synthesize,
             "synth_filter": options.synth_filter if options.synthesize else None,
+            "synth_writer": options.synth_writer if options.synthesize else None,
             "seed": options.seed,
             "max_new_tokens": options.max_new_tokens,
             "top_k": options.top_k,
@@ -158,10 +160,13 @@ class Distiller:
         candidates: list[str] = []
         if options.synthesize:
             wanted = options.synthesize * (2 if options.synth_filter == "effect" else 1)
-            candidates, rejected = synthesize_prompts(
-                teacher, tokenizer_s, given.prompts, wanted, self.device, options.seed
-            )
-            synth = {"asked": options.synthesize, "written": len(candidates), "rejected": rejected}
+            writer = teacher.disable_adapter() if options.synth_writer == "base" else contextlib.nullcontext()
+            with writer:
+                candidates, rejected = synthesize_prompts(
+                    teacher, tokenizer_s, given.prompts, wanted, self.device, options.seed
+                )
+            synth = {"asked": options.synthesize, "writer": options.synth_writer, "written": len(candidates),
+                     "rejected": rejected}  # fmt: skip
         texts = prompts + candidates
         continuations = generate(teacher, tokenizer_s, texts, options.max_new_tokens, self.device)
         measure = options.synthesize > 0 and options.synth_filter == "effect"

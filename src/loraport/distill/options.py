@@ -15,6 +15,7 @@ LOSSES = ("seq+kl", "kl", "seq")
 POSITIONS = ("answer", "all")
 PRECISIONS = ("auto", "float32", "bfloat16")
 SYNTH_FILTERS = ("effect", "template")
+SYNTH_WRITERS = ("base", "teacher")
 DEFAULT_MAX_STEPS = 600
 
 
@@ -30,6 +31,9 @@ class DistillOptions:
             (used verbatim), ARC JSONL (``question`` through the evaluator's template; answers
             ignored) or plain text, one prompt a line.
         synthesize: the teacher writes this many new prompts in the style of the given ones.
+        synth_writer: who writes them: the source ``base`` (default) or the ``teacher`` (measured: the
+            real benchmark's bins LoRA, trained on answers only, made SmolLM2 write 0 prompts of the
+            seeds' shape in 60 tries; SmolLM2 without it wrote 20 of 24, 4 duplicates).
         synth_filter: which synthetic prompts are kept: ``template`` (the shape the given prompts
             share, deduplicated) or ``effect`` (of those, the ones where the adapter changes the
             teacher's answer most).
@@ -80,6 +84,14 @@ class DistillOptions:
         choices=SYNTH_FILTERS,
         help="synthetic prompts kept: the given prompts' shape (template, default) or, of those, where the "
         "adapter changes the answer most (effect)",
+    )
+    synth_writer: str = option(
+        "base",
+        name="distill_synth_writer",
+        flag="distill_synth_writer",
+        choices=SYNTH_WRITERS,
+        help="who writes the synthetic prompts: the source base (default; an adapter trained on answers only can "
+        "lose the skill) or the teacher",
     )
     rank: int | None = option(
         None,
@@ -180,6 +192,7 @@ class DistillOptions:
             "positions": POSITIONS,
             "precision": PRECISIONS,
             "synth_filter": SYNTH_FILTERS,
+            "synth_writer": SYNTH_WRITERS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -226,6 +239,7 @@ __all__ = [
     "POSITIONS",
     "PRECISIONS",
     "SYNTH_FILTERS",
+    "SYNTH_WRITERS",
     "DistillOptions",
     "distill_summary",
 ]
