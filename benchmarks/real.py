@@ -54,6 +54,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # distillation from the task's inputs ("prompts": "train" = the task's training questions, no answers;
     # "seeds5" = its first five, with the teacher writing more)
     "distill": {"method": "distill", "prompts": "train"},
+    "distill, prolora start": {"method": "distill", "prompts": "train", "init": "prolora"},
     "distill, KL only": {"method": "distill", "prompts": "train", "distill_loss": "kl"},
     "distill, sequence only": {"method": "distill", "prompts": "train", "distill_loss": "seq"},
     "distill, KL at all positions": {"method": "distill", "prompts": "train", "distill_positions": "all"},
@@ -113,11 +114,17 @@ def read_rows(ports: Path) -> dict[str, Any]:
 
 def write_rows(ports: Path, target: str, cache: dict[str, Any]) -> None:
     """Write the target's cached rows to ``rows-TARGET.json`` (replaced in one step)."""
+    import fcntl
+
     ports.mkdir(parents=True, exist_ok=True)
     path = ports / f"rows-{target}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in cache.items() if v["target"] == target}, indent=1))
-    tmp.replace(path)
+    with open(ports / f".rows-{target}.lock", "w") as lock:  # two runs on one target keep each other's rows
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.exists() else {}
+        rows.update({k: v for k, v in cache.items() if v["target"] == target})
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(path)
 
 
 def copied_row(assets: dict[str, Any], target: str, task: str) -> dict[str, Any] | None:
@@ -189,6 +196,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                     options["calibration"] = str(calibration[options["calibration"]])
                 if "prompts" in options:
                     options["prompts"] = str(prompt_file(work, task, options["prompts"]))
+                    if args.distill_time is not None:
+                        options["distill_time"] = args.distill_time
                     options["distill_cache"] = str(
                         work / "ports" / ".distill" / label.replace("/", "-").replace(" ", "")
                     )
@@ -388,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--distill-time",
+        type=float,
+        default=None,
+        help="a training-time limit (s) for the distill rows (default: the method's own stopping rule)",
+    )
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--cached-only", action="store_true", help="port nothing: render the cached rows")
     args = parser.parse_args(argv)

@@ -35,8 +35,9 @@ class CalibrationOptions:
         samples / max_tokens: the first ``samples`` non-empty lines, ``max_tokens`` tokens each.
         ridge: relative ridge weight toward the start point (``lam' = lam * mean input energy``),
             or ``"auto"`` (per module, by held-out fit).
-        init: the start point's method (``auto``: the copy where shapes match, ``prolora`` where
-            they differ; ``zero``). Shared-coordinates mode only.
+        init: the start point's method (``auto``: the copy where shapes match; where they differ
+            ``prolora`` for ``calibrated``, the target itself for ``distill``; ``zero``).
+            Shared-coordinates mode only (``calibrated``).
         truncation: ``rrr`` (reduced-rank ridge, default) or ``svd``.
         output_weight: ``beta``: 1 matches each module's whole output, 0 only the adapter's
             contribution. Shared-coordinates mode only.
@@ -104,7 +105,8 @@ class CalibrationOptions:
         name="init",
         flag="init",
         choices=INITS,
-        help=f"start point's method, for calibrated and distill (default {DEFAULT_INIT})",
+        help=f"start point's method, for calibrated and distill (default {DEFAULT_INIT}: the copy where shapes match; "
+        "elsewhere prolora for calibrated, the target itself for distill)",
     )
     truncation: str = option("rrr", name="calib_truncation")
     output_weight: float = option(

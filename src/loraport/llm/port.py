@@ -113,6 +113,8 @@ def transfer_llm(
             )
             if options.calibrated.init == "zero":  # the start is the target itself (the units only name modules)
                 parts = []
+            elif options.calibrated.init == "auto":  # the copy where shapes match; elsewhere the target itself
+                parts = [part for part in parts if part[0].source.shape == part[0].target.shape]
             parts = distiller.run(parts, assemble_modules(parts))
     if mode != "mapped":  # mapped carries every source layer's effect through the residual stream
         report.records += pairing.unpaired
