@@ -317,7 +317,8 @@ def render(rows: list[dict[str, Any]], extra: dict[str, Any], command: str, seco
         )
     lines += distill_table(rows, assets)
     lines += ["", "`auto` (the default method) is `identity` wherever shapes match (the derivatives) and `prolora` "
-              "elsewhere (Gemma-3), so its rows would repeat those and it is not run."]  # fmt: skip
+              "elsewhere (Gemma-3; `distill` when `--prompts` is given), so its rows would repeat those and it is "
+              "not run."]  # fmt: skip
     if any(r["oracle"] is None for r in rows):
         lines[-1] += " An oracle of `-` was not trained (time on these machines); no gain recovery without one."
     commands = sorted({r["command"] for r in rows if r.get("command")})
@@ -357,8 +358,8 @@ def distill_table(rows: list[dict[str, Any]], assets: dict[str, Any]) -> list[st
         return []
     lines = ["", "### Distilled ports", "",
              "Held-out agreement: the share of the teacher's continuation tokens (on the held-out 10 % of the prompts) "
-             "that the target predicts greedily, with the start port (the closed-form `auto` port: the copy on the "
-             "derivatives, `prolora` on Gemma-3) and with the distilled adapter; the written one is the better (no "
+             "that the target predicts greedily, with the start port (`--init auto`: the copy on the derivatives, the "
+             "bare target on Gemma-3; `prolora` in the prolora-start row) and with the distilled adapter; the written one is the better (no "
              "harm). Generic perplexity: the target's perplexity change on 32 standard-library docstring paragraphs "
              "with the written adapter. Time: the whole port (teacher, student, checks) against the oracle LoRA's "
              "training time on the same machine (`assets.json`).", "",
@@ -382,7 +383,7 @@ def distill_table(rows: list[dict[str, Any]], assets: dict[str, Any]) -> list[st
     for r in synth:
         s = r["distill"]["synthesized"]
         lines.append(
-            f"\n`{r['task']}/{r['target']}/{r['name']}`: the teacher wrote {s['written']} prompt(s) of the "
+            f"\n`{r['task']}/{r['target']}/{r['name']}`: the writer wrote {s['written']} prompt(s) of the "
             f"{s['asked']} asked (rejected: {s['rejected']}), {s['kept']} kept."
         )
     return lines

@@ -252,6 +252,18 @@ def test_other_tokenizer_trains_through_aligned_positions(bases, tmp_path: Path)
     assert peft_load_and_forward(bases["T"], tmp_path / "out") > 0
 
 
+def test_auto_start_is_the_bare_target_where_shapes_differ(bases, tmp_path: Path) -> None:
+    starts = {}
+    for init in ("auto", "zero", "prolora"):
+        result = transfer(
+            bases["lora"], bases["S"], bases["T"], tmp_path / init, prompts=str(bases["prompts"]), init=init,
+            distill_steps=10, distill_lr=1e-2, **_fast(tmp_path),
+        )  # fmt: skip
+        starts[init] = result.report.distill["student"]["history"][0]
+    assert starts["auto"] == starts["zero"]
+    assert starts["prolora"]["heldout_kl"] != starts["zero"]["heldout_kl"]
+
+
 def test_a_killed_run_resumes_to_the_same_adapter(bases, tmp_path: Path, monkeypatch) -> None:
     import loraport.distill as distill_module
     from tests.helpers import dense_updates
