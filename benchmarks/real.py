@@ -357,12 +357,13 @@ def distill_table(rows: list[dict[str, Any]], assets: dict[str, Any]) -> list[st
     if not distilled:
         return []
     lines = ["", "### Distilled ports", "",
-             "Held-out agreement: the share of the teacher's continuation tokens (on the held-out 10 % of the prompts) "
-             "that the target predicts greedily, with the start port (`--init auto`: the copy on the derivatives, the "
-             "bare target on Gemma-3; `prolora` in the prolora-start row) and with the distilled adapter; the written one is the better (no "
-             "harm). Generic perplexity: the target's perplexity change on 32 standard-library docstring paragraphs "
-             "with the written adapter. Time: the whole port (teacher, student, checks) against the oracle LoRA's "
-             "training time on the same machine (`assets.json`).", "",
+             "Held-out agreement: the share of the teacher's continuation tokens (on the held-out 10 % of the "
+             "prompts) that the target predicts greedily, with the start port (`--init auto`: the copy on the "
+             "derivatives, the bare target on Gemma-3; `prolora` in the prolora-start row) and with the distilled "
+             "adapter; the written one is the better (no harm). Generic perplexity: the target's perplexity change"
+             " on 32 standard-library docstring paragraphs with the written adapter. Time: the whole port "
+             "(teacher, student, checks) against the oracle LoRA's training time on the same machine "
+             "(`assets.json`).", "",
              "| task | target | variant | ported (s.e.) | gain recovery | held-out agreement start -> distilled | "
              "written | generic perplexity | steps (stopped) | teacher (s) | port time (s) | oracle training (s) | "
              "time / oracle | peak RSS (MB) |",

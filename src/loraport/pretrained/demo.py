@@ -26,7 +26,7 @@ DEFAULT_LIMIT = 100
 PORTS: dict[str, dict[str, Any]] = {
     "prolora": {"method": "prolora", "subspace_rank": 64},
     "calibrated": {"method": "calibrated"},
-    "distill": {"method": "distill", "distill_steps": 60},
+    "distill": {"method": "distill", "distill_steps": 20},
 }
 
 
