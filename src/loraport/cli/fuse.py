@@ -25,9 +25,23 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 
     d = FuseOptions()
     p.add_argument(
-        "--models", nargs="+", required=True, metavar="MODEL", help="two or more models, or two or more LoRA adapters"
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="MODEL",
+        help="two or more models, or two or more LoRA adapters (PEFT, or kohya / diffusers files of one SD base)",
     )
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (written atomically); image-model LoRAs: a .safetensors file or a directory",
+    )
+    p.add_argument(
+        "--out-format",
+        default=None,
+        choices=["kohya", "diffusers", "peft"],
+        help="image-model LoRAs: the output format (default: the first input's)",
+    )
     p.add_argument("--method", default=d.method, choices=list(FUSION_METHODS), help=f"default {d.method}")
     p.add_argument(
         "--base",
@@ -164,32 +178,38 @@ def _options(args: argparse.Namespace) -> object:
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..adapters import CONFIG_NAME
-    from ..fusion import fuse, fuse_adapters
+    from ..api import fuse, input_kind
 
     if len(args.models) < 2:
         raise LoraportError(f"--models needs at least two inputs, got {len(args.models)}")
     options = _options(args)
     first, second, *more = args.models
-    is_adapter = [(Path(m) / CONFIG_NAME).exists() for m in args.models]
-    common = dict(options=options, report_path=args.report, overwrite=args.overwrite, progress=not args.quiet)
-    if any(is_adapter):
-        if not all(is_adapter):
-            which, other = args.models[is_adapter.index(True)], args.models[is_adapter.index(False)]
-            raise LoraportError(
-                f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
-            )
-        if args.base and args.method != "regmean":
-            raise LoraportError(
-                "--base is for model fusion (and regmean on adapters); adapters are fused on their shared base (C = 0)"
-            )
-        result = fuse_adapters(first, second, args.out, more=more, rank=args.rank, base=args.base, **common)
-    else:
-        result = fuse(first, second, args.out, more=more, base=args.base, **common)
+    kinds = [input_kind(m) for m in args.models]
+    if "adapter" in kinds and "model" in kinds:
+        which, other = args.models[kinds.index("adapter")], args.models[kinds.index("model")]
+        raise LoraportError(
+            f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
+        )
+    if kinds[0] == "adapter" and args.base and args.method != "regmean":
+        raise LoraportError(
+            "--base is for model fusion (and regmean on adapters); adapters are fused on their shared base (C = 0)"
+        )
+    result = fuse(
+        first,
+        second,
+        args.out,
+        more=more,
+        base=args.base,
+        rank=args.rank if kinds[0] != "model" else None,
+        out_format=args.out_format,
+        options=options,
+        report_path=args.report,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     print(result.report.summary())
-    print(f"{result.report.kind} written to {args.out}" + (f"; report {args.report}" if args.report else ""))
+    what = "image-model LoRA" if kinds[0] == "image" else result.report.kind
+    print(f"{what} written to {args.out}" + (f"; report {args.report}" if args.report else ""))
     return 0
 
 

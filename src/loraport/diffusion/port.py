@@ -64,18 +64,24 @@ def write_port(
     fmt: str,
     adapter: LoraAdapter,
     lora: DiffusionLora,
-    target: DiffusionBase,
+    target: DiffusionBase | None,
     provenance: dict[str, str],
 ) -> None:
-    """Write ``adapter`` in format ``fmt`` to ``path`` (a file for kohya / diffusers, a directory for peft)."""
+    """Write ``adapter`` in format ``fmt`` to ``path`` (a file for kohya / diffusers, a directory for peft).
+
+    ``target`` names kohya and PEFT modules; without it the modules must carry kohya names
+    already (kohya LoRAs read without a base) and only ``kohya`` can be written.
+    """
     if fmt == "kohya":
         unet_names = lora.unet_names if lora.format == "kohya" else None
         if unet_names is None:  # sd-scripts names SDXL-class UNets (two text encoders) the sgm way
-            unet_names = "sgm" if "text_encoder_2" in target.components else "diffusers"
+            unet_names = "sgm" if target is not None and "text_encoder_2" in target.components else "diffusers"
         write_kohya(path, adapter.modules, target, unet_names, lora.metadata, provenance, adapter.dtype)
     elif fmt == "diffusers":
         write_diffusers(path, adapter.modules, lora.metadata, provenance, adapter.dtype)
     else:
+        if target is None:
+            raise TransferError("writing per-component PEFT adapters needs the base model")
         write_peft_components(path, adapter.modules, target, adapter.dtype)
 
 
