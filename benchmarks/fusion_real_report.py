@@ -1,0 +1,233 @@
+"""Markdown of the real fusion benchmark (``benchmarks/fusion_real.py``): tables, targets, the default.
+
+Every number comes from the cached results; the text around them says what they mean. The
+comparisons use each merge's *worst* task (the dev selection's criterion); differences smaller
+than about two standard errors are called ties.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+TASK_ORDER = ("facts", "bins", "smallest", "json")
+TARGET_ALL = 0.90
+TARGET_DERIVED = 0.80
+TARGET_IMAGE = 0.80
+DROP = 0.80
+
+
+def pct(value: float | None, se: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.0f}" + (f" ± {100 * se:.0f}" if se is not None and not math.isnan(se) else "")
+
+
+def lora_rows(results: dict[str, Any]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Rows of every LoRA run grouped by merge (first run that has a merge wins) and each merge's subset sizes."""
+    merges: dict[str, list[dict]] = {}
+    sizes: dict[str, str] = {}
+    for name, part in sorted(results.items()):
+        if not name.startswith("lora-"):
+            continue
+        _, dev, evaluation = name.split("-")
+        for row in part["rows"].values():
+            if row["merge"] in sizes and sizes[row["merge"]] != f"{dev}/{evaluation}":
+                continue
+            sizes[row["merge"]] = f"{dev}/{evaluation}"
+            merges.setdefault(row["merge"], []).append(row)
+    order = sorted(
+        merges, key=lambda m: (m == "all four", [TASK_ORDER.index(t) for t in m.split("+") if t in TASK_ORDER])
+    )
+    return {m: merges[m] for m in order}, sizes
+
+
+def worst(row: dict) -> float:
+    return min(v["gain_kept"] for v in row["eval"].values())
+
+
+def best(rows: list[dict], kind: str) -> dict | None:
+    mine = [r for r in rows if r["kind"] == kind]
+    return max(mine, key=lambda r: (worst(r), sum(v["gain_kept"] for v in r["eval"].values()))) if mine else None
+
+
+def merge_table(merge: str, rows: list[dict]) -> list[str]:
+    tasks = list(rows[0]["eval"])
+    head = "| method | scaling | " + " | ".join(f"{t} kept % (± s.e.)" for t in tasks)
+    lines = [head + " | worst | fuse s | rank | size MB |", "|" + "---|" * (len(tasks) + 6)]
+    for row in rows:
+        cells = " | ".join(pct(row["eval"][t]["gain_kept"], row["eval"][t]["se"]) for t in tasks)
+        note = f" ({row['note']})" if row.get("note") else ""
+        lines.append(
+            f"| {row['row']}{note} | {row['scaling']:g} | {cells} | {pct(worst(row))} | {row['fuse_seconds']:.1f} | "
+            f"{row['rank']} | {4 * row['params'] / 1e6:.1f} |"
+        )
+    return lines
+
+
+def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    merges, sizes = lora_rows(results)
+    facts: dict[str, Any] = {"merges": {}}
+    lines = ["## LoRA merges", ""]
+    refs: dict[str, Any] = {}
+    updates: dict[str, float] = {}
+    for name, part in results.items():
+        if name.startswith("lora-"):
+            refs.update({f"{name}|{k}": v for k, v in part["references"].items()})
+            updates.update(part.get("relative_update", {}))
+    if updates:
+        lines += [
+            "Relative size of each LoRA's update, `||dW|| / ||W||` over the adapted projections: "
+            + ", ".join(
+                f"{t} {100 * v:.1f}%" for t, v in sorted(updates.items(), key=lambda kv: TASK_ORDER.index(kv[0]))
+            )
+            + " (the zoo's tiny-model LoRAs: 61-129%, `benchmarks/results/fusion.md`).",
+            "",
+            "Base model and each task's own LoRA on the evaluation subsets (accuracy; what *gain kept* is "
+            "relative to):",
+            "",
+            "| task | subset (dev / eval) | base | its LoRA |",
+            "|---|---|---|---|",
+        ]
+        for key, value in sorted(refs.items()):
+            run, task, split = key.split("|")
+            if split == "eval":
+                lines.append(f"| {task} | {run.removeprefix('lora-').replace('-', ' / ')} | {value['base']:.3f} | "
+                             f"{value['specialist']:.3f} |")  # fmt: skip
+        lines.append("")
+    summary = ["| merge | dev / eval questions per task | best of ours (worst task %) | best PEFT type (worst task %) |"
+               " ours >= PEFT? |", "|---|---|---|---|---|"]  # fmt: skip
+    for merge, rows in merges.items():
+        ours, peft = best(rows, "ours"), best(rows, "peft")
+        facts["merges"][merge] = {"ours": ours, "peft": peft, "rows": rows}
+        verdict = "-"
+        if ours and peft:
+            gap = worst(ours) - worst(peft)
+            se = max(max(v["se"] for v in ours["eval"].values()), max(v["se"] for v in peft["eval"].values()))
+            verdict = "yes" if gap >= 0 else ("tie (within 2 s.e.)" if -gap <= 2 * se else "no")
+        summary.append(
+            f"| {merge} | {sizes[merge]} | {ours['row'] if ours else '-'} ({pct(worst(ours)) if ours else '-'}) | "
+            f"{peft['row'] if peft else '-'} ({pct(worst(peft)) if peft else '-'}) | {verdict} |"
+        )
+    lines += ["### Summary: each merge's best method by its worst task", "", *summary, ""]
+    for merge, rows in merges.items():
+        lines += [f"### {merge} ({sizes[merge]} dev / eval questions per task)", "", *merge_table(merge, rows), ""]
+    return lines, facts
+
+
+def models_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    losses = part["eval_loss"]
+    lines = [
+        "## Derivatives: two SmolLM2 full fine-tunes fused",
+        "",
+        "Held-out loss (nats per token, eval text) of each input on each domain:",
+        "",
+        "| model | python | docs |",
+        "|---|---|---|",
+    ]
+    for name, label in (
+        ("C", "C = SmolLM2-135M-Instruct"),
+        ("python", "C + Python sources"),
+        ("docs", "C + docs prose"),
+    ):
+        lines.append(f"| {label} | {losses[name]['python']:.4f} | {losses[name]['docs']:.4f} |")
+    lines += [
+        "",
+        "Share of each domain's loss improvement kept, `(L_C - L_merged) / (L_C - L_own)` (± s.e. over "
+        f"{part['windows']['python']} / {part['windows']['docs']} windows of 128 tokens):",
+        "",
+        "| method | scaling | python kept % | docs kept % | worst | loss python | loss docs | fuse s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best_row = None
+    for name, row in part["rows"].items():
+        k = row["kept"]
+        low = min(k["python"]["value"], k["docs"]["value"])
+        if best_row is None or low > best_row[1]:
+            best_row = (name, low)
+        lines.append(
+            f"| {name} | {row['scaling']:g} | {pct(k['python']['value'], k['python']['se'])} | "
+            f"{pct(k['docs']['value'], k['docs']['se'])} | {pct(low)} | {row['eval_loss']['python']:.4f} | "
+            f"{row['eval_loss']['docs']:.4f} | {row['fuse_seconds']:.0f} |"
+        )
+    return [*lines, ""], {"best": best_row}
+
+
+def image_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    concepts = list(next(iter(part["rows"].values()))["eval"])
+    lines = [
+        "## Image LoRAs: two concept LoRAs of the tiny text-to-image world",
+        "",
+        "Effect kept = 1 - effect error, `||e_merged - e_c||^2 / ||e_c||^2` on held-out noisy images of concept c "
+        "with its trigger prompt (1: the concept's own LoRA; 0: no effect). Inputs: "
+        + ", ".join(f"`{c}` ({part['manifest'][c]['format']})" for c in concepts)
+        + "; fused with `base=S`, written as kohya and read back.",
+        "",
+        "| method | scaling | "
+        + " | ".join(f"{c} effect kept (cosine)" for c in concepts)
+        + " | worst | fuse s | rank |",
+        "|" + "---|" * (len(concepts) + 5),
+    ]
+    best_row = None
+    for name, row in part["rows"].items():
+        cells = " | ".join(f"{row['eval'][c]['effect_kept']:.3f} ({row['eval'][c]['cosine']:.3f})" for c in concepts)
+        low = min(row["eval"][c]["effect_kept"] for c in concepts)
+        if best_row is None or low > best_row[1]:
+            best_row = (name, low)
+        lines.append(
+            f"| {name} | {row['scaling']:g} | {cells} | {low:.3f} | {row['fuse_seconds']:.1f} | {row['rank']} |"
+        )
+    alone = part["alone"]
+    lines += [
+        "",
+        "Each LoRA alone on the other concept's prompts (cross-talk; effect kept of the *other* concept): "
+        + ", ".join(f"{c} LoRA on {o}: {alone[c][o]['effect_kept']:.3f}" for c in concepts for o in concepts if o != c),
+        "",
+    ]
+    return lines, {"best": best_row}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Fusion on real models (issue 21)", ""]
+    commands = sorted({c for part in results.values() if isinstance(part, dict) for c in part.get("commands", [])})
+    lines += ["Commands (each part is cached under `benchmarks/work/fusion_real`):", "", "```", *commands, "```", ""]
+    facts: dict[str, Any] = {}
+    if any(k.startswith("lora-") for k in results):
+        section, facts["lora"] = lora_section(results)
+        lines += section
+    if "models" in results:
+        section, facts["models"] = models_section(results["models"])
+        lines += section
+    if "image" in results:
+        section, facts["image"] = image_section(results["image"])
+        lines += section
+    lines += targets(facts)
+    return "\n".join(lines) + "\n"
+
+
+def targets(facts: dict[str, Any]) -> list[str]:
+    lines = ["## Targets", ""]
+    merges = facts.get("lora", {}).get("merges", {})
+    if "all four" in merges and merges["all four"]["ours"]:
+        row = merges["all four"]["ours"]
+        value = worst(row)
+        verdict = "met" if value >= TARGET_ALL else "not met"
+        lines.append(f"* All-four merge, the best method keeps >= 90% of every gain: **{row['row']}** keeps "
+                     f"{pct(value)}% of the worst task's gain: {verdict}.")  # fmt: skip
+    compared = [(m, f) for m, f in merges.items() if f["ours"] and f["peft"]]
+    if compared:
+        ok = [m for m, f in compared if worst(f["ours"]) >= worst(f["peft"])]
+        short = ", ".join(m for m, _ in compared if m not in ok) or "none"
+        lines.append(f"* Every merge, our best method at least PEFT's best type (worst task): {len(ok)} of "
+                     f"{len(compared)} merges ({short} short).")  # fmt: skip
+    if "models" in facts and facts["models"]["best"]:
+        name, value = facts["models"]["best"]
+        verdict = "met" if value >= TARGET_DERIVED else "not met"
+        lines.append(f"* Derivative merge keeps >= 80% of each domain's loss improvement: best **{name}**, "
+                     f"{pct(value)}% on its worse domain: {verdict}.")  # fmt: skip
+    if "image" in facts and facts["image"]["best"]:
+        name, value = facts["image"]["best"]
+        verdict = "met" if value >= TARGET_IMAGE else "not met"
+        lines.append(f"* Merged image LoRA keeps >= 80% of each concept's effect: best **{name}**, "
+                     f"{100 * value:.0f}% on its worse concept: {verdict}.")  # fmt: skip
+    return [*lines, ""]
