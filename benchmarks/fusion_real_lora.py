@@ -265,6 +265,8 @@ def run_merges(
             if methods is not None and row not in methods:
                 continue
             key = f"{merge}|{row}"
+            if rows_path.exists():  # another process may have done it meanwhile
+                rows.update({k: v for k, v in json.loads(rows_path.read_text()).items() if k not in rows})
             if key in rows:
                 continue
             say(f"{merge}: {row} ...")

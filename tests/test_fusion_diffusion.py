@@ -124,6 +124,7 @@ def test_bad_image_inputs_are_one_line_errors_and_write_nothing(sd_zoo, zoo, lor
     with pytest.raises(FusionError, match="fuse inputs of one kind"):
         fuse(loras["first"], zoo.llama_adapter, out)
     argv = ["fuse", "--models", str(loras["first"]), str(zoo.llama_adapter), "--out", str(out), "--quiet"]
+    capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "one kind" in err

@@ -61,8 +61,8 @@ def _reference(paths: list, weight: float) -> dict[str, torch.Tensor]:  # type: 
 
 
 def test_task_arithmetic_is_peft_cat_and_the_float64_sum(zoo) -> None:
-    a = zoo.adapter("peft-a", zoo.llama, r=4, seed=1, lora_alpha=8)
-    b = zoo.adapter("peft-b", zoo.llama, r=4, seed=2, lora_alpha=4)
+    a = zoo.adapter("peft-a", zoo.llama, r=4, seed=1, alpha=8)
+    b = zoo.adapter("peft-b", zoo.llama, r=4, seed=2, alpha=4)
     ours = _ours(fuse_adapters(a, b, method="task_arithmetic", scaling=0.7, progress=False).adapter)
     peft = _peft_merge(zoo.llama, {"a": a, "b": b}, "cat", [0.7, 0.7])
     reference = _reference([a, b], 0.7)
@@ -73,20 +73,21 @@ def test_task_arithmetic_is_peft_cat_and_the_float64_sum(zoo) -> None:
 
 
 def test_truncated_task_arithmetic_is_peft_svd_and_the_float64_truncated_svd(zoo) -> None:
-    a = zoo.adapter("peft-a", zoo.llama, r=4, seed=1, lora_alpha=8)
-    b = zoo.adapter("peft-b", zoo.llama, r=4, seed=2, lora_alpha=4)
+    a = zoo.adapter("peft-a", zoo.llama, r=4, seed=1, alpha=8)
+    b = zoo.adapter("peft-b", zoo.llama, r=4, seed=2, alpha=4)
     ours = _ours(fuse_adapters(a, b, method="task_arithmetic", rank=3, progress=False).adapter)
     peft = _peft_merge(zoo.llama, {"a": a, "b": b}, "svd", [1.0, 1.0], svd_rank=3)
     for name, total in _reference([a, b], 1.0).items():
         U, S, Vh = torch.linalg.svd(total, full_matrices=False)
         expected = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
         torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(peft[name], expected, rtol=1e-4, atol=1e-6)
+        # PEFT runs its SVD in float32: equal to float32 round-off of the largest entry
+        torch.testing.assert_close(peft[name], expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_different_ranks_and_rank_patterns_fuse_exactly(zoo) -> None:
     a = zoo.adapter("rank-a", zoo.llama, r=4, seed=3, rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 3})
-    b = zoo.adapter("rank-b", zoo.llama, r=8, seed=4, lora_alpha=4)
+    b = zoo.adapter("rank-b", zoo.llama, r=8, seed=4, alpha=4)
     first = load_adapter(a)
     assert {m.rank for n, m in first.modules.items() if n.endswith("q_proj")} == {2}
     ours = _ours(fuse_adapters(a, b, method="task_arithmetic", progress=False).adapter)
@@ -100,13 +101,14 @@ def test_different_ranks_and_rank_patterns_fuse_exactly(zoo) -> None:
 
 def test_loras_of_different_bases_are_a_one_line_error(zoo, tmp_path, capsys) -> None:
     out = tmp_path / "never"
-    with pytest.raises(LoraportError) as info:
+    with pytest.raises(LoraportError, match="LoRAs of different base models") as info:
         fuse(zoo.llama_adapter, zoo.qwen2_adapter, out, method="ties")
     assert "\n" not in str(info.value) and not out.exists()
-    gpt2 = zoo.gpt2_adapter  # other module names: nothing in common
+    gpt2 = zoo.gpt2_adapter  # other module names: nothing in common, even when told the bases match
     with pytest.raises(FusionError, match="no module in common"):
-        fuse(zoo.llama_adapter, gpt2, out, method="task_arithmetic")
+        fuse(zoo.llama_adapter, gpt2, out, method="task_arithmetic", allow_mismatch=True)
     argv = ["fuse", "--models", str(zoo.llama_adapter), str(gpt2), "--out", str(out), "--method", "tsv", "--quiet"]
+    capsys.readouterr()
     assert main(argv) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()
 
@@ -135,12 +137,15 @@ def test_real_fusion_tasks_have_disjoint_balanced_splits() -> None:
     assert not trained & held_out
 
 
-def test_shared_context_scores_are_the_evaluators(zoo) -> None:
-    from loraport.evaluate import choice_scores, load_model, load_tokenizer
+def test_shared_context_scores_are_the_evaluators(tmp_path) -> None:
+    from loraport.evaluate import choice_scores, load_model
     from loraport.pretrained.scoring import correct, shared_context_scores
+    from loraport.zoo.corpus import build_tokenizer, vocabulary
     from loraport.zoo.tasks import addition_task, facts_task
+    from loraport.zoo.tiny import make_tiny_model
 
-    model, tokenizer = load_model(zoo.llama), load_tokenizer(zoo.llama)
+    tokenizer = build_tokenizer()
+    model = load_model(make_tiny_model("llama", tmp_path / "m", seed=3, vocab=len(vocabulary()), layers=2))
     records = facts_task(0, people=6).eval[:12] + addition_task(0, n_eval=12).eval
     ours = shared_context_scores(model, tokenizer, records, batch_size=5)
     reference = choice_scores(model, tokenizer, records, progress=False)

@@ -21,7 +21,7 @@ def _parse_size(text: str) -> int:
 
 def _fuse_args(p: argparse.ArgumentParser) -> None:
     from ..fusion.methods import FUSION_METHODS
-    from ..fusion.options import DARE_COMBINE, DEFAULT_EXCLUDE, FALLBACKS, FuseOptions
+    from ..fusion.options import AUTO, DARE_COMBINE, DEFAULT_EXCLUDE, DEFAULTS, FALLBACKS, FuseOptions
 
     d = FuseOptions()
     p.add_argument(
@@ -42,7 +42,14 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
         choices=["kohya", "diffusers", "peft"],
         help="image-model LoRAs: the output format (default: the first input's)",
     )
-    p.add_argument("--method", default=d.method, choices=list(FUSION_METHODS), help=f"default {d.method}")
+    adapter_default, model_default = DEFAULTS["adapter"], DEFAULTS["model"]
+    p.add_argument(
+        "--method",
+        default=d.method,
+        choices=[AUTO, *FUSION_METHODS],
+        help=f"default {AUTO}: {adapter_default[0]} (scaling {adapter_default[1]:g}) for adapters, "
+        f"{model_default[0]} (scaling {model_default[1]:g}, needs --base) for models",
+    )
     p.add_argument(
         "--base",
         default=None,
@@ -58,8 +65,8 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scaling",
         type=float,
-        default=d.scaling,
-        help=f"task-vector methods: W_C + scaling * merged (default {d.scaling})",
+        default=None,
+        help="task-vector methods: W_C + scaling * merged (default 1, or the auto method's)",
     )
     p.add_argument("--include", default=None, metavar="REGEX", help="tensors sent through the method (default: 2-D)")
     p.add_argument(

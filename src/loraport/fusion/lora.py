@@ -136,6 +136,23 @@ def _fuse_module(
     return space.lift(merged, max_rank), fields
 
 
+def _check_bases(bases: list[Any], names_in: list[str], options: FuseOptions) -> None:
+    """Adapters whose ``base_model_name_or_path`` name different models (by the name's last part) are refused.
+
+    ``models/smollm2`` and ``/data/models/smollm2`` pass (the same model saved in two places,
+    noted in the report); ``Qwen/Qwen2.5-1.5B`` and ``google/gemma-2-2b`` do not, unless
+    ``allow_mismatch``. Adapters that name no base are not checked.
+    """
+    named = [(i, str(b), Path(str(b).rstrip("/")).name.lower()) for i, b in enumerate(bases) if b]
+    other = next((entry for entry in named if entry[2] != named[0][2]), None)
+    if other is not None and not options.allow_mismatch:
+        (i, first, _), (j, second, _) = named[0], other
+        raise FusionError(
+            f"{names_in[i]} was trained on {first!r} but {names_in[j]} on {second!r}: LoRAs of different base "
+            "models cannot be fused (pass allow_mismatch=True / --allow-mismatch if they are the same model)"
+        )
+
+
 def _load(adapter: AdapterRef) -> LoraAdapter:
     return adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
 
@@ -188,7 +205,7 @@ def fuse_adapters(
         A :class:`FusionResult` whose ``adapter`` is the fused :class:`LoraAdapter`.
     """
     started = time.perf_counter()
-    options = resolve_options(options, overrides)
+    options = resolve_options(options, overrides, kind="adapter")
     info = options.info
     count = 2 + len(more)
     if info.max_models is not None and count > info.max_models:
@@ -207,6 +224,7 @@ def fuse_adapters(
         kind="adapter",
     )
     bases = [ad.config.get("base_model_name_or_path") for ad in adapters]
+    _check_bases(bases, names_in, options)
     if len(set(bases)) > 1:
         listed = ", ".join(repr(b) for b in bases)
         report.notes.append(f"adapters name different bases ({listed}); assumed to be the same model")
