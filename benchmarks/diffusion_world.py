@@ -163,7 +163,7 @@ class TinySD(torch.nn.Module):
         from transformers import CLIPTextModel
 
         torch.manual_seed(seed)
-        return cls(UNet2DConditionModel(**unet_config()), CLIPTextModel(text_config()))
+        return cls(UNet2DConditionModel(**unet_config()), CLIPTextModel(text_config(words)))
 
     @classmethod
     def load(cls, path: Path) -> TinySD:

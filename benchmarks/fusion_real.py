@@ -53,8 +53,7 @@ def lora_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     loras = {t: real / "loras" / f"{SOURCE}-{t}" for t in ("facts", "bins")}
     loras |= {t: work / "loras" / f"{SOURCE}-{t}" for t in ("smallest", "json")}
     merges = pairs_and_all(TASKS)
-    if args.merges:
-        merges = {k: v for k, v in merges.items() if k in args.merges}
+    merges = {k: v for k, v in merges.items() if k in (args.merges or []) or (not args.merges and len(v) != 3)}
     needed = sorted({t for tasks in merges.values() for t in tasks})
     n = {"dev": args.dev_n, "eval": args.eval_n}
     records = {
@@ -71,6 +70,7 @@ def lora_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result = run_merges(scorer, adapters, peft, merges, model_dir, calib, rows_path, args.methods)
     result["relative_update"] = {t: relative_update(adapters[t], model_dir) for t in needed}
     result["subsets"] = {f"{t}|{split}": len(r) for (t, split), r in records.items()}
+    result["sizes"] = {"dev": args.dev_n, "eval": args.eval_n}
     return result
 
 
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/fusion_real.py", *(argv or sys.argv[1:])])
         for part in args.parts:
             # one results file per part (and LoRA subset sizes): parts may run in parallel processes
-            name = f"results-lora-{args.dev_n}-{args.eval_n}.json" if part == "lora" else f"results-{part}.json"
+            slug = "_".join(sorted(m.replace("+", "-").replace(" ", "-") for m in args.merges or ["every-merge"]))
+            name = f"results-lora-{args.dev_n}-{args.eval_n}-{slug}.json" if part == "lora" else f"results-{part}.json"
             path = work / name
             done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
             t0 = time.perf_counter()

@@ -328,6 +328,7 @@ def run_merges(
 
 
 def pairs_and_all(tasks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    merges = {f"{a}+{b}": (a, b) for a, b in itertools.combinations(tasks, 2)}
+    """Every pair, every triple (run when asked for: ``--merges facts+bins+smallest``) and all of them."""
+    merges = {"+".join(c): c for n in (2, 3) for c in itertools.combinations(tasks, n)}
     merges["all four"] = tasks
     return merges

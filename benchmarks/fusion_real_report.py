@@ -8,6 +8,7 @@ than about two standard errors are called ties.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 TASK_ORDER = ("facts", "bins", "smallest", "json")
@@ -27,10 +28,10 @@ def lora_rows(results: dict[str, Any]) -> tuple[dict[str, list[dict]], dict[str,
     """Rows of every LoRA run grouped by merge (first run that has a merge wins) and each merge's subset sizes."""
     merges: dict[str, list[dict]] = {}
     sizes: dict[str, str] = {}
-    for name, part in sorted(results.items()):
+    for name, part in sorted(results.items(), key=lambda kv: -kv[1].get("sizes", {}).get("eval", 0)):
         if not name.startswith("lora-"):
             continue
-        _, dev, evaluation = name.split("-")
+        dev, evaluation = part["sizes"]["dev"], part["sizes"]["eval"]
         for row in part["rows"].values():
             if row["merge"] in sizes and sizes[row["merge"]] != f"{dev}/{evaluation}":
                 continue
@@ -57,7 +58,8 @@ def merge_table(merge: str, rows: list[dict]) -> list[str]:
     lines = [head + " | worst | fuse s | rank | size MB |", "|" + "---|" * (len(tasks) + 6)]
     for row in rows:
         cells = " | ".join(pct(row["eval"][t]["gain_kept"], row["eval"][t]["se"]) for t in tasks)
-        note = f" ({row['note']})" if row.get("note") else ""
+        difference = re.search(r"difference ([0-9.e+-]+)", row.get("note") or "")
+        note = f" (= task arithmetic: max relative difference {difference.group(1)})" if difference else ""
         lines.append(
             f"| {row['row']}{note} | {row['scaling']:g} | {cells} | {pct(worst(row))} | {row['fuse_seconds']:.1f} | "
             f"{row['rank']} | {4 * row['params'] / 1e6:.1f} |"
@@ -73,7 +75,8 @@ def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     updates: dict[str, float] = {}
     for name, part in results.items():
         if name.startswith("lora-"):
-            refs.update({f"{name}|{k}": v for k, v in part["references"].items()})
+            size = f"{part['sizes']['dev']} / {part['sizes']['eval']}"
+            refs.update({f"{size}|{k}": v for k, v in part["references"].items()})
             updates.update(part.get("relative_update", {}))
     if updates:
         lines += [
@@ -90,9 +93,9 @@ def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
             "|---|---|---|---|",
         ]
         for key, value in sorted(refs.items()):
-            run, task, split = key.split("|")
+            size, task, split = key.split("|")
             if split == "eval":
-                lines.append(f"| {task} | {run.removeprefix('lora-').replace('-', ' / ')} | {value['base']:.3f} | "
+                lines.append(f"| {task} | {size} | {value['base']:.3f} | "
                              f"{value['specialist']:.3f} |")  # fmt: skip
         lines.append("")
     summary = ["| merge | dev / eval questions per task | best of ours (worst task %) | best PEFT type (worst task %) |"

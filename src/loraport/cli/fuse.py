@@ -42,13 +42,13 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
         choices=["kohya", "diffusers", "peft"],
         help="image-model LoRAs: the output format (default: the first input's)",
     )
-    adapter_default, model_default = DEFAULTS["adapter"], DEFAULTS["model"]
+    labels = {"adapter": "PEFT adapters", "image": "image-model LoRAs", "model": "models (needs --base)"}
+    chosen = ", ".join(f"{m} x{s:g} for {labels.get(kind, kind)}" for kind, (m, s) in DEFAULTS.items())
     p.add_argument(
         "--method",
         default=d.method,
         choices=[AUTO, *FUSION_METHODS],
-        help=f"default {AUTO}: {adapter_default[0]} (scaling {adapter_default[1]:g}) for adapters, "
-        f"{model_default[0]} (scaling {model_default[1]:g}, needs --base) for models",
+        help=f"default {AUTO}: {chosen} (measured: benchmarks/results/fusion_real.md)",
     )
     p.add_argument(
         "--base",

@@ -97,7 +97,7 @@ def fuse_diffusion(
         A :class:`~loraport.fusion.FusionResult` whose ``adapter`` holds the fused modules.
     """
     started = time.perf_counter()
-    options = resolve_options(options, overrides, kind="adapter")
+    options = resolve_options(options, overrides, kind="image")
     if len(loras) < 2:
         raise FusionError(f"fusion needs at least two LoRAs, got {len(loras)}")
     if options.info.calibrated:
