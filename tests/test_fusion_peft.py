@@ -152,3 +152,23 @@ def test_shared_context_scores_are_the_evaluators(tmp_path) -> None:
     for mine, theirs in zip(ours, reference, strict=True):
         assert mine == pytest.approx(theirs, abs=1e-4)
     assert correct(records, ours) == correct(records, reference)
+
+
+def test_default_method_is_chosen_by_input_kind(zoo, tmp_path) -> None:
+    from loraport.fusion.options import DEFAULTS
+
+    a = zoo.adapter("peft-a", zoo.llama, r=4, seed=1, alpha=8)
+    b = zoo.adapter("peft-b", zoo.llama, r=4, seed=2, alpha=4)
+    method, scaling = DEFAULTS["adapter"]
+    auto = fuse(a, b, progress=False)
+    assert auto.report.method == method and auto.report.options["scaling"] == scaling
+    explicit = fuse_adapters(a, b, method=method, scaling=scaling, progress=False)
+    for name, module in auto.adapter.modules.items():
+        torch.testing.assert_close(module.delta(torch.float64), explicit.adapter.modules[name].delta(torch.float64))
+    # a method given without a scaling keeps scaling 1
+    assert fuse(a, b, method="tsv", progress=False).report.options["scaling"] == 1.0
+    model_method = DEFAULTS["model"][0]
+    if model_method not in ("average", "regmean", "rgsp"):  # task-vector default: needs the base
+        with pytest.raises(FusionError, match="needs the common base model C"):
+            fuse(zoo.llama, zoo.llama_derivative, tmp_path / "m")
+        assert not (tmp_path / "m").exists()
