@@ -86,6 +86,34 @@ def relative_update(adapter: Any, model_dir: Path) -> float:
     return (num / den) ** 0.5
 
 
+def collect_results(work: Path) -> dict[str, Any]:
+    """Every cached part: ``results-<part>.json``; the LoRA runs as one part per subset size.
+
+    A LoRA part holds every merge in that size's row cache (``lora_rows-<dev>-<eval>.json``,
+    whichever run scored it) with the base and LoRA accuracies from its score cache; the
+    commands and relative update sizes come from the runs' results files.
+    """
+    from fusion_real_lora import reference_accuracies
+
+    files = {p.stem.removeprefix("results-"): json.loads(p.read_text()) for p in sorted(work.glob("results-*.json"))}
+    results = {name: part for name, part in files.items() if not name.startswith("lora-")}
+    for rows_path in sorted(work.glob("lora_rows-*.json")):
+        size = rows_path.stem.removeprefix("lora_rows-")
+        runs = [part for name, part in files.items() if name.startswith(f"lora-{size}-")]
+        rows = json.loads(rows_path.read_text())
+        scores = json.loads((work / f"lora_scores-{size}.json").read_text())
+        dev, evaluation = (int(n) for n in size.split("-"))
+        results[f"lora-{size}"] = {
+            "rows": rows,
+            "references": reference_accuracies(scores, sorted({t for row in rows.values() for t in row["eval"]})),
+            "relative_update": {t: v for run in runs for t, v in run.get("relative_update", {}).items()},
+            "sizes": {"dev": dev, "eval": evaluation},
+            "commands": [c for run in runs for c in run["commands"]],
+        }
+    results["assets"] = {p.stem: json.loads(p.read_text()) for p in sorted((work / "stages").glob("*.json"))}
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", default="benchmarks/work/real", help="the real benchmark's work directory")
@@ -137,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             data.update(commands=commands, seconds=time.perf_counter() - t0)
             atomic_write_text(path, json.dumps(data, indent=1))
         print(f"ran {', '.join(args.parts)} in {time.perf_counter() - started:.0f} s")
-    results = {p.stem.removeprefix("results-"): json.loads(p.read_text()) for p in sorted(work.glob("results-*.json"))}
-    results["assets"] = {p.stem: json.loads(p.read_text()) for p in sorted((work / "stages").glob("*.json"))}
+    results = collect_results(work)
     from fusion_real_report import markdown
 
     atomic_write_text(args.results, markdown(results))

@@ -119,7 +119,7 @@ class Scorer:
 
     def score(self, key: str, factors: Factors | None, scaling: float, task: str, split: str) -> list[float]:
         """Per-question correctness of the base plus ``scaling * factors`` on ``task``'s ``split`` subset."""
-        full = f"{key}|s={scaling:g}|{task}|{split}"
+        full = score_key(key, scaling, task, split)
         if full not in self.cache:
             from loraport.pretrained.scoring import correct, shared_context_scores
 
@@ -133,6 +133,21 @@ class Scorer:
             self.seconds += time.perf_counter() - started
             self.save()
         return self.cache[full]
+
+
+def score_key(key: str, scaling: float, task: str, split: str) -> str:
+    """The score cache's key of one merge (``key``: ``base``, ``lora-<task>`` or ``<merge>|<row>``) at one scaling."""
+    return f"{key}|s={scaling:g}|{task}|{split}"
+
+
+def reference_accuracies(scores: dict[str, list[float]], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """``{"<task>|<split>": {"base", "specialist", "n"}}``: the base's and each task's own LoRA's accuracy."""
+    out = {}
+    for t in tasks:
+        for split in ("dev", "eval"):
+            base, own = scores[score_key("base", 0.0, t, split)], scores[score_key(f"lora-{t}", 1.0, t, split)]
+            out[f"{t}|{split}"] = {"base": sum(base) / len(base), "specialist": sum(own) / len(own), "n": len(base)}
+    return out
 
 
 def merge_json(path: Path, entries: dict[str, Any]) -> None:
@@ -320,11 +335,7 @@ def run_merges(
                 f"{merge}: {row} scaling {scaling:g}: worst gain kept {worst:.2f}; scored {scorer.seconds:.0f} s so far"
             )
     rows = {k: v for k, v in rows.items() if v["merge"] in merges}
-    references = {
-        f"{t}|{split}": {"base": sum(b) / len(b), "specialist": sum(s) / len(s), "n": len(b)}
-        for (t, split), (b, s) in reference.items()
-    }
-    return {"rows": rows, "references": references}
+    return {"rows": rows, "references": reference_accuracies(scorer.cache, tasks_all)}
 
 
 def pairs_and_all(tasks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:

@@ -37,10 +37,13 @@ def lora_rows(results: dict[str, Any]) -> tuple[dict[str, list[dict]], dict[str,
                 continue
             sizes[row["merge"]] = f"{dev}/{evaluation}"
             merges.setdefault(row["merge"], []).append(row)
-    order = sorted(
-        merges, key=lambda m: (m == "all four", [TASK_ORDER.index(t) for t in m.split("+") if t in TASK_ORDER])
-    )
+    order = sorted(merges, key=lambda m: (merge_size(merges[m]), [TASK_ORDER.index(t) for t in merges[m][0]["eval"]]))
     return {m: merges[m] for m in order}, sizes
+
+
+def merge_size(rows: list[dict]) -> int:
+    """How many adapters a merge fused (one task each)."""
+    return len(rows[0]["eval"])
 
 
 def worst(row: dict) -> float:
@@ -65,6 +68,13 @@ def merge_table(merge: str, rows: list[dict]) -> list[str]:
             f"{row['rank']} | {4 * row['params'] / 1e6:.1f} |"
         )
     return lines
+
+
+def against_peft(ours: dict, peft: dict) -> str:
+    """Is our best row's worst task at least PEFT's best? ``yes``, ``tie (within 2 s.e.)`` or ``no``."""
+    gap = worst(ours) - worst(peft)
+    se = max(max(v["se"] for v in ours["eval"].values()), max(v["se"] for v in peft["eval"].values()))
+    return "yes" if gap >= 0 else ("tie (within 2 s.e.)" if -gap <= 2 * se else "no")
 
 
 def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
@@ -103,11 +113,7 @@ def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     for merge, rows in merges.items():
         ours, peft = best(rows, "ours"), best(rows, "peft")
         facts["merges"][merge] = {"ours": ours, "peft": peft, "rows": rows}
-        verdict = "-"
-        if ours and peft:
-            gap = worst(ours) - worst(peft)
-            se = max(max(v["se"] for v in ours["eval"].values()), max(v["se"] for v in peft["eval"].values()))
-            verdict = "yes" if gap >= 0 else ("tie (within 2 s.e.)" if -gap <= 2 * se else "no")
+        verdict = against_peft(ours, peft) if ours and peft else "-"
         summary.append(
             f"| {merge} | {sizes[merge]} | {ours['row'] if ours else '-'} ({pct(worst(ours)) if ours else '-'}) | "
             f"{peft['row'] if peft else '-'} ({pct(worst(peft)) if peft else '-'}) | {verdict} |"
@@ -190,10 +196,26 @@ def image_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     return lines, {"best": best_row}
 
 
+def command_lines(results: dict[str, Any]) -> list[str]:
+    """The commands that produced each part, under the part's name."""
+    lines = [
+        "Commands, per part (every score is cached under `benchmarks/work/fusion_real`: a rerun computes only "
+        "what is missing; `python benchmarks/fusion_real.py --report-only` rewrites this file from the caches):",
+        "",
+    ]
+    for name, part in sorted(results.items(), key=lambda kv: (not kv[0].startswith("lora-"), kv[0])):
+        if not part.get("commands"):
+            continue
+        if name.startswith("lora-"):
+            label = f"LoRA merges, {part['sizes']['dev']} / {part['sizes']['eval']} dev / eval questions per task"
+        else:
+            label = {"models": "Derivatives", "image": "Image LoRAs"}.get(name, name)
+        lines += [f"{label}:", "", "```", *part["commands"], "```", ""]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["# Fusion on real models (issue 21)", ""]
-    commands = sorted({c for part in results.values() if isinstance(part, dict) for c in part.get("commands", [])})
-    lines += ["Commands (each part is cached under `benchmarks/work/fusion_real`):", "", "```", *commands, "```", ""]
+    lines = ["# Fusion on real models (issue 21)", "", *command_lines(results)]
     facts: dict[str, Any] = {}
     if any(k.startswith("lora-") for k in results):
         section, facts["lora"] = lora_section(results)
@@ -217,12 +239,20 @@ def targets(facts: dict[str, Any]) -> list[str]:
         verdict = "met" if value >= TARGET_ALL else "not met"
         lines.append(f"* All-four merge, the best method keeps >= 90% of every gain: **{row['row']}** keeps "
                      f"{pct(value)}% of the worst task's gain: {verdict}.")  # fmt: skip
+    if merges:
+        lines += adapter_limit(merges)
     compared = [(m, f) for m, f in merges.items() if f["ours"] and f["peft"]]
     if compared:
-        ok = [m for m, f in compared if worst(f["ours"]) >= worst(f["peft"])]
-        short = ", ".join(m for m, _ in compared if m not in ok) or "none"
+        verdicts = {m: against_peft(f["ours"], f["peft"]) for m, f in compared}
+        ok = [m for m, v in verdicts.items() if v == "yes"]
+        short = "; ".join(
+            f"{m}: {pct(worst(f['ours']))} vs {pct(worst(f['peft']))}, {verdicts[m]}"
+            for m, f in compared
+            if m not in ok
+        )
+        verdict = "met" if len(ok) == len(compared) else "not met"
         lines.append(f"* Every merge, our best method at least PEFT's best type (worst task): {len(ok)} of "
-                     f"{len(compared)} merges ({short} short).")  # fmt: skip
+                     f"{len(compared)} merges" + (f" (short: {short})" if short else "") + f": {verdict}.")  # fmt: skip
     if "models" in facts and facts["models"]["best"]:
         name, value = facts["models"]["best"]
         verdict = "met" if value >= TARGET_DERIVED else "not met"
@@ -234,3 +264,29 @@ def targets(facts: dict[str, Any]) -> list[str]:
         lines.append(f"* Merged image LoRA keeps >= 80% of each concept's effect: best **{name}**, "
                      f"{100 * value:.0f}% on its worse concept: {verdict}.")  # fmt: skip
     return [*lines, ""]
+
+
+def adapter_limit(merges: dict[str, Any]) -> list[str]:
+    """How many adapters merge before a task drops below :data:`DROP`: by merge size, the best method per merge."""
+    by_size: dict[int, list[tuple[str, dict]]] = {}
+    for merge, found in merges.items():
+        top = max(found["rows"], key=worst)
+        by_size.setdefault(merge_size(found["rows"]), []).append((merge, top))
+    counts, below = [], []
+    for n, entries in sorted(by_size.items()):
+        short = [f"{m}: {pct(worst(top))}, {top['row']}" for m, top in entries if worst(top) < DROP]
+        counts.append(f"N = {n}: {len(entries) - len(short)} of {len(entries)}")
+        below += short
+    dropped = [n for n, entries in by_size.items() if any(worst(top) < DROP for _, top in entries)]
+    kept_all = [(n, m) for n, entries in by_size.items() for m, top in entries if worst(top) >= DROP]
+    summary = f"a task first fell below it in a merge of {min(dropped)} adapters" if dropped else "none fell below"
+    if kept_all:
+        n, merge = max(kept_all)
+        summary += f"; the largest merge that kept every task fused {n} ({merge})"
+    return [
+        f"* Adapters merged before a task drops below {100 * DROP:.0f}% (per merge its best method, ours or "
+        f"PEFT's, by the worst task): merges keeping >= {100 * DROP:.0f}% of every task, "
+        + "; ".join(counts)
+        + (f" (below: {'; '.join(below)})" if below else "")
+        + f": {summary}."
+    ]
