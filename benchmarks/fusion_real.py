@@ -91,9 +91,11 @@ def collect_results(work: Path) -> dict[str, Any]:
 
     A LoRA part holds every merge in that size's row cache (``lora_rows-<dev>-<eval>.json``,
     whichever run scored it) with the base and LoRA accuracies from its score cache; the
-    commands and relative update sizes come from the runs' results files.
+    commands and relative update sizes come from the runs' results files. The models part
+    holds every row of ``models_rows.json`` (a run stopped part way keeps its rows).
     """
     from fusion_real_lora import reference_accuracies
+    from fusion_real_models import models_summary
 
     files = {p.stem.removeprefix("results-"): json.loads(p.read_text()) for p in sorted(work.glob("results-*.json"))}
     results = {name: part for name, part in files.items() if not name.startswith("lora-")}
@@ -110,6 +112,9 @@ def collect_results(work: Path) -> dict[str, Any]:
             "sizes": {"dev": dev, "eval": evaluation},
             "commands": [c for run in runs for c in run["commands"]],
         }
+    if (work / "models_rows.json").exists():
+        rows = json.loads((work / "models_rows.json").read_text())
+        results["models"] = {**files.get("models", {}), **models_summary(work, rows)}
     results["assets"] = {p.stem: json.loads(p.read_text()) for p in sorted((work / "stages").glob("*.json"))}
     return results
 

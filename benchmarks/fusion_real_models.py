@@ -163,7 +163,13 @@ def run_models(real: Path, work: Path) -> dict[str, Any]:
             f"derivatives: {row} scaling {scaling:g}: kept " + ", ".join(f"{d} {v:.2f}" for d, (v, _) in values.items())
         )
     model.load_state_dict(base_state)
+    return models_summary(work, rows)
+
+
+def models_summary(work: Path, rows: dict[str, Any]) -> dict[str, Any]:
+    """The models part from its caches: ``rows``, the mean eval losses of C and the inputs, the inputs' records."""
+    reference = json.loads((work / "models_reference.json").read_text())
     means = {name: {d: sum(v) / len(v) for d, v in entry["eval"].items()} for name, entry in reference.items()}
     stages = {d: json.loads((work / "stages" / f"derive-{d}.json").read_text()) for d in DOMAINS}
     return {"rows": rows, "eval_loss": means, "windows": {d: len(reference["C"]["eval"][d]) for d in DOMAINS},
-            "derivatives": stages}  # fmt: skip
+            "derivatives": stages, "planned": [row for row, *_ in METHODS]}  # fmt: skip

@@ -126,8 +126,15 @@ def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
 
 def models_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     losses = part["eval_loss"]
+    spec = next(iter(part["derivatives"].values()))["spec"]
+    drift = ", ".join(f"{d} {100 * record['drift']['all']:.2f}%" for d, record in part["derivatives"].items())
     lines = [
         "## Derivatives: two SmolLM2 full fine-tunes fused",
+        "",
+        f"Each input is C continued on one domain, every weight: {spec['steps']} steps of {spec['batch_size']} x "
+        f"{spec['seq_len']} tokens at lr {spec['lr']:g} (AdamW, {spec['warmup']} warm-up steps), drawn from "
+        f"{spec['train_chars'] / 1e6:g} M characters of the domain; drift `||W - W_C|| / ||W_C||` over the "
+        f"projections: {drift}.",
         "",
         "Held-out loss (nats per token, eval text) of each input on each domain:",
         "",
@@ -159,6 +166,9 @@ def models_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
             f"{pct(k['docs']['value'], k['docs']['se'])} | {pct(low)} | {row['eval_loss']['python']:.4f} | "
             f"{row['eval_loss']['docs']:.4f} | {row['fuse_seconds']:.0f} |"
         )
+    missing = [name for name in part.get("planned", []) if name not in part["rows"]]
+    if missing:
+        lines += ["", f"Not measured (the run was stopped before them): {', '.join(missing)}."]
     return [*lines, ""], {"best": best_row}
 
 
