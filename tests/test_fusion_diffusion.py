@@ -19,14 +19,6 @@ from loraport.zoo.tiny_diffusion import make_random_kohya_lora
 from .test_diffusion import _lora_deltas, _merged, _noise_prediction, _pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def loras(sd_zoo, tmp_path_factory) -> dict[str, Path]:
     """Two kohya LoRAs of sd1 (conv modules included) and the second one as a diffusers file."""

@@ -18,14 +18,6 @@ from loraport.cli import main
 from loraport.fusion import fuse_adapters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _peft_merge(base, adapters: dict, combination: str, weights: list[float], **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     """Dense updates (float64) of PEFT's ``add_weighted_adapter`` on ``base`` holding ``adapters``."""
     from peft import PeftModel

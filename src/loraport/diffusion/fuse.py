@@ -31,10 +31,10 @@ from ..fusion.lora import ADAPTER_REPORT_NAME, merge_adapters
 from ..fusion.models import FusionResult, finish_report
 from ..fusion.options import FuseOptions, FusionError, resolve_options
 from ..fusion.report import FusionReport
-from ..io import atomic_directory, atomic_file, check_output_dir, check_output_file
+from ..io import atomic_directory, atomic_file
 from .bases import DiffusionBase
 from .formats import FORMATS, DiffusionLora, default_file_name, detect_format, read_diffusion_lora
-from .port import write_port
+from .port import check_out, write_port
 
 DiffusionLoraRef = str | os.PathLike[str] | DiffusionLora
 
@@ -114,7 +114,7 @@ def fuse_diffusion(
         names = [str(lora.path) if lora.path else f"<lora {i + 1}>" for i, lora in enumerate(read)]
         fmt = out_format or read[0].format
         _check_formats(read, names, fmt, opened)
-        single_file = _check_out(out, fmt, overwrite)
+        single_file = check_out(out, fmt, overwrite, FusionError)
         report = FusionReport(
             method=options.method,
             inputs=names,
@@ -134,19 +134,6 @@ def fuse_diffusion(
     if report_path is not None:
         report.save(report_path)
     return FusionResult(written, report, fused)
-
-
-def _check_out(out: str | os.PathLike[str] | None, fmt: str, overwrite: bool) -> bool:
-    """Check ``out`` before any work; returns whether it names a single file."""
-    if out is None:
-        return False
-    if str(out).endswith(".safetensors"):
-        if fmt == "peft":
-            raise FusionError(f"{out}: --out-format peft writes a directory (one adapter per component), not a file")
-        check_output_file(out, overwrite)
-        return True
-    check_output_dir(out, overwrite)
-    return False
 
 
 def _write(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraportError
-from ..io import atomic_write_text
+from ..io import atomic_directory, atomic_write_text
 from ..zoo.train import LoraRecipe
 from .build import Stage, run_stages
 
@@ -195,12 +194,8 @@ def stage_lora(work: Path, config: FusionRealConfig, task: str) -> dict[str, Any
 
     peft_model, logged = train_lora(model, tokenizer, items, recipe, config.lora_seed, on_step, answer_logits_only=True)
     peft_model.peft_config["default"].base_model_name_or_path = str(config.source_model)
-    target = work / "loras" / f"{SOURCE}-{task}"
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_directory(work / "loras" / f"{SOURCE}-{task}", overwrite=True) as tmp:
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
     return {
         "path": f"loras/{SOURCE}-{task}",
         "task": task,
@@ -250,13 +245,9 @@ def stage_derive(work: Path, config: FusionRealConfig, domain: str) -> dict[str,
         weight_decay=0.0,
         on_step=on_step,
     )
-    target = work / "models" / domain
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_directory(work / "models" / domain, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     return {
         "path": f"models/{domain}",
         "domain": domain,
