@@ -30,6 +30,7 @@ from ..adapters import LoraAdapter
 from ..fusion.lora import ADAPTER_REPORT_NAME, merge_adapters
 from ..fusion.models import FusionResult, finish_report
 from ..fusion.options import FuseOptions, FusionError, resolve_options
+from ..fusion.registry import FUSION_METHODS
 from ..fusion.report import FusionReport
 from ..io import atomic_directory, atomic_file
 from .bases import DiffusionBase
@@ -97,11 +98,12 @@ def fuse_diffusion(
         A :class:`~loraport.fusion.FusionResult` whose ``adapter`` holds the fused modules.
     """
     started = time.perf_counter()
+    chosen = FUSION_METHODS.get(overrides.get("method", options.method if options is not None else ""))
+    if chosen is not None and chosen.calibrated:  # before the options ask for its calibration text
+        raise FusionError(f"{chosen.name} needs a language model's activations; not for image-model LoRAs")
     options = resolve_options(options, overrides, kind="image")
     if len(loras) < 2:
         raise FusionError(f"fusion needs at least two LoRAs, got {len(loras)}")
-    if options.info.calibrated:
-        raise FusionError(f"{options.method} needs a language model's activations; not for image-model LoRAs")
     if options.info.max_models is not None and len(loras) > options.info.max_models:
         raise FusionError(f"{options.method} is defined for {options.info.max_models} adapters, got {len(loras)}")
     if out_format is not None and out_format not in FORMATS:
