@@ -152,8 +152,9 @@ def models_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         "Share of each domain's loss improvement kept, `(L_C - L_merged) / (L_C - L_own)` (± s.e. over "
         f"{part['windows']['python']} / {part['windows']['docs']} windows of 128 tokens):",
         "",
-        "| method | scaling | python kept % | docs kept % | worst | loss python | loss docs | fuse s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | scaling | python kept % | docs kept % | worst | loss python | loss docs | fuse s | "
+        "dev: worst kept % at each scaling tried |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     best_row = None
     for name, row in part["rows"].items():
@@ -164,7 +165,9 @@ def models_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         lines.append(
             f"| {name} | {row['scaling']:g} | {pct(k['python']['value'], k['python']['se'])} | "
             f"{pct(k['docs']['value'], k['docs']['se'])} | {pct(low)} | {row['eval_loss']['python']:.4f} | "
-            f"{row['eval_loss']['docs']:.4f} | {row['fuse_seconds']:.0f} |"
+            f"{row['eval_loss']['docs']:.4f} | {row['fuse_seconds']:.0f} | "
+            + ", ".join(f"x{scaling:g}: {pct(low)}" for scaling, low, _ in row["dev_tried"])
+            + " |"
         )
     missing = [name for name in part.get("planned", []) if name not in part["rows"]]
     if missing:
