@@ -15,7 +15,7 @@ import torch
 from loraport import FusionError, LoraportError, fuse
 from loraport.adapters import load_adapter
 from loraport.cli import main
-from loraport.fusion import fuse_adapters
+from loraport.fusion import FUSION_METHODS, fuse_adapters
 
 
 def _peft_merge(base, adapters: dict, combination: str, weights: list[float], **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -159,8 +159,11 @@ def test_default_method_is_chosen_by_input_kind(zoo, tmp_path) -> None:
         torch.testing.assert_close(module.delta(torch.float64), explicit.adapter.modules[name].delta(torch.float64))
     # a method given without a scaling keeps scaling 1
     assert fuse(a, b, method="tsv", progress=False).report.options["scaling"] == 1.0
-    model_method = DEFAULTS["model"][0]
-    if model_method not in ("average", "regmean", "rgsp"):  # task-vector default: needs the base
+    model_method, model_scaling = DEFAULTS["model"]
+    if FUSION_METHODS[model_method].needs_base:  # task-vector default: needs the base
         with pytest.raises(FusionError, match="needs the common base model C"):
             fuse(zoo.llama, zoo.llama_derivative, tmp_path / "m")
         assert not (tmp_path / "m").exists()
+    other = zoo.perturbed("llama-d2", zoo.llama, 0.1, seed=2)
+    models = fuse(zoo.llama_derivative, other, tmp_path / "auto", base=zoo.llama, progress=False)
+    assert models.report.method == model_method and models.report.options.get("scaling") == model_scaling

@@ -50,9 +50,11 @@ AUTO = "auto"
 # The defaults (method, scaling) when none is given, per input kind: chosen by the real fusion
 # benchmark (benchmarks/results/fusion_real.md; docs/fusion.md says why).
 DEFAULTS: dict[str, tuple[str, float]] = {
-    "adapter": ("iso_c", 1.5),  # SmolLM2 LoRAs: the best data-free method, scaling chosen on dev in 4 of 5 merges
-    "image": ("tsv", 0.5),  # two concept LoRAs of the tiny text-to-image world
-    "model": ("task_arithmetic", 1.0),  # two SmolLM2 full fine-tunes
+    # SmolLM2 LoRAs: the best data-free method on the content merges; its dev-chosen scaling in 4 of those 5
+    "adapter": ("iso_c", 1.5),
+    "image": ("tsv", 0.5),  # two concept LoRAs of the tiny text-to-image world: the best method, its dev scaling
+    # two SmolLM2 full fine-tunes: the best worst-domain gain kept (RegMean, which needs text, tied); its dev scaling
+    "model": ("tsv", 1.0),
 }
 
 
