@@ -102,6 +102,8 @@ TABLE: dict[str, dict[str, Any]] = {
         "calibration": "domain",
         "calib_mode": "mapped",
     },
+    # distillation from the task's training questions (no answers): ARC JSONL through the evaluator's template
+    "distill": {"method": "distill", "prompts": "train"},
 }
 DEFAULT_TARGETS = ["D5", "D15", "D30", "I", "X"]
 
@@ -115,6 +117,33 @@ def domain_text(train_jsonl: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def distill_summary(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a benchmark row keeps of a distilled port's report (no per-evaluation history)."""
+    if not info or "heldout" not in info:
+        return None
+    student = info["student"]
+    return {
+        "chosen": info["chosen"],
+        "heldout": info["heldout"],
+        "perplexity_change": info["generic"]["perplexity_change"],
+        "generic_text": info["generic"]["text"],
+        "steps": student["steps"],
+        "best_step": student["best_step"],
+        "stopped": student["stopped"],
+        "train_seconds": student["train_seconds"],
+        "student_seconds": student["seconds"],
+        "teacher": info.get("teacher"),
+        "synthesized": info.get("synthesized"),
+        "aligned_positions": student["aligned_positions"],
+        "target_positions": student["target_positions"],
+        "texts": [student["train_texts"], student["heldout_texts"]],
+        "seconds": info["seconds"],
+        "peak_rss_mb": info["peak_rss_mb"],
+        "history": [{k: e[k] for k in ("step", "heldout_agreement", "heldout_kl", "probe_agreement")}
+                    for e in student["history"]],
+    }  # fmt: skip
 
 
 def _port_child(queue: Any, kwargs: dict[str, Any]) -> None:
@@ -132,7 +161,8 @@ def _port_child(queue: Any, kwargs: dict[str, Any]) -> None:
         totals = result.report.totals()
         queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "error": None,
                    "mean_kept_energy": totals["mean_kept_energy"],
-                   "calibration": result.report.calibration})  # fmt: skip
+                   "calibration": result.report.calibration, "distill": distill_summary(result.report.distill),
+                   "notes": result.report.notes})  # fmt: skip
     except Exception as exc:  # reported as a row
         queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "error": str(exc)})
 
@@ -161,7 +191,8 @@ def port(kwargs: dict[str, Any], isolated: bool) -> dict[str, Any]:
             return {"seconds": time.perf_counter() - started, "peak_rss_mb": None, "error": str(exc)}
         return {"seconds": time.perf_counter() - started, "peak_rss_mb": None, "error": None,
                 "mean_kept_energy": result.report.totals()["mean_kept_energy"],
-                "calibration": result.report.calibration}  # fmt: skip
+                "calibration": result.report.calibration, "distill": distill_summary(result.report.distill),
+                "notes": result.report.notes}  # fmt: skip
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_port_child, args=(queue, kwargs))
@@ -222,6 +253,9 @@ def run(args: argparse.Namespace, names: list[str], isolated: bool) -> list[dict
                 options = dict(specs[name])
                 if "calibration" in options:
                     options["calibration"] = calibration[options["calibration"]]
+                if "prompts" in options:
+                    options["prompts"] = str(zoo.path(zoo.tasks[task]["train"]))
+                    options["distill_cache"] = str(work / ".distill" / label.replace("/", "-").replace(" ", ""))
                 out_dir = work / "adapters" / task / target / name
                 kwargs = dict(adapter=str(adapter), source_base=str(source), target_base=str(zoo.model_path(target)),
                               out=str(out_dir), overwrite=True, progress=False, threads=args.threads,

@@ -271,7 +271,7 @@ def test_errors_are_one_line_and_leave_nothing(sd_zoo, zoo, tmp_path, capsys) ->
     assert "already exists" in capsys.readouterr().err
     argv = ["transfer", "--adapter", str(zoo.llama_adapter), "--source-base", str(zoo.llama), "--target-base"]
     assert main([*argv, str(zoo.llama), "--out", str(tmp_path / "llm"), "--out-format", "kohya"]) == 2
-    assert "LLM adapters are PEFT" in capsys.readouterr().err
+    assert "LLM adapters are peft or gguf" in capsys.readouterr().err
     assert (
         main(
             [

@@ -332,3 +332,55 @@ def test_auto_mode_and_the_independence_warning(same_shape) -> None:
     assert mode == "shared" and any(n.startswith("WARNING") and "independently trained" in n for n in notes)
     options.mode = "mapped"
     assert choose_mode(options, independent)[0] == "mapped"
+
+
+# -- the effect check: harm judged on the target's next-token predictions ------------------------
+
+
+def test_effect_error_is_zero_for_the_adapters_own_effect_and_one_for_nothing() -> None:
+    from loraport.calibrate.effect import EffectProbe
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.log_softmax(torch.randn(7, 30, generator=g, dtype=F64), -1)
+    teacher = torch.log_softmax(base + torch.randn(7, 30, generator=g, dtype=F64), -1)
+    top = torch.topk(teacher, 10, dim=1)
+    weight = torch.softmax(top.values, 1)
+    delta = top.values - base.gather(1, top.indices)
+    delta = delta - torch.sum(weight * delta, 1, keepdim=True)
+    probe = EffectProbe([], [], None, top.indices, weight, delta)
+    assert probe.error(teacher, base) == pytest.approx(0.0, abs=1e-12)
+    assert probe.error(base, base) == pytest.approx(1.0)
+    # A renormalisation (a constant per position) is no effect; half the effect leaves a quarter of the error.
+    assert probe.error(teacher + 3.0, base) == pytest.approx(0.0, abs=1e-12)
+    assert probe.error(base + 0.5 * (teacher - base), base) == pytest.approx(0.25)
+
+
+def test_mapped_port_that_reproduces_the_effect_is_kept(tmp_path) -> None:
+    """The demo zoo's trained S -> D15 with its trained LoRA, forced through the mapped mode: the port
+    reproduces most of the adapter's effect on held-out lines, and every layer is kept."""
+    from loraport.zoo import demo_dir
+
+    zoo = demo_dir()
+    result = transfer(
+        zoo / "loras" / "S-facts", zoo / "models" / "S", zoo / "models" / "D15", tmp_path / "out",
+        method="calibrated", calibration=str(zoo / "calibration.txt"), calib_mode="mapped", calib_samples=96,
+        progress=False,
+    )  # fmt: skip
+    check = result.report.calibration["effect_check"]
+    assert check["lines"] >= 4 and check["positions"] > 0 and check["layers_left_out"] == []
+    assert check["error_written"] is not None and check["error_written"] < 0.5
+    assert all(value > check["error_all_layers"] for value in check["error_without_layer"].values())
+    assert result.output is not None and result.report.output_modules > 0
+
+
+def test_mapped_port_no_better_than_nothing_writes_nothing_and_points_to_distill(pair, tmp_path) -> None:
+    with pytest.raises(LoraportError, match="use --method distill") as caught:
+        transfer(
+            pair["lora"], pair["S"], pair["T"], tmp_path / "out", method="calibrated",
+            calibration=str(pair["text"]), calib_depth="relative", calib_map="orthogonal", calib_writers="down",
+            progress=False, report_path=tmp_path / "r.json",
+        )  # fmt: skip
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["modules"] and all("no-harm" in m["reason"] for m in report["modules"])
+    assert any(n.startswith("WARNING: the calibrated (mapped) port does not reproduce") for n in report["notes"])

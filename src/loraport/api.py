@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .adapters import CONFIG_NAME, LoraAdapter
+from .adapters import CONFIG_NAME, LoraAdapter, is_gguf_lora
 from .checkpoints import Checkpoint
 from .fusion import FuseOptions, FusionError, FusionResult
 from .port import TransferOptions, TransferResult
@@ -89,8 +89,8 @@ def transfer(
 
 
 def input_kind(ref: Any) -> str:
-    """``adapter`` (PEFT adapter of a language model), ``image`` (kohya, diffusers, per-component PEFT LoRA)
-    or ``model`` (a model directory, hub id or open checkpoint)."""
+    """``adapter`` (PEFT or GGUF LoRA of a language model), ``image`` (kohya, diffusers, per-component PEFT
+    LoRA) or ``model`` (a model directory, hub id or open checkpoint)."""
     if isinstance(ref, LoraAdapter):
         return "adapter"
     if isinstance(ref, Checkpoint):
@@ -100,7 +100,7 @@ def input_kind(ref: Any) -> str:
     if isinstance(ref, DiffusionLora):
         return "image"
     path = Path(ref)
-    if (path / CONFIG_NAME).is_file():
+    if (path / CONFIG_NAME).is_file() or is_gguf_lora(path):
         return "adapter"
     if (path / "config.json").is_file() or not path.exists():
         return "model"
@@ -122,20 +122,24 @@ def fuse(
     progress: bool = True,
     **overrides: Any,
 ) -> FusionResult:
-    """Fuse ``N >= 2`` fine-tuned models, PEFT adapters or image-model LoRAs of one base.
+    """Fuse ``N >= 2`` fine-tuned models, language-model LoRAs (PEFT, GGUF) or image-model LoRAs of one base.
 
     Args:
         model_a, model_b, more: model directories (or hub ids, open checkpoints); or PEFT
-            adapter directories (or loaded :class:`~loraport.adapters.LoraAdapter`); or kohya /
-            diffusers LoRA files (or :class:`~loraport.diffusion.DiffusionLora`). All of one kind.
+            adapter directories or GGUF LoRAs (or loaded :class:`~loraport.adapters.LoraAdapter`);
+            or kohya / diffusers LoRA files (or :class:`~loraport.diffusion.DiffusionLora`). All of
+            one kind.
         out: the output directory (models, adapters) or ``.safetensors`` file / directory
             (image-model LoRAs), written atomically; adapters and image LoRAs may be fused in
             memory only (``None``).
         base: models: the common base C of the task-vector methods; adapters: the base for
-            ``regmean``; image LoRAs: the Stable Diffusion base (resolves kohya names).
+            ``regmean`` and GGUF LoRAs (the ``.gguf`` model); image LoRAs: the Stable Diffusion
+            base (resolves kohya names).
         rank: adapters and image LoRAs: the fused rank (default: the sum of the input ranks);
             models: RGSP's SVD rank.
-        out_format: image LoRAs: ``kohya``, ``diffusers`` or ``peft`` (default: the first input's).
+        out_format: adapters: ``peft`` or ``gguf`` (default: ``gguf`` for a ``.gguf`` ``out``, else
+            the first input's); image LoRAs: ``kohya``, ``diffusers`` or ``peft`` (default: the
+            first input's).
         options, overrides: a :class:`~loraport.fusion.FuseOptions` and keyword overrides of its
             fields (``method="ties"``, ``density=0.5``, ``scaling=1.5``).
 
@@ -168,13 +172,13 @@ def fuse(
         from .diffusion.fuse import fuse_diffusion
 
         return fuse_diffusion(inputs, out, base=base, rank=rank, out_format=out_format, **common)
-    if out_format is not None:
-        raise FusionError("--out-format is for image-model LoRAs (kohya, diffusers, peft)")
     from .fusion import fuse as fuse_models
     from .fusion import fuse_adapters
 
     if kinds[0] == "adapter":
-        return fuse_adapters(model_a, model_b, out, more=more, rank=rank, base=base, **common)
+        return fuse_adapters(model_a, model_b, out, more=more, rank=rank, base=base, out_format=out_format, **common)
+    if out_format is not None:
+        raise FusionError("--out-format is for fusing adapters; fused models are written as safetensors")
     if out is None:
         raise FusionError("model fusion writes a model directory: pass out")
     if rank is not None:

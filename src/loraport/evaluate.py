@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .adapters import gguf_lora_file, load_adapter, save_adapter
 from .errors import AdapterError, CheckpointError, LoraportError
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -398,12 +400,23 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> Any:
     """``AutoModelForCausalLM`` of a model directory, ``.gguf`` file or open checkpoint, plus an adapter if given."""
-    lm = _open_model(model).load_causal_lm(dtype)
+    checkpoint = _open_model(model)
+    lm = checkpoint.load_causal_lm(dtype)
     if adapter is None:
         return lm
     adapter_dir = Path(adapter)
+    gguf_file = gguf_lora_file(adapter_dir)
+    if gguf_file is not None:  # read (names and rows as transformers has them), then attached as PEFT
+        with tempfile.TemporaryDirectory(prefix="loraport-gguf-lora-") as tmp:
+            save_adapter(load_adapter(gguf_file, base=checkpoint), tmp)
+            return _attach(lm, Path(tmp), gguf_file, model)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise AdapterError(f"{adapter_dir}: not a PEFT adapter directory (expected adapter_config.json)")
+        raise AdapterError(f"{adapter_dir}: not a PEFT adapter directory (expected adapter_config.json) or GGUF LoRA")
+    return _attach(lm, adapter_dir, adapter_dir, model)
+
+
+def _attach(lm: Any, adapter_dir: Path, named: Path, model: Any) -> Any:
+    """``PeftModel`` of ``lm`` with the PEFT adapter in ``adapter_dir`` (errors name the file the user gave)."""
     from peft import PeftModel
 
     try:
@@ -412,7 +425,7 @@ def load_model(
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return PeftModel.from_pretrained(lm, str(adapter_dir))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise AdapterError(f"{adapter_dir}: cannot attach the adapter to {model}: {exc}") from None
+        raise AdapterError(f"{named}: cannot attach the adapter to {model}: {exc}") from None
 
 
 def load_tokenizer(model: str | os.PathLike[str] | Any, add_bos_token: bool | None = None) -> Any:

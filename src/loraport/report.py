@@ -88,6 +88,7 @@ class TransferReport:
     cache_misses: int = 0
     output: str | None = None
     calibration: dict[str, Any] | None = None  # calibrated transfer: samples, tokens, seconds, peak memory
+    distill: dict[str, Any] | None = None  # distillation: teacher, student, held-out agreement, perplexity
 
     # -- totals -------------------------------------------------------------------------
     @property
@@ -146,6 +147,13 @@ class TransferReport:
                     f"mapped: {c['aligned_share']:.0%} of target positions aligned, layers paired by {c['depth']}, "
                     f"mean held-out R^2 of the {c['map']} maps {c['mean_map_r2']:.2f}"
                 )
+        if self.distill and "heldout" in self.distill:
+            d, held = self.distill, self.distill["heldout"]
+            lines.append(
+                f"distill: {d['student']['steps']} step(s), held-out agreement {held['start']['agreement']:.3f} -> "
+                f"{held['distilled']['agreement']:.3f} (written: {d['chosen']}), generic perplexity "
+                f"{d['generic']['perplexity_change']:+.1%}, {d['seconds']:.1f} s, peak RSS {d['peak_rss_mb']} MB"
+            )
         for note in self.notes:
             if note.startswith("WARNING"):
                 lines.append(note)
@@ -173,6 +181,8 @@ class TransferReport:
         }
         if self.calibration is not None:
             data["calibration"] = self.calibration
+        if self.distill is not None:
+            data["distill"] = self.distill
         return finite_json(data)
 
     def to_json(self) -> str:

@@ -89,7 +89,8 @@ def inspect_adapter(
 ) -> list[ModuleStructure]:
     """Structure of every module of ``adapter``; with ``base``, its share in the base subspaces.
 
-    ``adapter`` may also be an image-model LoRA (kohya or diffusers file, per-component PEFT
+    ``adapter`` may be a PEFT directory or a GGUF LoRA file (a llama one written by llama.cpp's
+    converter needs ``base`` for its head counts); also an image-model LoRA (kohya or diffusers file, per-component PEFT
     directories); with ``base`` (a Stable Diffusion folder or single file) its kohya names
     are resolved, conv modules measured in their flattened ``(out, in * kh * kw)`` form.
     """
@@ -149,10 +150,11 @@ def _adapter_and_base(
                 return sd.components[component], f"{module}.weight", False
 
             return lora, diffusion_weight
-        adapter = load_adapter(adapter, drop_unsupported=True)
-    if base is None:
+    ckpt = Checkpoint.open(base) if base is not None else None
+    if not isinstance(adapter, LoraAdapter):
+        adapter = load_adapter(adapter, drop_unsupported=True, base=ckpt)
+    if ckpt is None:
         return adapter, None
-    ckpt = Checkpoint.open(base)
     shapes = None if ckpt.model_type else {k: ckpt.shape(k) for k in ckpt.keys()}
     arch = architecture_for(ckpt.config, shapes)
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters import CONFIG_NAME, load_adapter
+from ..adapters import CONFIG_NAME, GGUF_LORA_NAME, load_adapter
 from ..calibrate import CALIBRATED
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
@@ -55,9 +55,11 @@ def _digest(stamps: list[str]) -> str:
 
 
 def adapter_fingerprint(path: str | os.PathLike[str]) -> str:
-    """Changes whenever a file of the adapter directory may have changed (path, size, mtime)."""
+    """Changes whenever a file of the adapter (a directory's files, or one GGUF file) may have changed (path, size,
+    mtime)."""
     root = Path(path)
-    return _digest([_stamp(p) for p in sorted(root.iterdir()) if p.is_file()])
+    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
+    return _digest([_stamp(p) for p in files])
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
@@ -102,7 +104,7 @@ def job_state(job: Job, record: dict[str, Any]) -> str:
         previous = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return "stale"
-    complete = (out / REPORT_NAME).is_file() and (out / CONFIG_NAME).is_file()
+    complete = (out / REPORT_NAME).is_file() and ((out / CONFIG_NAME).is_file() or (out / GGUF_LORA_NAME).is_file())
     return "done" if complete and previous == record else "stale"
 
 
@@ -176,7 +178,12 @@ def plan_batch(jobs: list[Job], cache_dir: str | os.PathLike[str], overwrite: bo
         for job in jobs:
             try:
                 src, tgt = open_base(job.source_base), open_base(job.target_base)
-                record = job_record(job, src, tgt) if Path(job.adapter).is_dir() else {}
+                if job.out.endswith(".gguf"):
+                    raise LoraportError(
+                        f"out {job.out}: a batch writes each job into a directory (with its record); "
+                        "set out_format: gguf for a GGUF LoRA there"
+                    )
+                record = job_record(job, src, tgt) if Path(job.adapter).exists() else {}
                 state = job_state(job, record) if record else "new"
                 if state == "done":
                     plan.done.append(job)
@@ -186,7 +193,7 @@ def plan_batch(jobs: list[Job], cache_dir: str | os.PathLike[str], overwrite: bo
                         f"{job.out} exists and was not written by loraport batch (pass --overwrite to replace it)"
                     )
                 options = job.options
-                adapter = load_adapter(job.adapter, drop_unsupported=options.drop_unsupported)
+                adapter = load_adapter(job.adapter, drop_unsupported=options.drop_unsupported, base=src)
                 pairing = Pairing(adapter, src, tgt, options.layer_map)
                 _, requests = plan_units(pairing.units, port_method(options), options)
             except (LoraportError, OSError) as exc:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import LoraAdapter
+from ..errors import LoraportError
 from ..pairing import Pairing
 from ..report import TransferReport
 from .mapped import MappedCalibrator
@@ -63,6 +64,27 @@ def weight_drift(pairing: Pairing) -> float | None:
         W_t = pairing.tgt.get(unit.target.key, unit.target.rows).double()
         drifts.append(float(torch.linalg.matrix_norm(W_t - W_s) / torch.linalg.matrix_norm(W_s).clamp(min=1e-30)))
     return sorted(drifts)[len(drifts) // 2]
+
+
+def unrelated_reason(pairing: Pairing) -> str | None:
+    """Why the target looks unrelated to the source (another family), or ``None`` when it looks related.
+
+    Unrelated: another tokenizer, no paired module of the same shape (other widths), or weights
+    that differ by more than ``MAX_SHARED_DRIFT`` (independently trained). Bases without a
+    tokenizer are judged by their weights alone.
+    """
+    try:
+        tokenizer_s, tokenizer_t = base_tokenizers(pairing.src, pairing.tgt)
+    except LoraportError:
+        tokenizer_s = tokenizer_t = None
+    if tokenizer_s is not None and not same_vocabulary(tokenizer_s, tokenizer_t):
+        return "the target has another tokenizer"
+    drift = weight_drift(pairing)
+    if drift is None:
+        return "no module of the target has its source module's shape"
+    if drift > MAX_SHARED_DRIFT:
+        return f"the bases' weights differ by {drift:.0%}: independently trained"
+    return None
 
 
 def choose_mode(options: CalibrationOptions, pairing: Pairing) -> tuple[str, list[str]]:
@@ -130,4 +152,5 @@ __all__ = [
     "read_calibration_lines",
     "shared_tokenizer",
     "tokenize_calibration",
+    "unrelated_reason",
 ]

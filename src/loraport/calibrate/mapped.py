@@ -30,7 +30,11 @@ module by module. What is carried over is its *effect on the residual stream*:
    output ``z``; the norm's rescaling term is neglected and corrected by later stages).
    The q/k/v/gate/up adapters' effects arrive through the writers of their layer.
 6. **No harm.** Each writer's port is fitted without each calibration fold and scored on it;
-   it is kept only when it brings the student closer to ``D_t`` than leaving it out.
+   it is kept only when it brings the student closer to ``D_t`` than leaving it out. Then, where
+   harm shows: on calibration lines held out from the fit, the port must change the target's
+   next-token predictions as the adapter changes the source's (:mod:`~loraport.calibrate.effect`);
+   the layers whose writers move them away are left out, and everything when even the rest does
+   no better than nothing (the report says to use ``distill``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, LoraModule
+from ..alignment import token_texts
 from ..architectures import relative_layer_map
 from ..errors import TransferError
 from ..lowrank import frobenius_norm
@@ -62,6 +67,7 @@ from ..pairing import Pairing, Side, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
 from ..streaming import Chunk, Stream, StreamedModel
 from .accumulate import GRAM_DTYPE, add_product
+from .effect import leave_out_harm
 from .maps import MapMoments, OutputAnchor, centered_gram, fit_map, linear_cka, map_r2, monotone_pairing
 from .options import CalibrationOptions
 from .shared import Part, adapter_deltas
@@ -72,6 +78,7 @@ log = logging.getLogger(__name__)
 WRITER_ROLES = {"o,down": ("attn.o", "mlp.down"), "down": ("mlp.down",)}
 CKA_POSITIONS = 1024  # aligned positions used to pair depths
 UNRELATED_R2 = 0.3  # mean held-out R^2 of the maps below which the models are called unrelated
+MIN_CHECK_LINES, MAX_CHECK_LINES = 10, 64  # calibration lines held out to judge the port's effect
 F64 = torch.float64
 
 
@@ -158,11 +165,6 @@ class _WriterMoments:
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_norm")
 
 
-def _token_text(token: str) -> str:
-    """A vocabulary entry as text: byte-level BPE's ``Ġ``/``Ċ`` and sentencepiece's ``▁`` as space / newline."""
-    return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n")
-
-
 @dataclass
 class _Readout:
     """How a model reads out tokens: its output-head tensor, the final norm's gain, its vocabulary."""
@@ -214,7 +216,7 @@ def output_readout(ckpt: Any, tokenizer: Any, device: torch.device) -> _Readout:
         probe[:, 1::2] = -1
         with torch.no_grad():
             gain = (norm(probe) - norm(-probe))[0] / (2 * probe[0])
-    vocab = {_token_text(token): index for token, index in tokenizer.get_vocab().items() if index < vocab_rows}
+    vocab = token_texts(tokenizer, vocab_rows)
     return _Readout(ckpt, key, gain, vocab)
 
 
@@ -249,6 +251,9 @@ class MappedCalibrator:
         self.roles = WRITER_ROLES[options.writers]
         self.rank = options.rank or max(m.rank for m in adapter.modules.values())
         self.anchor: OutputAnchor | None = None
+        self.check_samples: list[AlignedSample] = []
+        self.tokenizers: tuple[Any, Any] = (None, None)
+        self.effect: dict[str, Any] | None = None
         first = next(iter(adapter.modules.values()))
         self.alpha, self.use_rslora = first.alpha, first.use_rslora
         for role in self.roles:
@@ -268,6 +273,10 @@ class MappedCalibrator:
         aligned, share = align_calibration(
             samples, tokenizer_s, tokenizer_t, options.samples, options.max_tokens, name, options.min_aligned
         )
+        self.tokenizers = (tokenizer_s, tokenizer_t)
+        if options.no_harm and len(aligned) >= MIN_CHECK_LINES:  # held out from the fit, to judge its effect
+            held = max(MIN_CHECK_LINES // 2, min(MAX_CHECK_LINES, len(aligned) // 5))
+            aligned, self.check_samples = aligned[:-held], aligned[-held:]
         pad_s = tokenizer_s.pad_token_id if tokenizer_s.pad_token_id is not None else 0
         pad_t = tokenizer_t.pad_token_id if tokenizer_t.pad_token_id is not None else 0
         return make_paired_chunks(aligned, pad_s, pad_t, options.batch_size, self.folds), share, name
@@ -353,8 +362,21 @@ class MappedCalibrator:
             student.advance(layer)
             student.model.release_layer(t)
             del desired
+        del source_base, teacher, target_base, student
+        if self.check_samples:
+            results = self._effect_check(results)
         self._summarise(layers, share, name, chunks, started)
         return results
+
+    def _effect_check(self, results: list[Part]) -> list[Part]:
+        """Leave out the layers whose writers do harm on held-out text (:func:`.effect.leave_out_harm`)."""
+        kept, self.effect, warning = leave_out_harm(
+            self.pairing, self.adapter, results, self.check_samples, self.tokenizers, self.device
+        )
+        if warning:
+            self.report.notes.append(warning)
+            log.warning(warning)
+        return kept
 
     def _fit_map(self, chunks: list[PairedChunk], source: Stream, target: Stream, t: int) -> tuple[torch.Tensor, float]:
         """The map from the source's to the target's current states, and its mean held-out ``R^2`` over folds."""
@@ -525,6 +547,7 @@ class MappedCalibrator:
             "map": self.options.map,
             "layers": layers,
             "mean_map_r2": mean_r2,
+            "effect_check": self.effect,
             "seconds": time.perf_counter() - started,
             "peak_rss_mb": peak_rss_mb(),
         }

@@ -35,8 +35,9 @@ class CalibrationOptions:
         samples / max_tokens: the first ``samples`` non-empty lines, ``max_tokens`` tokens each.
         ridge: relative ridge weight toward the start point (``lam' = lam * mean input energy``),
             or ``"auto"`` (per module, by held-out fit).
-        init: the start point's method (``auto``: the copy where shapes match, ``prolora`` where
-            they differ; ``zero``). Shared-coordinates mode only.
+        init: the start point's method (``auto``: the copy where shapes match; where they differ
+            ``prolora`` for ``calibrated``, the target itself for ``distill``; ``zero``).
+            Shared-coordinates mode only (``calibrated``).
         truncation: ``rrr`` (reduced-rank ridge, default) or ``svd``.
         output_weight: ``beta``: 1 matches each module's whole output, 0 only the adapter's
             contribution. Shared-coordinates mode only.
@@ -70,7 +71,11 @@ class CalibrationOptions:
     TITLE: ClassVar[str] = "calibrated transfer (--method calibrated)"
 
     text: str | os.PathLike[str] | Sequence[str] | None = option(
-        None, name="calibration", flag="calibration", metavar="FILE", help="unlabeled text, one sample per line"
+        None,
+        name="calibration",
+        flag="calibration",
+        metavar="FILE",
+        help="unlabeled text, one sample per line (distill: optional generic text whose predictions the target keeps)",
     )
     samples: int = option(
         DEFAULT_SAMPLES,
@@ -96,7 +101,12 @@ class CalibrationOptions:
         help=f"ridge weight toward the init, in units of the mean input energy, or 'auto' (default {DEFAULT_RIDGE})",
     )
     init: str = option(
-        DEFAULT_INIT, name="init", flag="init", choices=INITS, help=f"start point's method (default {DEFAULT_INIT})"
+        DEFAULT_INIT,
+        name="init",
+        flag="init",
+        choices=INITS,
+        help=f"start point's method, for calibrated and distill (default {DEFAULT_INIT}: the copy where shapes match; "
+        "elsewhere prolora for calibrated, the target itself for distill)",
     )
     truncation: str = option("rrr", name="calib_truncation")
     output_weight: float = option(
@@ -219,6 +229,15 @@ class CalibrationOptions:
         if not 0 <= self.min_aligned <= 1:
             raise TransferError(f"min_aligned must be in [0, 1], got {self.min_aligned}")
         read_calibration_lines(self.text)
+
+    def validate_for_distill(self) -> None:
+        """What ``distill`` reads from this group: ``init`` and, if given, the generic text (``--calibration``)."""
+        from .text import read_calibration_lines
+
+        if self.init not in INITS:
+            raise TransferError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.text is not None:
+            read_calibration_lines(self.text)
 
 
 # ``transfer()`` keyword names (underscored, as ``transfer(**overrides)`` spells them) -> CalibrationOptions fields.

@@ -1,8 +1,7 @@
 """Calibration text: reading it, tokenizing it, and aligning two tokenizers' positions.
 
-Two models with different tokenizers see the same text as different token sequences. A
-source position and a target position are *aligned* when their tokens' character spans end
-at the same offset (word ends, punctuation), read from the fast tokenizers' offset mappings;
+Two models with different tokenizers see the same text as different token sequences; the
+positions whose tokens end at the same character are aligned (:mod:`loraport.alignment`);
 statistics are accumulated over aligned positions only. With one tokenizer every position
 aligns with itself.
 """
@@ -11,10 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..alignment import AlignedSample, align_sample
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
 
@@ -113,53 +112,6 @@ def shared_tokenizer(src: Checkpoint, tgt: Checkpoint, purpose: str = "calibrate
 def same_vocabulary(tokenizer_s: Any, tokenizer_t: Any) -> bool:
     """Whether two tokenizers map every token string to the same id."""
     return tokenizer_s is tokenizer_t or tokenizer_s.get_vocab() == tokenizer_t.get_vocab()
-
-
-@dataclass
-class AlignedSample:
-    """One calibration sample tokenized by both models, with its aligned positions.
-
-    ``source_ids`` / ``target_ids``: token ids; ``pairs``: ``(i_s, i_t)`` position pairs whose
-    tokens end at the same character; ``target_tokens``: positions of the target's non-special
-    tokens (the denominator of the aligned share).
-    """
-
-    source_ids: list[int]
-    target_ids: list[int]
-    pairs: list[tuple[int, int]]
-    target_tokens: int
-    source_tokens: int
-
-
-def _ends(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[int], list[int | None]]:
-    """Token ids and, per position, the character offset where the token ends (``None``: special token)."""
-    encoded = tokenizer(text, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    ends: list[int | None] = []
-    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for token_id, (start, end) in zip(ids, encoded["offset_mapping"], strict=True):
-        ends.append(None if (token_id in specials and start == end) or end <= 0 else int(end))
-    return ids, ends
-
-
-def align_sample(text: str, tokenizer_s: Any, tokenizer_t: Any, max_tokens: int) -> AlignedSample:
-    """Tokenize ``text`` with both tokenizers and pair the positions whose tokens end at the same character.
-
-    When several tokens end at one character (a byte-level BPE splitting a multi-byte
-    character), the last of them represents it on each side.
-    """
-    ids_s, ends_s = _ends(tokenizer_s, text, max_tokens)
-    ids_t, ends_t = _ends(tokenizer_t, text, max_tokens)
-    last_s: dict[int, int] = {}
-    for i, end in enumerate(ends_s):
-        if end is not None:
-            last_s[end] = i
-    last_t: dict[int, int] = {}
-    for i, end in enumerate(ends_t):
-        if end is not None:
-            last_t[end] = i
-    pairs = sorted((last_s[end], i_t) for end, i_t in last_t.items() if end in last_s)
-    return AlignedSample(ids_s, ids_t, pairs, len(last_t), len(last_s))
 
 
 def align_calibration(

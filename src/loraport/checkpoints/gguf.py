@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +71,16 @@ class TensorInfo:
 
 @dataclass
 class GGUFHeader:
-    """Metadata (arrays longer than ``_MAX_ARRAY`` are recorded by length only) and tensor table."""
+    """Metadata (arrays longer than ``_MAX_ARRAY`` are recorded by length only) and tensor table.
+
+    ``value_types``: the GGUF value type of each metadata key (``gguf.GGUFValueType``).
+    """
 
     version: int
     metadata: dict[str, Any]
     skipped_arrays: dict[str, int]
     tensors: dict[str, TensorInfo]
+    value_types: dict[str, int] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -156,9 +160,11 @@ def read_header(path: Path) -> GGUFHeader:
             n_tensors, n_kv = cursor.take("<Q"), cursor.take("<Q")
             metadata: dict[str, Any] = {}
             skipped: dict[str, int] = {}
+            value_types: dict[str, int] = {}
             for _ in range(n_kv):
                 key = cursor.string()
-                metadata[key] = cursor.value(cursor.take("<I"), key, skipped)
+                value_types[key] = cursor.take("<I")
+                metadata[key] = cursor.value(value_types[key], key, skipped)
             raw: list[tuple[str, tuple[int, ...], int, int]] = []
             for _ in range(n_tensors):
                 name = cursor.string()
@@ -185,7 +191,7 @@ def read_header(path: Path) -> GGUFHeader:
                 f"of a {size}-byte file)"
             )
         tensors[name] = TensorInfo(name, shape, ggml_type, begin, nbytes)
-    return GGUFHeader(version, metadata, skipped, tensors)
+    return GGUFHeader(version, metadata, skipped, tensors, value_types)
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -261,8 +267,8 @@ def transformers_config_dict(header: GGUFHeader) -> dict[str, Any]:
     for special in ("bos", "eos", "unknown", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{special}_token_id")
         if isinstance(token_id, int):
-            field = {"unknown": "unk", "padding": "pad"}.get(special, special)
-            values[f"{field}_token_id"] = token_id
+            prefix_name = {"unknown": "unk", "padding": "pad"}.get(special, special)
+            values[f"{prefix_name}_token_id"] = token_id
     if model_type == "gemma3":
         model_type = "gemma3_text"
     if isinstance(name, str):
@@ -272,6 +278,114 @@ def transformers_config_dict(header: GGUFHeader) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(f"cannot build a {model_type} config from the GGUF metadata ({exc})") from None
     return config.to_dict()
+
+
+# -- what the reader does to names and tensors (shared with the GGUF LoRA reader and writer) --
+
+
+def transformers_config(config: dict[str, Any]) -> Any:
+    """The ``transformers`` config object of a config dict (``model_type`` picks the class)."""
+    from transformers import AutoConfig
+
+    values = dict(config)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def tensor_processor(architecture: str, config: dict[str, Any]) -> Any:
+    """``transformers``' tensor processor for a GGUF architecture (the llama q/k permutation, gemma norms, ...)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+
+
+def gguf_to_hf_names(architecture: str, config: dict[str, Any], processor: Any) -> dict[str, str]:
+    """GGUF tensor name -> ``transformers`` parameter name, from ``gguf``'s tensor-name table.
+
+    The mapping rule of ``transformers``' ``get_gguf_hf_weights_map`` (each parameter's
+    name without ``.weight`` / ``.bias`` looked up in the table; a name not found is tried
+    again without its leading components, which is what its recursion over submodules
+    does), with the table built once: that function rebuilds it for every submodule, 794
+    times for SmolLM2 (26 s here). The parameter names are those of the model class of
+    ``config``, built on the ``meta`` device.
+
+    Raises:
+        CheckpointError: ``gguf`` has no tensor-name table for ``architecture``.
+    """
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
+    if arch is None:
+        raise CheckpointError(f"the gguf package has no tensor-name table for architecture {architecture!r}")
+    table = gguf.get_tensor_name_map(arch, int(config.get("num_hidden_layers") or 0))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(transformers_config(config), trust_remote_code=False)
+    mapping: dict[str, str] = {}
+    for hf_name in model.state_dict():
+        name = processor.preprocess_name(hf_name)
+        stem, suffix = name, ""
+        if name.endswith((".weight", ".bias")):
+            stem, _, last = name.rpartition(".")
+            suffix = "." + last
+        parts = stem.split(".")
+        for start in range(len(parts)):
+            gguf_stem = table.get_name(".".join(parts[start:]))
+            if gguf_stem is not None:
+                mapping.setdefault(gguf_stem + suffix, hf_name)
+                break
+    return mapping
+
+
+def stored_row_order(processor: Any, gguf_name: str, rows: int) -> np.ndarray | None:
+    """How the reader reorders the rows of a stored matrix: ``p`` with ``read = stored[p]``, or ``None`` if it does not.
+
+    Found by running ``processor`` (what :meth:`GGUFCheckpoint.get` applies) on a ``(rows, 2)``
+    matrix of distinct numbers: for llama's ``attn_q`` / ``attn_k`` it is the inverse of
+    llama.cpp's rotary-half permutation. A transpose (GPT-2 stores ``Conv1D`` weights
+    transposed; readers of LoRA factors, which are in ``Linear`` layout, need no change) is
+    also ``None``.
+
+    Raises:
+        ValueError: the processor does something to this tensor that is neither a row
+            permutation nor a transpose (the message says what).
+    """
+    stored = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
+    try:
+        read = np.asarray(processor.process(weights=stored, name=gguf_name, parsed_parameters={"tensors": {}}).weights)
+    except Exception as exc:
+        what = type(processor).__name__
+        raise ValueError(f"{what} cannot process {gguf_name} as a matrix of {rows} rows ({exc})") from None
+    if read.shape == stored.shape[::-1] and np.array_equal(read, stored.T):
+        return None
+    order = (read[:, 0] // 2).astype(np.int64) if read.shape == stored.shape else None
+    if order is None or not np.array_equal(read, stored[order]):
+        raise ValueError(f"{type(processor).__name__} changes {gguf_name} in a way that is not a row permutation")
+    return None if np.array_equal(order, np.arange(rows)) else order
+
+
+def read_tensor(fd: int, info: TensorInfo, file: Path) -> np.ndarray:
+    """One tensor as stored (numpy order), dequantized to float32.
+
+    Raises:
+        CheckpointError: an unknown or undequantizable ggml type, or a read error (naming the file and tensor).
+    """
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    try:
+        qtype = gguf.GGMLQuantizationType(info.ggml_type)
+    except ValueError:
+        raise CheckpointError(f"{file}: tensor {info.name} has unknown ggml type {info.ggml_type}") from None
+    try:
+        data = read_bytes(fd, info.offset, info.nbytes).numpy()
+        values = gguf.quants.dequantize(data.reshape(quant_shape_to_byte_shape(info.shape, qtype)), qtype)
+    except NotImplementedError:
+        raise CheckpointError(
+            f"{file}: tensor {info.name} is stored as {qtype.name}, which the gguf package cannot dequantize"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read tensor {info.name} ({exc})") from None
+    return np.asarray(values, dtype=np.float32).reshape(info.shape)
 
 
 # -- the checkpoint --------------------------------------------------------------------------
@@ -288,6 +402,7 @@ class GGUFCheckpoint(Checkpoint):
         file: the GGUF file; ``root`` is its directory.
         header: the parsed header (metadata and tensor table).
         gguf_names: Hugging Face tensor name -> GGUF tensor name.
+        processor: ``transformers``' tensor processor that :meth:`get` applies (:func:`tensor_processor`).
     """
 
     def __init__(self, path: Path, name: str | None = None) -> None:
@@ -295,7 +410,7 @@ class GGUFCheckpoint(Checkpoint):
         self.header = read_header(self.file)
         self._config_obj: Any = None
         super().__init__(self.file.parent, name if name is not None else str(path))
-        self._processor = self._tensor_processor()
+        self.processor = tensor_processor(self.architecture, self.config)
         self._shapes: dict[str, tuple[int, ...]] = {}
 
     # -- metadata -----------------------------------------------------------------------
@@ -317,59 +432,24 @@ class GGUFCheckpoint(Checkpoint):
         return dict.fromkeys(self.gguf_names, self.file)
 
     def _gguf_to_hf_names(self) -> dict[str, str]:
-        """GGUF tensor name -> ``transformers`` parameter name, from ``gguf``'s tensor-name table.
-
-        The mapping rule of ``transformers``' ``get_gguf_hf_weights_map`` (each parameter's
-        name without ``.weight`` / ``.bias`` looked up in the table; a name not found is tried
-        again without its leading components, which is what its recursion over submodules
-        does), with the table built once: that function rebuilds it for every submodule, 794
-        times for SmolLM2 (26 s here).
-        """
-        import gguf
-
-        architecture = self.header.metadata["general.architecture"]
-        arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
-        if arch is None:
-            raise CheckpointError(f"{self.file}: the gguf package has no tensor-name table for {architecture!r}")
-        table = gguf.get_tensor_name_map(arch, int(self.config.get("num_hidden_layers") or 0))
-        processor = self._tensor_processor()
-        mapping: dict[str, str] = {}
-        for hf_name in self._meta_model().state_dict():
-            name = processor.preprocess_name(hf_name)
-            stem, suffix = name, ""
-            if name.endswith((".weight", ".bias")):
-                stem, _, last = name.rpartition(".")
-                suffix = "." + last
-            parts = stem.split(".")
-            for start in range(len(parts)):
-                gguf_stem = table.get_name(".".join(parts[start:]))
-                if gguf_stem is not None:
-                    mapping.setdefault(gguf_stem + suffix, hf_name)
-                    break
-        return mapping
+        """GGUF tensor name -> ``transformers`` parameter name (:func:`gguf_to_hf_names`)."""
+        try:
+            return gguf_to_hf_names(self.architecture, self.config, tensor_processor(self.architecture, self.config))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.file}: {exc}") from None
 
     def _file_keys(self, path: Path) -> list[str]:
         return list(self.gguf_names)
 
+    @property
+    def architecture(self) -> str:
+        """``general.architecture`` of the file (``llama``, ``qwen2``, ``gemma3``, ...)."""
+        return str(self.header.metadata["general.architecture"])
+
     def transformers_config(self) -> Any:
         if self._config_obj is None:
-            from transformers import AutoConfig
-
-            config = dict(self.config)
-            self._config_obj = AutoConfig.for_model(config.pop("model_type"), **config)
+            self._config_obj = transformers_config(self.config)
         return self._config_obj
-
-    def _meta_model(self) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.transformers_config(), trust_remote_code=False)
-
-    def _tensor_processor(self) -> Any:
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-        architecture = self.header.metadata["general.architecture"]
-        return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.config)
 
     # -- tensors ------------------------------------------------------------------------
     def _info(self, key: str) -> TensorInfo:
@@ -380,7 +460,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def shape(self, key: str) -> tuple[int, ...]:
         info = self._info(key)
-        if type(self._processor).__name__ in _SHAPE_KEEPING:
+        if type(self.processor).__name__ in _SHAPE_KEEPING:
             return info.shape
         if key not in self._shapes:  # a processor that may transpose (gpt2): ask it
             self._shapes[key] = tuple(self.get(key).shape)
@@ -389,24 +469,9 @@ class GGUFCheckpoint(Checkpoint):
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor dequantized to float32 and processed as ``transformers`` loads it (only rows ``[start, stop)``
         if given)."""
-        import gguf
-        from gguf.quants import quant_shape_to_byte_shape
-
         info = self._info(key)
-        try:
-            qtype = gguf.GGMLQuantizationType(info.ggml_type)
-        except ValueError:
-            raise CheckpointError(f"{self.file}: tensor {info.name} has unknown ggml type {info.ggml_type}") from None
-        try:
-            data = read_bytes(self._fd(), info.offset, info.nbytes).numpy()
-            weights = gguf.quants.dequantize(data.reshape(quant_shape_to_byte_shape(info.shape, qtype)), qtype)
-        except NotImplementedError:
-            raise CheckpointError(
-                f"{self.file}: tensor {info.name} is stored as {qtype.name}, which the gguf package cannot dequantize"
-            ) from None
-        except OSError as exc:
-            raise CheckpointError(f"{self.file}: cannot read tensor {info.name} ({exc})") from None
-        weights = self._processor.process(weights=weights, name=info.name, parsed_parameters={"tensors": {}}).weights
+        weights = read_tensor(self._fd(), info, self.file)
+        weights = self.processor.process(weights=weights, name=info.name, parsed_parameters={"tensors": {}}).weights
         tensor = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
         return tensor if rows is None else tensor[rows[0] : rows[1]]
 

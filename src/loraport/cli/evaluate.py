@@ -10,7 +10,7 @@ from . import register_command
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: directory (with its tokenizer) or .gguf file")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply")
+    p.add_argument("--adapter", default=None, help="LoRA adapter to apply: PEFT directory or GGUF LoRA file")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help="ARC-format JSONL questions")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N questions")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="requests per forward pass (default 32)")

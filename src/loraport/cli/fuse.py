@@ -34,15 +34,18 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="output directory (written atomically); image-model LoRAs: a .safetensors file or a directory",
+        help="output directory (written atomically); adapters: also a .gguf file (GGUF LoRA); image-model LoRAs: "
+        "a .safetensors file or a directory",
     )
     p.add_argument(
         "--out-format",
         default=None,
-        choices=["kohya", "diffusers", "peft"],
-        help="image-model LoRAs: the output format (default: the first input's)",
+        choices=["peft", "gguf", "kohya", "diffusers"],
+        help="adapters: peft or gguf (llama.cpp --lora; needs --base, the .gguf model; default: gguf for a .gguf "
+        "--out, else the first input's format); image-model LoRAs: kohya, diffusers or peft (default: the first "
+        "input's)",
     )
-    labels = {"adapter": "PEFT adapters", "image": "image-model LoRAs", "model": "models (needs --base)"}
+    labels = {"adapter": "LLM adapters", "image": "image-model LoRAs", "model": "models (needs --base)"}
     chosen = ", ".join(f"{m} x{s:g} for {labels.get(kind, kind)}" for kind, (m, s) in DEFAULTS.items())
     p.add_argument(
         "--method",
@@ -53,7 +56,8 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base",
         default=None,
-        help="common base model C (task-vector methods; regmean on adapters: the base they were trained on)",
+        help="common base model C (task-vector methods; adapters: the base they were trained on, for regmean, "
+        "a GGUF output or GGUF inputs)",
     )
     p.add_argument(
         "--rank",
@@ -185,6 +189,7 @@ def _options(args: argparse.Namespace) -> object:
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    from ..adapters import is_gguf_lora
     from ..api import fuse, input_kind
 
     if len(args.models) < 2:
@@ -197,9 +202,11 @@ def _fuse(args: argparse.Namespace) -> int:
         raise LoraportError(
             f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
         )
-    if kinds[0] == "adapter" and args.base and args.method != "regmean":
+    gguf = args.out_format == "gguf" or args.out.endswith(".gguf") or any(is_gguf_lora(m) for m in args.models)
+    if kinds[0] == "adapter" and args.base and args.method != "regmean" and not gguf:
         raise LoraportError(
-            "--base is for model fusion (and regmean on adapters); adapters are fused on their shared base (C = 0)"
+            "--base is for model fusion (regmean on adapters, GGUF LoRAs); adapters are fused on their shared "
+            "base (C = 0)"
         )
     result = fuse(
         first,

@@ -9,7 +9,9 @@ from . import register_command
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="PEFT LoRA adapter directory, or a kohya / diffusers LoRA (.safetensors)")
+    p.add_argument(
+        "adapter", help="PEFT LoRA adapter directory, GGUF LoRA file, or a kohya / diffusers LoRA (.safetensors)"
+    )
     p.add_argument(
         "--base",
         default=None,

@@ -120,6 +120,8 @@ def transfer_diffusion(
     options.validate()
     if options.method == CALIBRATED:
         raise TransferError("calibrated transfer needs text activations of a language model; not for diffusion LoRAs")
+    if options.out_format == "gguf":
+        raise TransferError("--out-format gguf writes llama.cpp LoRAs of language models; not for diffusion LoRAs")
     if options.layer_map is not None:
         raise TransferError("--layer-map pairs decoder layers; diffusion modules are paired by name")
     src, tgt = _open(source_base), _open(target_base)

@@ -48,12 +48,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
+from ..adapters import (
+    GGUF_LORA_NAME,
+    LoraAdapter,
+    LoraModule,
+    adapter_config_for,
+    gguf_target,
+    is_gguf_file,
+    load_adapter,
+    output_format,
+    save_adapter,
+    write_gguf_lora,
+)
 from ..architectures import KNOWN, architecture_for
 from ..calibrate.shared import adapter_deltas
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
-from ..io import atomic_directory, check_output_dir
+from ..io import atomic_directory, atomic_file, check_output_dir, check_output_file
 from ..lowrank import DEFAULT_RTOL, Factors, balanced_factors, factors_from_svd, frobenius_norm
 from .core_space import core_space
 from .grams import LayerGrams
@@ -153,8 +164,8 @@ def _check_bases(bases: list[Any], names_in: list[str], options: FuseOptions) ->
         )
 
 
-def _load(adapter: AdapterRef) -> LoraAdapter:
-    return adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
+def _load(adapter: AdapterRef, base: Checkpoint | None) -> LoraAdapter:
+    return adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter, base=base)
 
 
 def _module_grams(
@@ -187,17 +198,22 @@ def fuse_adapters(
     report_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    out_format: str | None = None,
     **overrides: Any,
 ) -> FusionResult:
-    """Fuse PEFT LoRA adapters trained on the same base.
+    """Fuse LoRA adapters (PEFT or GGUF) trained on the same base.
 
     Args:
-        adapter_a, adapter_b: adapter directories or loaded adapters.
-        out: if given, the fused adapter is written there atomically.
+        adapter_a, adapter_b: adapter directories, GGUF LoRA files or loaded adapters.
+        out: if given, the fused adapter is written there atomically: a directory (the adapter
+            and the report), or a ``.gguf`` file.
         more: further adapters (``N >= 3``); ``rgsp`` takes two only.
         rank: maximum rank of each fused module (default ``sum_i r_i``).
-        base: the base model, needed by ``regmean`` only (default: A's
-            ``base_model_name_or_path`` when that resolves to a local model).
+        base: the base model, needed by ``regmean`` (default: A's ``base_model_name_or_path``
+            when that resolves to a local model) and by a GGUF output (the ``.gguf`` base: its
+            names, architecture and row order); GGUF inputs read their names from it too.
+        out_format: ``peft`` or ``gguf`` (default: ``gguf`` for an ``out`` ending in ``.gguf``,
+            else the first input's format).
         options, overrides: as for :func:`loraport.fusion.fuse` (``method="tsv"``, ...);
             ``options.rgsp.rank`` is the RGSP subspace rank, clamped to ``max(r_A, r_B)``.
 
@@ -212,9 +228,15 @@ def fuse_adapters(
         raise FusionError(f"{options.method} is defined for {info.max_models} adapters (seed 004), got {count}")
     if rank is not None and rank < 1:
         raise FusionError(f"output rank must be >= 1, got {rank}")
-    if out is not None:
+    fmt = output_format(out_format, adapter_a, out)
+    single_file = out is not None and str(out).endswith(".gguf")
+    if single_file:
+        check_output_file(out, overwrite)
+    elif out is not None:
         check_output_dir(out, overwrite)
-    adapters = [_load(x) for x in (adapter_a, adapter_b, *more)]
+    ckpt = base if isinstance(base, Checkpoint) or base is None else Checkpoint.open(base)
+    gguf_base = gguf_target(ckpt) if fmt == "gguf" else None
+    adapters = [_load(x, ckpt) for x in (adapter_a, adapter_b, *more)]
     names_in = [str(ad.path) if ad.path else f"<adapter {role_name(i)}>" for i, ad in enumerate(adapters)]
     report = FusionReport(
         method=options.method,
@@ -224,13 +246,17 @@ def fuse_adapters(
         kind="adapter",
     )
     bases = [ad.config.get("base_model_name_or_path") for ad in adapters]
-    _check_bases(bases, names_in, options)
+    # a GGUF LoRA names the base it was read with (--base), not the one it was trained on
+    _check_bases([None if ad.path and is_gguf_file(ad.path) else b for ad, b in zip(adapters, bases, strict=True)],
+                 names_in, options)  # fmt: skip
     if len(set(bases)) > 1:
         listed = ", ".join(repr(b) for b in bases)
         report.notes.append(f"adapters name different bases ({listed}); assumed to be the same model")
-    grams = _module_grams(adapters, base, options, progress) if info.calibrated else None
+    grams = _module_grams(adapters, ckpt, options, progress) if info.calibrated else None
     if grams is not None:
         report.base = grams.streams[0].model.ckpt.name
+    elif gguf_base is not None:
+        report.base = gguf_base.name
     elif base is not None:
         report.notes.append(f"base {base} ignored: {options.method} on adapters does not use one")
     use_rslora = adapters[0].use_rslora
@@ -247,9 +273,19 @@ def fuse_adapters(
     fused.config = adapter_config_for(fused, bases[0], leaves, bool(adapters[0].config.get("fan_in_fan_out", False)))
     finish_report(report, grams, started)
     written: Path | None = None
-    if out is not None:
+    provenance = {"fusion_method": options.method, "inputs": ", ".join(names_in)}
+    if out is not None and single_file:
+        assert gguf_base is not None
+        report.output = str(Path(out))
+        with atomic_file(out, overwrite=overwrite) as tmp:
+            write_gguf_lora(fused, tmp, gguf_base, provenance=provenance)
+        written = Path(out)
+    elif out is not None:
         with atomic_directory(out, overwrite=overwrite) as tmp:
-            save_adapter(fused, tmp, config=fused.config)
+            if gguf_base is not None:
+                write_gguf_lora(fused, tmp / GGUF_LORA_NAME, gguf_base, provenance=provenance)
+            else:
+                save_adapter(fused, tmp, config=fused.config)
             report.output = str(Path(out))
             report.save(tmp / ADAPTER_REPORT_NAME)
         written = Path(out)

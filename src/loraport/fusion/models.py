@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import CONFIG_NAME as ADAPTER_CONFIG
+from ..adapters import is_gguf_lora
 from ..architectures import KNOWN, architecture_for
 from ..checkpoints import Checkpoint
 from ..io import atomic_directory, check_output_dir
@@ -63,8 +64,8 @@ ModelRef = str | os.PathLike[str] | Checkpoint
 def _open(model: ModelRef, stack: ExitStack) -> Checkpoint:
     if isinstance(model, Checkpoint):
         return model
-    if (Path(model) / ADAPTER_CONFIG).exists():
-        raise FusionError(f"{model}: is a LoRA adapter directory (use fuse_adapters, or pass two adapters)")
+    if (Path(model) / ADAPTER_CONFIG).exists() or is_gguf_lora(model):
+        raise FusionError(f"{model}: is a LoRA adapter (use fuse_adapters, or pass two adapters)")
     ckpt = Checkpoint.open(model)
     stack.callback(ckpt.close)
     return ckpt

@@ -1,4 +1,5 @@
-"""Port a language-model LoRA (PEFT) between causal-LM bases: pair by role, run the port core, write PEFT.
+"""Port a language-model LoRA (PEFT or GGUF) between causal-LM bases: pair by role, run the port core, write
+PEFT or GGUF.
 
 Base weights are read one tensor at a time (the next ones are read in a background thread
 while the current one is decomposed), decomposed once, and cached on disk; only subspaces
@@ -9,15 +10,28 @@ between the two models' hidden states (``mapped``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from ..adapters import LoraAdapter, LoraModule, adapter_config_for, load_adapter, save_adapter
-from ..calibrate import CALIBRATED, MappedCalibrator, calibrate, choose_mode
+from ..adapters import (
+    GGUF_LORA_NAME,
+    LoraAdapter,
+    LoraModule,
+    adapter_config_for,
+    gguf_target,
+    load_adapter,
+    output_format,
+    save_adapter,
+    write_gguf_lora,
+)
+from ..calibrate import CALIBRATED, MappedCalibrator, calibrate, choose_mode, unrelated_reason
 from ..checkpoints import Checkpoint
+from ..distill import DISTILL, Distiller
 from ..errors import TransferError
-from ..io import check_output_dir
+from ..io import atomic_file, check_output_dir, check_output_file
 from ..pairing import Pairing
 from ..port import (
     TransferOptions,
@@ -30,6 +44,8 @@ from ..port import (
     port_units,
     write_port_dir,
 )
+
+log = logging.getLogger(__name__)
 
 
 def transfer_llm(
@@ -44,24 +60,35 @@ def transfer_llm(
     started: float | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> TransferResult:
-    """Port a PEFT LoRA adapter between language models (what :func:`loraport.transfer` calls for one).
+    """Port a PEFT or GGUF LoRA between language models (what :func:`loraport.transfer` calls for one).
 
-    Arguments as for :func:`loraport.transfer`; ``options`` are validated by the caller.
+    Arguments as for :func:`loraport.transfer`; ``options`` are validated by the caller. The
+    output format is ``options.out_format``, else ``gguf`` for an ``out`` ending in ``.gguf``,
+    else the input's; a GGUF output needs a GGUF target base (its names, architecture and row
+    order) and is one file (``out`` ending in ``.gguf``) or a directory holding
+    ``adapter.gguf`` and the report.
     """
     started = time.perf_counter() if started is None else started
-    if options.out_format not in (None, "peft"):
-        raise TransferError(f"--out-format {options.out_format} is for image-model LoRAs; LLM adapters are PEFT")
-    if out is not None:
+    fmt = output_format(options.out_format, adapter, out)
+    single_file = out is not None and str(out).endswith(".gguf")
+    if single_file:
+        if extra_files:
+            raise TransferError(f"{out}: extra files need a directory --out, not a .gguf file")
+        check_output_file(out, overwrite)
+    elif out is not None:
         check_output_dir(out, overwrite)
-    if not isinstance(adapter, LoraAdapter):
-        adapter = load_adapter(adapter, drop_unsupported=options.drop_unsupported)
     src = source_base if isinstance(source_base, Checkpoint) else Checkpoint.open(source_base)
     tgt = target_base if isinstance(target_base, Checkpoint) else Checkpoint.open(target_base)
+    gguf_base = gguf_target(tgt) if fmt == "gguf" else None
+    if not isinstance(adapter, LoraAdapter):
+        adapter = load_adapter(adapter, drop_unsupported=options.drop_unsupported, base=src)
+    pairing = Pairing(adapter, src, tgt, options.layer_map)
+    options, auto_notes = _auto_method(options, pairing)
     calibrated = options.method == CALIBRATED
     method = port_method(options)
-    pairing = Pairing(adapter, src, tgt, options.layer_map)
 
     report = new_report(options, src.name, tgt.name, adapter)
+    report.notes += auto_notes
     report.layer_map = pairing.layer_map
     report.notes += pairing.arch_s.notes + pairing.arch_t.notes
 
@@ -80,7 +107,17 @@ def transfer_llm(
         parts = port_units(pairing.units, method, options, report, progress)
         if calibrated:
             parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
-    report.records += pairing.unpaired
+        elif options.method == DISTILL:
+            distiller = Distiller(
+                pairing, adapter, options.distill, options.calibrated, report, progress, options.device
+            )
+            if options.calibrated.init == "zero":  # the start is the target itself (the units only name modules)
+                parts = []
+            elif options.calibrated.init == "auto":  # the copy where shapes match; elsewhere the target itself
+                parts = [part for part in parts if part[0].source.shape == part[0].target.shape]
+            parts = distiller.run(parts, assemble_modules(parts))
+    if mode != "mapped":  # mapped carries every source layer's effect through the residual stream
+        report.records += pairing.unpaired
 
     modules = assemble_modules(parts)
     target_adapter = LoraAdapter(modules=modules, config=dict(adapter.config), dtype=adapter.dtype)
@@ -90,12 +127,52 @@ def transfer_llm(
     )
     target_adapter.config = config
     written: Path | None = None
-    if out is not None:
+    if out is not None and gguf_base is not None:
+        provenance = _provenance(src, tgt, options)
+        if single_file:
+            report.output = str(out)
+            with atomic_file(out, overwrite=overwrite) as tmp:
+                write_gguf_lora(target_adapter, tmp, gguf_base, provenance=provenance)
+            written = Path(out)
+        else:
+
+            def write(tmp: Path) -> None:
+                write_gguf_lora(target_adapter, tmp / GGUF_LORA_NAME, gguf_base, provenance=provenance)
+
+            written = write_port_dir(out, overwrite, report, write, extra_files)
+    elif out is not None:
         written = write_port_dir(
             out, overwrite, report, lambda tmp: save_adapter(target_adapter, tmp, config=config), extra_files
         )
     finish_report(report, started, report_path)
     return TransferResult(target_adapter, report, written)
+
+
+def _auto_method(options: TransferOptions, pairing: Pairing) -> tuple[TransferOptions, list[str]]:
+    """``auto`` on a target unrelated to the source: ``distill`` when prompts are given, else a loud warning."""
+    if options.method != "auto":
+        return options, []
+    reason = unrelated_reason(pairing)
+    if reason is None:
+        return options, []
+    if options.distill.prompts is not None:
+        options = replace(options, method=DISTILL)
+        options.validate()
+        return options, [f"auto: {reason}, so the port is distilled (the only method that carries an adapter across "
+                         "model families) from the given --prompts"]  # fmt: skip
+    warning = (
+        f"WARNING: {reason}: closed-form ports carry little across model families (at most 9% of the gain from "
+        "SmolLM2 to Gemma-3 in our measurements); only --method distill carries an adapter there: pass --prompts FILE "
+        "(the task's inputs, no labels), e.g. loraport transfer ... --method distill --prompts inputs.jsonl"
+    )
+    log.warning(warning)
+    return options, [warning]
+
+
+def _provenance(src: Checkpoint, tgt: Checkpoint, options: TransferOptions) -> dict[str, str]:
+    from ..version import __version__
+
+    return {"version": __version__, "method": options.method, "source_base": src.name, "target_base": tgt.name}
 
 
 def _target_modules_field(modules: dict[str, LoraModule], pairing: Pairing) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 
 from ..architectures import parse_layer_map
 from ..calibrate import CALIBRATED, FLAG_FIELDS, CalibrationOptions
+from ..distill.options import DISTILL, DISTILL_FIELDS, DistillOptions
 from ..errors import LoraportError, TransferError
 from ..methods import METHODS, get_method
 from ..option_fields import OptionSpec, declared, default_of, option
@@ -30,7 +31,7 @@ DEFAULT_METHOD = "auto"
 DEFAULT_SUBSPACE_RANK = 64
 SIMILARITY_MODES = ("min", "mean", "U", "V")
 THRESHOLD_ON = ("raw", "above_chance")
-OUT_FORMATS = ("kohya", "diffusers", "peft")
+OUT_FORMATS = ("kohya", "diffusers", "peft", "gguf")
 
 # Help-section titles of the shared options' concerns (a method group has its own title).
 GROUP_TITLES = {"subspace": "subspaces", "threshold": "thresholds", "output": "output"}
@@ -38,7 +39,7 @@ GROUP_TITLES = {"subspace": "subspaces", "threshold": "thresholds", "output": "o
 
 def method_names() -> tuple[str, ...]:
     """Every ``--method`` choice: the per-module methods and the methods with their own group."""
-    return tuple(sorted([*METHODS, CALIBRATED]))
+    return tuple(sorted([*METHODS, CALIBRATED, DISTILL]))
 
 
 def parse_thresholds(text: str | None) -> dict[str, float]:
@@ -85,8 +86,14 @@ class TransferOptions:
             (:class:`~loraport.calibrate.CalibrationOptions`: text, samples, ridge, init, mode, ...).
             :func:`loraport.transfer` also takes them flat, spelled like the command-line flags
             (``calibration=``, ``calib_rank=``, ``ridge=``, ...; :data:`~loraport.calibrate.FLAG_FIELDS`).
-        out_format: image-model LoRAs only: ``kohya``, ``diffusers`` or ``peft`` (one PEFT
-            directory per component); ``None`` (default) writes the input's format.
+            ``distill`` uses its text (generic text) and ``init`` too.
+        distill: the settings of ``method="distill"`` (:class:`~loraport.distill.DistillOptions`:
+            prompts, synthesize, rank, steps, time, ...), also taken flat (``prompts=``,
+            ``distill_rank=``, ...; :data:`~loraport.distill.DISTILL_FIELDS`).
+        out_format: language-model LoRAs: ``peft`` or ``gguf`` (a GGUF LoRA for llama.cpp; needs a
+            GGUF target base); image-model LoRAs: ``kohya``, ``diffusers`` or ``peft`` (one PEFT
+            directory per component); ``None`` (default) writes the input's format (language
+            models: ``gguf`` for an ``out`` ending in ``.gguf``).
     """
 
     method: str = option(
@@ -165,19 +172,25 @@ class TransferOptions:
     )
     report_similarity: bool | None = option(None, group="subspace")
     calibrated: CalibrationOptions = field(default_factory=CalibrationOptions)
+    distill: DistillOptions = field(default_factory=DistillOptions)
     out_format: str | None = option(
         None,
         flag="out_format",
         group="output",
         choices=OUT_FORMATS,
-        help="image-model LoRAs: output format (default: the input's; peft = one PEFT directory per component)",
+        help="output format (default: the input's; gguf when --out ends in .gguf). Language models: peft or "
+        "gguf (llama.cpp --lora, Ollama ADAPTER; needs a .gguf target base); image models: kohya, diffusers or "
+        "peft (one PEFT directory per component)",
     )
 
     def validate(self) -> None:
         if self.method == CALIBRATED:
             self.calibrated.validate()
+        if self.method == DISTILL:
+            self.distill.validate()
+            self.calibrated.validate_for_distill()
         try:
-            get_method(self.init_method if self.method == CALIBRATED else self.method)
+            get_method(self.init_method if self.method in (CALIBRATED, DISTILL) else self.method)
             if self.fallback != "skip":
                 fallback = get_method(self.fallback)
                 if fallback.name == self.method:
@@ -193,19 +206,21 @@ class TransferOptions:
         if self.similarity not in SIMILARITY_MODES:
             raise TransferError(f"similarity must be one of {SIMILARITY_MODES}, got {self.similarity!r}")
         if self.out_format not in (None, *OUT_FORMATS):
-            raise TransferError(f"--out-format must be kohya, diffusers or peft, got {self.out_format!r}")
+            raise TransferError(f"--out-format must be one of {', '.join(OUT_FORMATS)}, got {self.out_format!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TransferError("--device cuda requested but CUDA is not available")
 
     @property
     def init_method(self) -> str:
-        """The per-module method whose output calibration starts from (``zero`` starts from the copy's units)."""
+        """The per-module method a calibrated or distilled port starts from (``zero`` starts from the copy's units)."""
         return "identity" if self.calibrated.init == "zero" else self.calibrated.init
 
     def set(self, name: str, value: Any) -> None:
         """Set an option by its field name or its keyword name (``calib_rank`` sets ``calibrated.rank``)."""
         if name in FLAG_FIELDS:
             setattr(self.calibrated, FLAG_FIELDS[name], value)
+        elif name in DISTILL_FIELDS:
+            setattr(self.distill, DISTILL_FIELDS[name], value)
         elif name in {f.name for f in fields(self)}:
             setattr(self, name, value)
         else:
@@ -228,7 +243,7 @@ class TransferOptions:
 
 
 # The method groups of TransferOptions: field name -> its options class (which has a TITLE).
-METHOD_GROUPS: dict[str, type] = {"calibrated": CalibrationOptions}
+METHOD_GROUPS: dict[str, type] = {"calibrated": CalibrationOptions, "distill": DistillOptions}
 
 
 @dataclass(frozen=True)
@@ -245,7 +260,7 @@ class PortArgument:
 PORT_ARGUMENTS = (
     PortArgument(
         "adapter",
-        "PEFT LoRA adapter directory trained on the source base, or an image-model LoRA "
+        "PEFT LoRA adapter directory or GGUF LoRA file trained on the source base, or an image-model LoRA "
         "(kohya / diffusers .safetensors file, a directory holding one, or per-component PEFT directories)",
         required=True,
     ),
@@ -258,7 +273,8 @@ PORT_ARGUMENTS = (
     PortArgument("target_base", "target base model (as --source-base)", required=True),
     PortArgument(
         "out",
-        "output adapter directory (written atomically); image-model LoRAs: also a .safetensors file",
+        "output adapter directory (written atomically); also a single file: .gguf (GGUF LoRA), "
+        ".safetensors (image-model LoRAs)",
         required=True,
     ),
     PortArgument("report", "write the report (JSON + Markdown)", metavar="FILE.json"),

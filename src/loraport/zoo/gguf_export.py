@@ -1,7 +1,7 @@
 """Write small ``transformers`` models to GGUF, for the tests of the GGUF reader.
 
 A minimal subset of llama.cpp's ``convert_hf_to_gguf.py`` for the families loraport maps
-(llama / mistral, qwen2, qwen3, gemma, gemma2, gemma3 text), written with ``gguf``'s
+(llama / mistral, qwen2, qwen3, gemma, gemma2, gemma3 text, phi3), written with ``gguf``'s
 :class:`~gguf.GGUFWriter`, its tensor-name tables and its quantizers: the metadata keys
 ``transformers`` reads back, the llama q/k row permutation (llama.cpp stores rotary halves
 interleaved), Gemma's ``1 + w`` norm weights, and a byte-level BPE tokenizer when the
@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "gemma": "gemma",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "phi3": "phi3",  # fused qkv_proj / gate_up_proj, stored fused as they are
 }
 _PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp permutes
 _NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
@@ -56,8 +57,10 @@ def _metadata(writer: Any, arch: str, config: dict[str, Any], name: str) -> None
     theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     writer.add_rope_freq_base(float(theta))
     writer.add_vocab_size(config["vocab_size"])
-    if arch == "llama":
+    if arch in ("llama", "phi3"):
         writer.add_rope_dimension_count(head_dim)
+    if isinstance(config.get("pad_token_id"), int):  # else transformers' default (phi3: 32000) may exceed the vocab
+        writer.add_pad_token_id(config["pad_token_id"])
     if arch.startswith("gemma") or arch == "qwen3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -111,7 +114,7 @@ def write_gguf(
     """Write the model saved in ``model_dir`` (``config.json`` + safetensors) as a GGUF file.
 
     Args:
-        model_dir: a ``save_pretrained`` directory of a llama / mistral / qwen2 / qwen3 / gemma family model.
+        model_dir: a ``save_pretrained`` directory of a llama / mistral / qwen2 / qwen3 / gemma family / phi3 model.
         path: the ``.gguf`` file to write.
         qtype: the ggml type of the matrices: ``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_0``, ... (any type
             ``gguf`` quantizes; rows must be a multiple of its block size). Vectors stay F32.

@@ -1,13 +1,12 @@
-"""LoRA adapters: the in-memory model and the PEFT reader/writer.
+"""PEFT LoRA adapters: the reader and writer of ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-A LoRA module's update is ``dW = scale * B @ A`` with ``B: (m, r)``, ``A: (r, n)`` in
-``torch.nn.Linear`` layout (out x in), ``scale = alpha / r`` (``alpha / sqrt(r)`` with
-``use_rslora``). PEFT stores the factors in this layout even for GPT-2 ``Conv1D`` layers
-(``fan_in_fan_out=True`` only transposes the *base* weight), so no transpose is needed here.
+PEFT stores the factors in ``torch.nn.Linear`` layout (``A: (r, in)``, ``B: (out, r)``) even
+for GPT-2 ``Conv1D`` layers (``fan_in_fan_out=True`` only transposes the *base* weight), so no
+transpose is needed here.
 
 Example::
 
-    >>> adapter = load_adapter("runs/qwen-lora")            # doctest: +SKIP
+    >>> adapter = read_peft_adapter("runs/qwen-lora")       # doctest: +SKIP
     >>> m = adapter.modules["model.layers.0.self_attn.q_proj"]  # doctest: +SKIP
     >>> (m.B.shape, m.A.shape, m.scale)                      # doctest: +SKIP
     (torch.Size([1536, 16]), torch.Size([16, 1536]), 2.0)
@@ -17,11 +16,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,106 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import AdapterError
+from ..errors import AdapterError
+from .model import LoraAdapter, LoraModule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
-
-@dataclass
-class LoraModule:
-    """One adapted linear module.
-
-    Attributes:
-        name: module path in the model, e.g. ``model.layers.0.self_attn.q_proj``.
-        A: ``(r, n)`` down-projection.
-        B: ``(m, r)`` up-projection.
-        alpha: the module's ``lora_alpha``.
-        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        kernel: for a LoRA on a conv layer, its kernel ``(kh, kw)``: ``A`` is kept flattened,
-            ``(r, in * kh * kw)``, and stored as ``(r, in, kh, kw)``, ``B`` as ``(out, r, 1, 1)``
-            (SPEC sec. 11); ``None`` for a linear layer.
-    """
-
-    name: str
-    A: torch.Tensor
-    B: torch.Tensor
-    alpha: float
-    use_rslora: bool = False
-    kernel: tuple[int, ...] | None = None
-
-    @classmethod
-    def from_stored(
-        cls, name: str, A: torch.Tensor, B: torch.Tensor, alpha: float, use_rslora: bool = False
-    ) -> LoraModule:
-        """A module from factors as files store them: 2-D (linear) or 4-D (conv, flattened here).
-
-        Raises ``ValueError`` when the shapes do not form a rank-r product
-        (``A: (r, in[, kh, kw])``, ``B: (out, r[, 1, 1])``).
-        """
-        conv = A.ndim == 4 and B.ndim == 4 and tuple(B.shape[2:]) == (1, 1)
-        if not (conv or (A.ndim == 2 and B.ndim == 2)) or A.shape[0] != B.shape[1]:
-            raise ValueError(
-                f"down {tuple(A.shape)} and up {tuple(B.shape)} do not form a rank-r product "
-                "(expected A: (r, in) and B: (out, r), or conv A: (r, in, kh, kw) and B: (out, r, 1, 1))"
-            )
-        if conv:
-            return cls(name, A.flatten(1), B.flatten(1), alpha, use_rslora, kernel=tuple(A.shape[2:]))
-        return cls(name, A, B, alpha, use_rslora)
-
-    def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` in the layout files store them (4-D for a conv module)."""
-        if self.kernel is None:
-            return self.A, self.B
-        rank = self.rank
-        return self.A.reshape(rank, -1, *self.kernel), self.B.reshape(-1, rank, 1, 1)
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(m, n)`` of the update (out x in)."""
-        return int(self.B.shape[0]), int(self.A.shape[1])
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank, self.use_rslora)
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense update ``scale * B @ A`` (for tests and small models only)."""
-        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
-
-
-@dataclass
-class LoraAdapter:
-    """A PEFT LoRA adapter: its modules and the config it was read from.
-
-    Attributes:
-        modules: module path -> :class:`LoraModule`, in file order.
-        config: the raw ``adapter_config.json`` (used as the template when writing).
-        dtype: storage dtype of the factors.
-        path: the directory it was read from, if any.
-        dropped: names of parts that were not loaded (``drop_unsupported=True``), with why.
-    """
-
-    modules: dict[str, LoraModule]
-    config: dict[str, Any]
-    dtype: torch.dtype = torch.float32
-    path: Path | None = None
-    dropped: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def use_rslora(self) -> bool:
-        return bool(self.config.get("use_rslora", False))
-
-
-def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
-    """PEFT's scaling factor: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -170,8 +74,8 @@ def _why_unsupported(key: str) -> str:
     return "unknown tensor"
 
 
-def load_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory.
+def read_peft_adapter(path: str | os.PathLike[str], drop_unsupported: bool = False) -> LoraAdapter:
+    """Read a PEFT LoRA adapter directory (:func:`loraport.adapters.load_adapter` reads every format).
 
     Args:
         path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``
@@ -354,3 +258,32 @@ def save_adapter(
     save_file(state, str(root / WEIGHTS_NAME), metadata={"format": "pt"})
     (root / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return root
+
+
+def attach_adapter(model: Any, adapter: LoraAdapter) -> Any:
+    """``model`` (a ``transformers`` model of the adapter's base) with ``adapter`` attached by PEFT.
+
+    The adapter can then be switched off (``with model.disable_adapter(): ...``) to see the base.
+    """
+    import tempfile
+    import warnings
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory(prefix="loraport-adapter-") as tmp:
+        save_adapter(adapter, tmp)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, tmp)
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "WEIGHTS_NAME_BIN",
+    "adapter_config_for",
+    "attach_adapter",
+    "pattern_value",
+    "read_peft_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,245 @@
+"""The settings of ``--method distill``, declared once (flags, manifest keys and keywords derive from them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from ..errors import TransferError
+from ..option_fields import declared, option
+
+DISTILL = "distill"
+LOSSES = ("seq+kl", "kl", "seq")
+POSITIONS = ("answer", "all")
+PRECISIONS = ("auto", "float32", "bfloat16")
+SYNTH_FILTERS = ("effect", "template")
+SYNTH_WRITERS = ("base", "teacher")
+DEFAULT_MAX_STEPS = 600
+
+
+@dataclass
+class DistillOptions:
+    """Settings of ``method="distill"`` (see :mod:`loraport.distill`).
+
+    The unlabeled generic text (``--calibration``) and the start point (``--init``) are shared
+    with ``calibrated`` and read from :class:`~loraport.calibrate.CalibrationOptions`.
+
+    Attributes:
+        prompts: the task's inputs (a file or a list of strings): JSONL with a ``prompt`` field
+            (used verbatim), ARC JSONL (``question`` through the evaluator's template; answers
+            ignored) or plain text, one prompt a line.
+        synthesize: the teacher writes this many new prompts in the style of the given ones.
+        synth_writer: who writes them: the source ``base`` (default) or the ``teacher`` (measured: the
+            real benchmark's bins LoRA, trained on answers only, made SmolLM2 write 0 prompts of the
+            seeds' shape in 60 tries; SmolLM2 without it wrote 20 of 24, 4 duplicates).
+        synth_filter: which synthetic prompts are kept: ``template`` (the shape the given prompts
+            share, deduplicated) or ``effect`` (of those, the ones where the adapter changes the
+            teacher's answer most).
+        rank: the student LoRA's rank (default: the adapter's largest).
+        steps: the most training steps (``None``: until held-out agreement stops improving,
+            at most :data:`DEFAULT_MAX_STEPS`); ``time``: the most training seconds.
+        loss: ``seq+kl`` (the student's likelihood of the teacher's continuation plus the KL to
+            the teacher's next-token distribution at aligned positions), ``kl`` or ``seq``.
+        positions: where the KL is taken: ``answer`` (from the end of the prompt on) or ``all``.
+        lr / batch_size / warmup: AdamW on the LoRA factors, constant after a linear warm-up.
+        heldout: the share of the prompts held out to choose between the start port and the
+            distilled adapter (and to stop training).
+        max_new_tokens: the teacher's continuation length (greedy, cut at the first newline).
+        top_k: teacher probabilities kept per position (the rest is one tail bucket).
+        eval_every / patience: held-out evaluation every ``eval_every`` steps; training stops
+            after ``patience`` evaluations without improvement.
+        keep_weight: weight of keeping the target's own predictions on generic text (``--calibration``
+            lines, else standard-library docstrings; lines apart from those the perplexity is measured on).
+        generic_lines: lines of generic text the perplexity change is measured on.
+        seed: data order, held-out split, synthesis and LoRA initialisation.
+        cache: teacher outputs and training checkpoints (default ``~/.cache/loraport/distill``);
+            a killed run resumes from its last checkpoint.
+        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on CPU), ``float32``, ``bfloat16``.
+    """
+
+    TITLE: ClassVar[str] = "distillation (--method distill)"
+
+    prompts: str | os.PathLike[str] | Sequence[str] | None = option(
+        None,
+        name="prompts",
+        flag="prompts",
+        metavar="FILE",
+        help="the task's inputs, no labels: JSONL with a 'prompt' field, ARC JSONL (its questions) or plain text, "
+        "one prompt per line",
+    )
+    synthesize: int = option(
+        0,
+        name="synthesize",
+        flag="synthesize",
+        word=int,
+        metavar="N",
+        help="the teacher writes N more prompts in the style of the given ones (a handful of examples is enough)",
+    )
+    synth_filter: str = option(
+        "template",
+        name="distill_synth_filter",
+        flag="distill_synth_filter",
+        choices=SYNTH_FILTERS,
+        help="synthetic prompts kept: the given prompts' shape (template, default) or, of those, where the "
+        "adapter changes the answer most (effect)",
+    )
+    synth_writer: str = option(
+        "base",
+        name="distill_synth_writer",
+        flag="distill_synth_writer",
+        choices=SYNTH_WRITERS,
+        help="who writes the synthetic prompts: the source base (default; an adapter trained on answers only can "
+        "lose the skill) or the teacher",
+    )
+    rank: int | None = option(
+        None,
+        name="distill_rank",
+        flag="distill_rank",
+        word=int,
+        metavar="R",
+        help="rank of the distilled LoRA (default: the adapter's)",
+    )
+    steps: int | None = option(
+        None,
+        name="distill_steps",
+        flag="distill_steps",
+        word=int,
+        metavar="N",
+        help=f"at most N training steps (default: until held-out agreement stops improving, at most "
+        f"{DEFAULT_MAX_STEPS})",
+    )
+    time: float | None = option(
+        None, name="distill_time", flag="distill_time", word=float, metavar="SECONDS", help="at most this long training"
+    )
+    loss: str = option(
+        "seq+kl",
+        name="distill_loss",
+        flag="distill_loss",
+        choices=LOSSES,
+        help="seq+kl (default): likelihood of the teacher's continuation plus KL to its next-token distribution; "
+        "kl; seq",
+    )
+    positions: str = option(
+        "answer",
+        name="distill_positions",
+        flag="distill_positions",
+        choices=POSITIONS,
+        help="where the KL is taken: answer (from the end of the prompt on, default) or all aligned positions",
+    )
+    lr: float = option(2e-3, name="distill_lr", flag="distill_lr", word=float, metavar="LR", help="learning rate")
+    batch_size: int = option(
+        16, name="distill_batch_size", flag="distill_batch_size", word=int, metavar="B", help="prompts per step"
+    )
+    warmup: int = option(5, name="distill_warmup")
+    heldout: float = option(
+        0.1,
+        name="distill_heldout",
+        flag="distill_heldout",
+        word=float,
+        metavar="FRACTION",
+        help="share of the prompts held out to choose the better of the start port and the distilled adapter",
+    )
+    max_new_tokens: int = option(
+        8,
+        name="distill_max_new_tokens",
+        flag="distill_max_new_tokens",
+        word=int,
+        metavar="T",
+        help="tokens of the teacher's continuation (greedy, cut at the first newline; default 8)",
+    )
+    top_k: int = option(64, name="distill_top_k")
+    eval_every: int = option(10, name="distill_eval_every")
+    patience: int = option(4, name="distill_patience")
+    keep_weight: float = option(
+        0.5,
+        name="distill_keep_weight",
+        flag="distill_keep_weight",
+        word=float,
+        metavar="W",
+        help="weight of keeping the target's own predictions on generic text (--calibration, else standard-library "
+        "docstrings; default 0.5; 0: off)",
+    )
+    generic_lines: int = option(32, name="distill_generic_lines")
+    seed: int = option(0, name="distill_seed", flag="distill_seed", word=int, metavar="S", help="random seed")
+    cache: str | None = option(
+        None,
+        name="distill_cache",
+        flag="distill_cache",
+        metavar="DIR",
+        help="teacher outputs and checkpoints (default ~/.cache/loraport/distill); a killed run resumes from here",
+    )
+    precision: str = option(
+        "auto",
+        name="distill_precision",
+        flag="distill_precision",
+        choices=PRECISIONS,
+        help="auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16",
+    )
+
+    def validate(self) -> None:
+        """Check every field (raises ``TransferError``); reads the prompts once to fail early."""
+        from .prompts import read_prompts
+
+        if self.prompts is None:
+            raise TransferError(
+                "--method distill needs --prompts FILE (the task's inputs without answers: JSONL with 'prompt', "
+                "ARC JSONL, or one prompt per line)"
+            )
+        choices = {
+            "loss": LOSSES,
+            "positions": POSITIONS,
+            "precision": PRECISIONS,
+            "synth_filter": SYNTH_FILTERS,
+            "synth_writer": SYNTH_WRITERS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TransferError(f"distill: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        checks = [
+            (self.synthesize >= 0, f"--synthesize must be >= 0, got {self.synthesize}"),
+            (self.rank is None or self.rank >= 1, f"--distill-rank must be >= 1, got {self.rank}"),
+            (self.steps is None or self.steps >= 1, f"--distill-steps must be >= 1, got {self.steps}"),
+            (self.time is None or self.time > 0, f"--distill-time must be > 0 seconds, got {self.time}"),
+            (self.lr > 0, f"--distill-lr must be > 0, got {self.lr}"),
+            (self.batch_size >= 1, f"--distill-batch-size must be >= 1, got {self.batch_size}"),
+            (0 < self.heldout < 1, f"--distill-heldout must be in (0, 1), got {self.heldout}"),
+            (self.max_new_tokens >= 1, f"--distill-max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.top_k >= 1 and self.eval_every >= 1 and self.patience >= 1, "top_k, eval_every, patience >= 1"),
+            (self.keep_weight >= 0, f"--distill-keep-weight must be >= 0, got {self.keep_weight}"),
+            (self.warmup >= 0 and self.generic_lines >= 0, "warmup and generic_lines must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TransferError(message)
+        read_prompts(self.prompts)
+
+
+# ``transfer()`` keyword names -> DistillOptions fields.
+DISTILL_FIELDS: dict[str, str] = {spec.name or f.name: f.name for f, spec in declared(DistillOptions)}
+assert len(DISTILL_FIELDS) == len(fields(DistillOptions)), "every distill setting is a declared option"
+
+
+def distill_summary(options: DistillOptions) -> dict[str, Any]:
+    """The options as report fields (the prompts by name only)."""
+    values = {f.name: getattr(options, f.name) for f in fields(options)}
+    prompts = values.pop("prompts")
+    values["prompts"] = (
+        str(prompts) if isinstance(prompts, str | os.PathLike) else f"<list of {len(list(prompts or []))} strings>"
+    )
+    return values
+
+
+__all__ = [
+    "DEFAULT_MAX_STEPS",
+    "DISTILL",
+    "DISTILL_FIELDS",
+    "LOSSES",
+    "POSITIONS",
+    "PRECISIONS",
+    "SYNTH_FILTERS",
+    "SYNTH_WRITERS",
+    "DistillOptions",
+    "distill_summary",
+]

@@ -1,0 +1,441 @@
+"""The student: the target base with a new LoRA, its targets from the teacher, its loss and its agreement.
+
+The teacher's outputs are mapped onto the student's tokenization of the same texts: a teacher
+position and a student position are aligned when their tokens end at the same character
+(:mod:`loraport.alignment`); there the student's next-token distribution over the support
+(its whole vocabulary, or the shared tokens renormalised) is pulled toward the teacher's by a
+KL divergence computed on the teacher's top ``K`` plus one tail bucket. The sequence-level part
+is the student's negative log-likelihood of the teacher's continuation in its own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapters import LoraModule, lora_scale
+from ..lowrank import balanced_factors
+from .teacher import TeacherOutputs, text_ends
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class StudentSample:
+    """One text as the student sees it.
+
+    Attributes:
+        ids: student token ids of ``prompt + continuation``.
+        kl_positions: ``(P,)`` student positions with a teacher distribution.
+        kl_ids: ``(P, K)`` support indices of the teacher's top tokens; ``kl_logprobs``: theirs.
+        seq_positions: ``(C,)`` positions predicting the continuation's tokens ``seq_ids``.
+    """
+
+    ids: list[int]
+    kl_positions: torch.Tensor
+    kl_ids: torch.Tensor
+    kl_logprobs: torch.Tensor
+    seq_positions: torch.Tensor
+    seq_ids: torch.Tensor
+
+
+def student_samples(
+    tokenizer: Any, teacher: TeacherOutputs, indices: Sequence[int] | None = None
+) -> list[StudentSample]:
+    """The teacher's targets on the student's tokens for texts ``indices`` (default: all)."""
+    chosen = range(len(teacher.prompts)) if indices is None else indices
+    samples = []
+    for i in chosen:
+        prompt_chars = len(teacher.prompts[i])
+        ids, ends = text_ends(tokenizer, teacher.prompts[i] + teacher.continuations[i])
+        last_at: dict[int, int] = {}
+        for j, end in enumerate(ends):
+            if end >= 0:
+                last_at[end] = j
+        teacher_ends = teacher.ends[i]
+        rows, positions = [], []
+        for row, pos in enumerate(teacher.positions[i].tolist()):
+            j = last_at.get(int(teacher_ends[pos]))
+            if j is not None and j < len(ids):
+                rows.append(row)
+                positions.append(j)
+        seq_pos, seq_ids = [], []
+        for j in range(1, len(ids)):
+            if ends[j] > prompt_chars and ends[j - 1] >= prompt_chars:
+                seq_pos.append(j - 1)
+                seq_ids.append(ids[j])
+        samples.append(
+            StudentSample(
+                ids,
+                torch.tensor(positions, dtype=torch.long),
+                teacher.top_ids[i][rows],
+                teacher.top_logprobs[i][rows],
+                torch.tensor(seq_pos, dtype=torch.long),
+                torch.tensor(seq_ids, dtype=torch.long),
+            )
+        )
+    return samples
+
+
+# -- the PEFT student -------------------------------------------------------------------------
+
+
+def build_student(
+    model: Any,
+    modules: Sequence[str],
+    rank: int,
+    alpha: float,
+    use_rslora: bool,
+    init: dict[str, LoraModule],
+    seed: int,
+    fan_in_fan_out: bool = False,
+) -> tuple[Any, dict[str, str]]:
+    """Wrap ``model`` in a PEFT LoRA of ``rank`` on ``modules``, set to the start port ``init`` where it has one.
+
+    A start module of lower rank fills the first rows / columns (the rest: PEFT's random ``A``,
+    zero ``B``: no change); one of higher rank is cut to ``rank`` by its SVD. Returns the model
+    and notes per module (e.g. what was cut).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # PEFT's initialisation of A
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(modules),
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        student = get_peft_model(model, config)
+    scale = lora_scale(alpha, rank, use_rslora)
+    notes: dict[str, str] = {}
+    layers = lora_layers(student)
+    for name, start in init.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        A_w, B_w = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        factors = balanced_factors(
+            (start.B.double() * math.sqrt(start.scale / scale)), start.A.double() * math.sqrt(start.scale / scale)
+        )
+        B0, A0 = factors.B, factors.A
+        if B0.shape[1] > rank:
+            cut = balanced_factors(B0, A0, max_rank=rank)
+            notes[name] = f"start port of rank {B0.shape[1]} cut to {rank}"
+            B0, A0 = cut.B, cut.A
+        r0 = B0.shape[1]
+        with torch.no_grad():
+            A_w[:r0] = A0.to(A_w)
+            B_w.zero_()
+            B_w[:, :r0] = B0.to(B_w)
+    return student, notes
+
+
+def lora_layers(student: Any) -> dict[str, Any]:
+    """The student's LoRA layers by module name (as the adapter names them)."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in student.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
+
+
+def lora_parameters(student: Any) -> dict[str, torch.Tensor]:
+    """The trainable factors by stable name (``<module>.A`` / ``<module>.B``)."""
+    params: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(student).items():
+        params[f"{name}.A"] = layer.lora_A["default"].weight
+        params[f"{name}.B"] = layer.lora_B["default"].weight
+    return params
+
+
+def student_modules(student: Any, alpha: float, use_rslora: bool) -> dict[str, LoraModule]:
+    """The student's LoRA as :class:`~loraport.adapters.LoraModule` s (float32 copies)."""
+    return {
+        name: LoraModule(
+            name,
+            layer.lora_A["default"].weight.detach().float().cpu().clone(),
+            layer.lora_B["default"].weight.detach().float().cpu().clone(),
+            alpha,
+            use_rslora,
+        )
+        for name, layer in lora_layers(student).items()
+    }
+
+
+# -- loss and agreement -------------------------------------------------------------------------
+
+
+@dataclass
+class BatchStats:
+    """Sums over a batch: ``seq_nll`` over ``seq_tokens``, ``kl`` over ``kl_positions``, greedy ``agreed``."""
+
+    seq_nll: float = 0.0
+    seq_tokens: int = 0
+    kl: float = 0.0
+    kl_positions: int = 0
+    agreed: int = 0
+
+    def add(self, other: BatchStats) -> None:
+        self.seq_nll += other.seq_nll
+        self.seq_tokens += other.seq_tokens
+        self.kl += other.kl
+        self.kl_positions += other.kl_positions
+        self.agreed += other.agreed
+
+    @property
+    def agreement(self) -> float:
+        return self.agreed / self.seq_tokens if self.seq_tokens else 0.0
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.kl_positions if self.kl_positions else 0.0
+
+    @property
+    def agreement_stderr(self) -> float:
+        a, n = self.agreement, self.seq_tokens
+        return math.sqrt(max(a * (1 - a), 1e-12) / n) if n else 0.0
+
+
+def sparse_kl(student_logprobs: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` per position over the teacher's top ``K`` plus one tail bucket.
+
+    Args:
+        student_logprobs: ``(P, S)`` log-probabilities over the support.
+        top_ids / top_logprobs: ``(P, K)`` the teacher's top support indices and log-probabilities.
+    Returns:
+        ``(P,)``.
+    """
+    p = top_logprobs.exp()
+    q_log = student_logprobs.gather(1, top_ids)
+    head = torch.sum(p * (top_logprobs - q_log), dim=1)
+    p_tail = (1 - p.sum(1)).clamp(min=0)
+    q_tail = (1 - q_log.exp().sum(1)).clamp(min=1e-12)
+    tail = torch.where(p_tail > 1e-9, p_tail * (torch.log(p_tail.clamp(min=1e-12)) - torch.log(q_tail)), 0.0)
+    return head + tail
+
+
+def _left_pad(samples: Sequence[StudentSample], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, width - len(s.ids) :] = torch.tensor(s.ids, dtype=torch.long)
+        mask[i, width - len(s.ids) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def head_logits(lm: Any, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The output head on final hidden states ``(N, d)``: ``(N, V)`` logits, or with ``weight`` (some of
+    the head's rows, :func:`head_rows`) those rows' logits only; the model's final logit soft-capping
+    applied, as its forward pass does. The head's bias, if any, must be folded in by the caller."""
+    head = lm.get_output_embeddings()
+    logits = hidden @ (head.weight if weight is None else weight).mT.to(hidden.dtype)
+    bias = getattr(head, "bias", None)
+    if bias is not None and weight is None:
+        logits = logits + bias.to(hidden.dtype)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def head_rows(lm: Any, rows: torch.Tensor) -> torch.Tensor:
+    """The head's weight rows ``rows`` (a copy made once: the support's rows of a large vocabulary)."""
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("an output head with a bias is not supported for a restricted support")
+    return head.weight.detach()[rows.to(head.weight.device)].clone()
+
+
+def base_model(student: Any) -> Any:
+    """The ``transformers`` model under a PEFT wrapper (itself otherwise)."""
+    return student.get_base_model() if hasattr(student, "get_base_model") else student
+
+
+def final_hidden(student: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The decoder's final (normed) hidden states ``(B, L, d)``: the output head is applied only where needed."""
+    return (
+        base_model(student).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    )
+
+
+def batch_loss(
+    student: Any,
+    samples: Sequence[StudentSample],
+    pad: int,
+    support: torch.Tensor | None,
+    weights: tuple[float, float],
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+) -> tuple[torch.Tensor, BatchStats]:
+    """The weighted loss ``w_seq * mean NLL + w_kl * mean KL`` of a batch, and its :class:`BatchStats`.
+
+    The batch is left-padded; the output head is applied at the target positions only, over the
+    whole vocabulary where the continuation's likelihood is taken and over the support where the
+    KL is (a large vocabulary's head costs more than the rest of a small model: 262k rows on
+    Gemma-3-270M, of which two tokenizers share about a tenth). ``support``: the head's rows of
+    the shared vocabulary (:func:`head_rows`), ``None`` for the whole vocabulary.
+    """
+    ids, mask, positions = _left_pad(samples, pad, device)
+    width = ids.shape[1]
+    lm = base_model(student)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        hidden = final_hidden(student, ids, mask, positions)
+    flat = hidden.float().reshape(-1, hidden.shape[-1])
+    stats = BatchStats()
+
+    def where(attribute: str) -> torch.Tensor:
+        return torch.cat([
+            getattr(s, attribute) + row * width + width - len(s.ids) for row, s in enumerate(samples)
+        ]).to(device)  # fmt: skip
+
+    loss = flat.new_zeros(())
+    w_seq, w_kl = weights
+    seq_index = where("seq_positions")
+    if seq_index.numel():
+        logits = head_logits(lm, flat[seq_index])
+        targets = torch.cat([s.seq_ids for s in samples]).to(device)
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        stats.agreed = int((logits.detach().argmax(-1) == targets).sum())
+        stats.seq_tokens = int(targets.numel())
+        stats.seq_nll = float(nll.detach().sum())
+        if w_seq > 0:
+            loss = loss + w_seq * nll.mean()
+    kl_index = where("kl_positions")
+    if kl_index.numel():
+        logits = head_logits(lm, flat[kl_index], support)
+        top_ids = torch.cat([s.kl_ids for s in samples]).to(device)
+        top_logprobs = torch.cat([s.kl_logprobs for s in samples]).to(device)
+        kl = sparse_kl(torch.log_softmax(logits, dim=-1), top_ids, top_logprobs)
+        stats.kl = float(kl.detach().sum())
+        stats.kl_positions = int(kl.numel())
+        if w_kl > 0:
+            loss = loss + w_kl * kl.mean()
+    return loss, stats
+
+
+@torch.no_grad()
+def evaluate_samples(
+    student: Any,
+    samples: Sequence[StudentSample],
+    pad: int,
+    support: torch.Tensor | None,
+    device: torch.device,
+    batch_size: int = 16,
+    autocast: torch.dtype | None = None,
+) -> BatchStats:
+    """Agreement (the teacher's continuation tokens the student predicts greedily) and mean KL, summed."""
+    total = BatchStats()
+    for start in range(0, len(samples), batch_size):
+        _, stats = batch_loss(student, samples[start : start + batch_size], pad, support, (0.0, 0.0), device, autocast)
+        total.add(stats)
+    return total
+
+
+@dataclass
+class KeepSample:
+    """A line of generic text and the target base's own top-``K`` next-token distributions on it."""
+
+    ids: list[int]
+    top_ids: torch.Tensor  # (L - 1, K) vocabulary ids
+    top_logprobs: torch.Tensor  # (L - 1, K)
+
+
+@torch.no_grad()
+def keep_samples(
+    student: Any,
+    rows: Sequence[Sequence[int]],
+    pad: int,
+    top_k: int,
+    device: torch.device,
+    support: torch.Tensor | None = None,
+) -> list[KeepSample]:
+    """The target base's predictions (the student with its LoRA switched off) on generic token rows, over the
+    support (``support``: its head rows, :func:`head_rows`; ``None``: the whole vocabulary)."""
+    lm = base_model(student)
+    out = []
+    with student.disable_adapter():
+        for start in range(0, len(rows), 8):
+            chunk = [list(r) for r in rows[start : start + 8]]
+            ids, mask = _right_pad(chunk, pad, device)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            hidden = final_hidden(student, ids, mask, positions)
+            for i, row in enumerate(chunk):
+                logits = head_logits(lm, hidden[i, : len(row) - 1].float(), support)
+                top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
+                out.append(KeepSample(row, top.indices.cpu(), top.values.cpu()))
+    return out
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def keep_loss(
+    student: Any,
+    samples: Sequence[KeepSample],
+    pad: int,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+    support: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean KL from the target base's own predictions to the student's on generic text (over the support)."""
+    ids, mask = _right_pad([s.ids for s in samples], pad, device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        hidden = final_hidden(student, ids, mask, positions)
+    rows = torch.cat([hidden[i, : len(s.ids) - 1] for i, s in enumerate(samples)]).float()
+    logprobs = torch.log_softmax(head_logits(base_model(student), rows, support), dim=-1)
+    top_ids = torch.cat([s.top_ids for s in samples]).to(device)
+    top_logprobs = torch.cat([s.top_logprobs for s in samples]).to(device)
+    return sparse_kl(logprobs, top_ids, top_logprobs).mean()
+
+
+@torch.no_grad()
+def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids, mask = _right_pad(rows[start : start + batch_size], 0, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+        count += int((targets != -100).sum())
+    return total / max(count, 1)
+
+
+__all__ = [
+    "BatchStats",
+    "KeepSample",
+    "StudentSample",
+    "base_model",
+    "batch_loss",
+    "build_student",
+    "evaluate_samples",
+    "final_hidden",
+    "head_logits",
+    "head_rows",
+    "keep_loss",
+    "keep_samples",
+    "lora_layers",
+    "lora_parameters",
+    "mean_nll",
+    "sparse_kl",
+    "student_modules",
+    "student_samples",
+]

@@ -1,0 +1,305 @@
+"""The student's training loop: AdamW on the LoRA factors, held-out evaluation, early stopping, checkpoints.
+
+Every ``eval_every`` steps the student is scored on the held-out prompts and on a probe of the
+training prompts (agreement with the teacher's continuation tokens, KL at the aligned answer
+positions). Training stops when neither agreement nor the held-out KL has improved for
+``patience`` evaluations (the held-out prompts measure a skill; the probe measures what must
+be memorised, which held-out prompts cannot show), or at the step or time limit; the student
+then holds the factors of its last evaluation that improved.
+
+Checkpoints (factors, optimiser state, the best factors and the bookkeeping) are written
+after each evaluation into ``run_dir``; a run started again with the same inputs continues
+from the last one. The batch order is a function of the seed and the step, so a resumed run
+gives the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .student import BatchStats, KeepSample, StudentSample, batch_loss, evaluate_samples, keep_loss
+
+LATEST = "latest"
+IMPROVEMENT = 1e-9
+KL_IMPROVEMENT = 0.01  # a relative drop of the held-out KL that counts as progress
+KEEP_LINES = 4  # generic lines per step when the target's own predictions are kept
+
+
+@dataclass
+class TrainConfig:
+    """How the student trains (see :class:`~loraport.distill.DistillOptions`)."""
+
+    max_steps: int
+    max_seconds: float | None
+    lr: float
+    warmup: int
+    batch_size: int
+    eval_every: int
+    patience: int
+    weights: tuple[float, float]  # (sequence NLL, KL)
+    keep_weight: float
+    seed: int
+    autocast: torch.dtype | None = None
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of the student (agreement: share of the teacher's continuation tokens it predicts)."""
+
+    step: int
+    heldout_agreement: float
+    heldout_kl: float
+    probe_agreement: float
+    probe_kl: float
+    train_loss: float | None
+    seconds: float
+
+
+@dataclass
+class TrainState:
+    """The bookkeeping of a run (saved with each checkpoint)."""
+
+    step: int = 0
+    seconds: float = 0.0
+    history: list[Evaluation] = field(default_factory=list)
+    best_step: int = 0
+    best_heldout: float = -1.0
+    best_probe: float = -1.0
+    best_kl: float = float("inf")
+    bad_evals: int = 0
+    stopped: str = ""
+    running_loss: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["best_kl"] = None if self.best_kl == float("inf") else self.best_kl
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> TrainState:
+        values = dict(values)
+        values["history"] = [Evaluation(**e) for e in values["history"]]
+        values["best_kl"] = float("inf") if values["best_kl"] is None else values["best_kl"]
+        return cls(**values)
+
+
+def batch_indices(step: int, count: int, batch_size: int, seed: int) -> list[int]:
+    """The training texts of ``step``: consecutive slices of seeded per-epoch permutations."""
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), count)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        out += order[offset : offset + batch_size - len(out)]
+    return out
+
+
+class Checkpoints:
+    """Training checkpoints in ``run_dir``: one directory per saved step, ``latest`` naming the newest."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def save(
+        self,
+        state: TrainState,
+        params: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        best: dict[str, torch.Tensor],
+    ) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{state.step:06d}"
+        target = self.run_dir / name
+        tmp = self.run_dir / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors: dict[str, torch.Tensor] = {}
+        for key, param in params.items():
+            tensors[f"param.{key}"] = param.detach().cpu().contiguous()
+            tensors[f"best.{key}"] = best[key].detach().cpu().contiguous()
+            slot = optimizer.state.get(param, {})
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in slot:
+                    tensors[f"{moment}.{key}"] = slot[moment].detach().cpu().contiguous()
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        steps = {
+            key: int(optimizer.state[p]["step"]) for key, p in params.items() if "step" in optimizer.state.get(p, {})
+        }
+        (tmp / "state.json").write_text(json.dumps({"state": state.to_json(), "adam_steps": steps}), encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        pointer = self.run_dir / f".{LATEST}.tmp-{os.getpid()}"
+        pointer.write_text(name, encoding="utf-8")
+        os.replace(pointer, self.run_dir / LATEST)
+        for old in self.run_dir.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(
+        self, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor]
+    ) -> TrainState | None:
+        """Restore the newest checkpoint into ``params``, ``optimizer`` and ``best``; ``None`` if there is none."""
+        try:
+            name = (self.run_dir / LATEST).read_text(encoding="utf-8").strip()
+            saved = json.loads((self.run_dir / name / "state.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(self.run_dir / name / "tensors.safetensors"))
+        except (OSError, ValueError, json.JSONDecodeError):
+            return None
+        if set(saved["adam_steps"]) - set(params) or any(f"param.{k}" not in tensors for k in params):
+            return None
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(tensors[f"param.{key}"])
+                best[key] = tensors[f"best.{key}"].to(param.device)
+                if key in saved["adam_steps"]:
+                    optimizer.state[param] = {
+                        "step": torch.tensor(float(saved["adam_steps"][key])),
+                        "exp_avg": tensors[f"exp_avg.{key}"].to(param.device),
+                        "exp_avg_sq": tensors[f"exp_avg_sq.{key}"].to(param.device),
+                    }
+        return TrainState.from_json(saved["state"])
+
+
+def _evaluate(
+    student: Any,
+    heldout: Sequence[StudentSample],
+    probe: Sequence[StudentSample],
+    pad: int,
+    support: torch.Tensor | None,
+    device: torch.device,
+    config: TrainConfig,
+) -> tuple[BatchStats, BatchStats]:
+    student.eval()
+    held = evaluate_samples(student, heldout, pad, support, device, config.batch_size, config.autocast)
+    seen = evaluate_samples(student, probe, pad, support, device, config.batch_size, config.autocast)
+    student.train()
+    return held, seen
+
+
+def _record(state: TrainState, held: BatchStats, seen: BatchStats) -> bool:
+    """Append an evaluation; whether it improved on every earlier one (agreement or held-out KL)."""
+    state.history.append(
+        Evaluation(
+            state.step, held.agreement, held.mean_kl, seen.agreement, seen.mean_kl, state.running_loss,
+            round(state.seconds, 2),
+        )
+    )  # fmt: skip
+    better = (
+        held.agreement > state.best_heldout + IMPROVEMENT
+        or seen.agreement > state.best_probe + IMPROVEMENT
+        or held.mean_kl < state.best_kl * (1 - KL_IMPROVEMENT)
+    )
+    state.best_heldout = max(state.best_heldout, held.agreement)
+    state.best_probe = max(state.best_probe, seen.agreement)
+    state.best_kl = min(state.best_kl, held.mean_kl)
+    return better
+
+
+def train_student(
+    student: Any,
+    params: dict[str, torch.Tensor],
+    train: Sequence[StudentSample],
+    heldout: Sequence[StudentSample],
+    probe: Sequence[StudentSample],
+    keep: Sequence[KeepSample],
+    pad: int,
+    support: torch.Tensor | None,
+    device: torch.device,
+    config: TrainConfig,
+    run_dir: Path,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainState:
+    """Train ``params`` (the student's LoRA factors) and leave the best of them in place.
+
+    ``on_step(step)`` is called after every step (tests interrupt a run with it).
+    """
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0, foreach=False)
+    best = {key: p.detach().clone() for key, p in params.items()}
+    checkpoints = Checkpoints(run_dir)
+    state = checkpoints.load(params, optimizer, best)
+    if state is None:
+        state = TrainState()
+        held, seen = _evaluate(student, heldout, probe, pad, support, device, config)
+        _record(state, held, seen)
+        checkpoints.save(state, params, optimizer, best)
+    bar = tqdm(
+        total=config.max_steps,
+        initial=state.step,
+        desc="loraport distill",
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    student.train()
+    started = time.perf_counter() - state.seconds
+    while not state.stopped:
+        if state.step >= config.max_steps:
+            state.stopped = f"step limit ({config.max_steps})"
+        elif config.max_seconds is not None and state.seconds >= config.max_seconds:
+            state.stopped = f"time limit ({config.max_seconds:g} s)"
+        if state.stopped:
+            if state.history[-1].step != state.step:
+                held, seen = _evaluate(student, heldout, probe, pad, support, device, config)
+                if _record(state, held, seen):
+                    _take_best(state, params, best)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (state.step + 1) / (config.warmup + 1))
+        chosen = [train[i] for i in batch_indices(state.step, len(train), config.batch_size, config.seed)]
+        loss, _ = batch_loss(student, chosen, pad, support, config.weights, device, config.autocast)
+        if keep and config.keep_weight > 0:
+            count = min(KEEP_LINES, len(keep))
+            lines = [keep[(state.step * count + j) % len(keep)] for j in range(count)]
+            loss = loss + config.keep_weight * keep_loss(student, lines, pad, device, config.autocast, support)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        state.running_loss = value if state.running_loss is None else 0.9 * state.running_loss + 0.1 * value
+        state.step += 1
+        state.seconds = time.perf_counter() - started
+        bar.update(1)
+        if state.step % config.eval_every == 0:
+            held, seen = _evaluate(student, heldout, probe, pad, support, device, config)
+            if _record(state, held, seen):
+                _take_best(state, params, best)
+            else:
+                state.bad_evals += 1
+                if state.bad_evals >= config.patience:
+                    state.stopped = f"no improvement in {config.patience} evaluations"
+            bar.set_postfix(loss=f"{state.running_loss:.3f}", agree=f"{held.agreement:.2f}", kl=f"{held.mean_kl:.3f}")
+            state.seconds = time.perf_counter() - started
+            checkpoints.save(state, params, optimizer, best)
+        if on_step is not None:
+            on_step(state.step)
+    bar.close()
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(best[key])
+    checkpoints.save(state, params, optimizer, best)
+    student.eval()
+    return state
+
+
+def _take_best(state: TrainState, params: dict[str, torch.Tensor], best: dict[str, torch.Tensor]) -> None:
+    state.best_step, state.bad_evals = state.step, 0
+    for key, param in params.items():
+        best[key] = param.detach().clone()
+
+
+__all__ = ["Checkpoints", "Evaluation", "TrainConfig", "TrainState", "batch_indices", "train_student"]

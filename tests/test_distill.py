@@ -1,0 +1,353 @@
+"""Distillation (``--method distill``): prompts, teacher targets, the student's fit, resume, no harm, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraport import transfer
+from loraport.cli import main
+from loraport.distill.prompts import candidate_from, prompt_template, read_prompts, split_heldout
+from loraport.distill.student import sparse_kl
+from loraport.errors import LoraportError
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo zoo's trained S (word-level tokenizer), its derivative D, a tiny Gemma-3 T with a byte-level
+    BPE, a LoRA on S that changes its predictions clearly, prompts (plain text) and generic text."""
+    import shutil
+
+    from loraport.zoo import demo_dir
+    from loraport.zoo.corpus import CorpusGenerator, write_lines
+    from loraport.zoo.tiny import make_bpe_tokenizer, make_random_adapter, make_tiny_model, perturb_model
+
+    root = tmp_path_factory.mktemp("distill")
+    zoo = demo_dir()
+    S = Path(shutil.copytree(zoo / "models" / "S", root / "S"))
+    D = perturb_model(S, root / "D", 0.05)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(S / name, D / name)
+    sentences = CorpusGenerator(11).sentences(160)
+    T = make_tiny_model(
+        "gemma3_text", root / "T", seed=1, hidden=48, layers=2, heads=2, kv_heads=1, intermediate=96, head_dim=24,
+        vocab=300, sliding_window=8,
+    )  # fmt: skip
+    make_bpe_tokenizer(T, sentences, 300)
+    lines = [line.strip() for line in (zoo / "calibration.txt").read_text().splitlines() if line.strip()]
+    prompts = [" ".join(line.split()[: max(3, len(line.split()) // 2)]) for line in lines[:80]]
+    return {
+        "S": S,
+        "D": D,
+        "T": T,
+        "lora": make_random_adapter(S, root / "lora", r=4, alpha=32, seed=3),
+        "prompts": write_lines(root / "prompts.txt", prompts),
+        "generic": write_lines(root / "generic.txt", lines[200:260]),
+    }
+
+
+def _fast(tmp_path: Path, **extra: object) -> dict[str, object]:
+    options: dict[str, object] = {
+        "method": "distill",
+        "progress": False,
+        "distill_cache": str(tmp_path / "cache"),
+        "distill_eval_every": 5,
+        "distill_max_new_tokens": 4,
+        "distill_batch_size": 8,
+        "distill_heldout": 0.2,
+    }
+    options.update(extra)
+    return options
+
+
+# -- prompts ----------------------------------------------------------------------------------------
+
+
+def test_prompt_files_of_every_kind(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Translate: cat ->"}\n\n{"prompt": "Translate: dog ->"}\n')
+    arc = {"id": "1", "question": "Which is red?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}}
+    (tmp_path / "arc.jsonl").write_text(json.dumps(arc) + "\n" + json.dumps({**arc, "question": "Why?"}) + "\n")
+    (tmp_path / "p.txt").write_text("first prompt\nsecond prompt\nfirst prompt\n")
+    assert read_prompts(tmp_path / "p.jsonl").prompts == ["Translate: cat ->", "Translate: dog ->"]
+    found = read_prompts(tmp_path / "arc.jsonl")
+    assert found.kind == "arc" and found.prompts == ["Question: Which is red?\nAnswer:", "Question: Why?\nAnswer:"]
+    text = read_prompts(tmp_path / "p.txt")
+    assert text.prompts == ["first prompt", "second prompt"] and text.duplicates == 1
+    train, held = split_heldout([f"p{i}" for i in range(20)], 0.25, seed=4)
+    assert len(held) == 5 and sorted(train + held) == sorted(f"p{i}" for i in range(20))
+    assert split_heldout([f"p{i}" for i in range(20)], 0.25, seed=4) == (train, held)
+
+
+def test_bad_prompt_files_are_one_line_errors(tmp_path: Path) -> None:
+    cases = {
+        "missing.txt": None,
+        "binary.txt": b"\x00\x01\x02",
+        "latin1.txt": "caf\xe9 one\ncaf\xe9 two\n".encode("latin-1"),
+        "broken.jsonl": b'{"prompt": "a"}\n{"prompt": \n',
+        "nofield.jsonl": b'{"text": "a"}\n',
+        "mixed.jsonl": b'{"prompt": "a"}\n{"question": "b"}\n',
+        "one.txt": b"only one\nonly one\n",
+        "empty.txt": b"\n\n",
+    }
+    messages = {
+        "missing.txt": "not found",
+        "binary.txt": "binary",
+        "latin1.txt": "not UTF-8",
+        "broken.jsonl": "line 2: not valid JSON",
+        "nofield.jsonl": "no 'prompt' or 'question' field",
+        "mixed.jsonl": "mixes",
+        "one.txt": "1 distinct prompt",
+        "empty.txt": "no prompts",
+    }
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        with pytest.raises(LoraportError, match=messages[name]) as caught:
+            read_prompts(tmp_path / name)
+        assert "\n" not in str(caught.value)
+
+
+def test_bad_prompts_on_the_command_line_write_nothing(bases, tmp_path: Path, capsys) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt here"}\n')
+    base = ["transfer", "--adapter", str(bases["lora"]), "--source-base", str(bases["S"]), "--target-base",
+            str(bases["D"]), "--out", str(tmp_path / "out"), "--method", "distill", "--quiet"]  # fmt: skip
+    for extra, message in (
+        ([], "needs --prompts FILE"),
+        (["--prompts", str(tmp_path / "bad.jsonl")], "no 'prompt' or 'question' field"),
+        (["--prompts", str(tmp_path / "none.txt")], "prompts file not found"),
+        (["--prompts", str(bases["prompts"]), "--distill-heldout", "1.5"], "--distill-heldout must be in (0, 1)"),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_prompts_keep_the_given_shape() -> None:
+    seeds = ['Question: Which bin does "cat" go in?\nAnswer:', 'Question: Which bin does "plum" go in?\nAnswer:']
+    prefix, suffix = prompt_template(seeds)
+    assert prefix == 'Question: Which bin does "' and suffix == '" go in?\nAnswer:'
+    assert candidate_from(prefix + 'fig" go in?\nAnswer: glump\n\nQuestion', prefix, suffix, 200) == (
+        'Question: Which bin does "fig" go in?\nAnswer:'
+    )
+    assert candidate_from(prefix + 'fig" is a fruit', prefix, suffix, 200) is None  # no suffix
+    assert candidate_from(prefix + '" go in?\nAnswer:', prefix, suffix, 200) is None  # nothing new
+
+
+def test_synthesize_returns_n_distinct_prompts_of_the_seeds_shape(bases, monkeypatch) -> None:
+    import loraport.distill.teacher as teacher_module
+
+    words = iter(["owl", "fig", "owl", "cat", "van", "kiwi", "yak", "elm", "oak", "bee", "ant", "emu"] * 3)
+
+    def fake_generate(model, tokenizer, texts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = []
+        for i, _ in enumerate(texts):
+            out.append("nonsense without the shape" if i % 3 == 2 else f'{next(words)}" go in?\nAnswer: x\n\nQ')
+        return out
+
+    monkeypatch.setattr(teacher_module, "generate", fake_generate)
+    seeds = ['Question: Which bin does "cat" go in?\nAnswer:', 'Question: Which bin does "plum" go in?\nAnswer:']
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bases["T"]))
+    found, rejected = teacher_module.synthesize_prompts(None, tokenizer, seeds, 6, torch.device("cpu"), seed=0)
+    assert len(found) == 6 and len(set(found)) == 6 and not set(found) & set(seeds)
+    assert all(p.startswith('Question: Which bin does "') and p.endswith('" go in?\nAnswer:') for p in found)
+    assert rejected["shape"] > 0 and rejected["duplicate"] > 0  # "owl" twice, "cat" is a seed
+
+
+# -- the loss ----------------------------------------------------------------------------------------
+
+
+def test_sparse_kl_matches_the_dense_kl_when_the_top_k_holds_everything() -> None:
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(5, 12, generator=g, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.randn(5, 12, generator=g, dtype=torch.float64), -1)
+    dense = torch.sum(p.exp() * (p - q), -1)
+    top = torch.topk(p, 12, -1)
+    torch.testing.assert_close(sparse_kl(q, top.indices, top.values), dense)
+    # With a tail bucket: the KL of the coarsened distributions (top 4 + the rest as one outcome).
+    top4 = torch.topk(p, 4, -1)
+    p_tail = 1 - top4.values.exp().sum(-1)
+    q_tail = 1 - q.gather(1, top4.indices).exp().sum(-1)
+    coarse = torch.sum(top4.values.exp() * (top4.values - q.gather(1, top4.indices)), -1) + p_tail * torch.log(
+        p_tail / q_tail
+    )
+    torch.testing.assert_close(sparse_kl(q, top4.indices, top4.values), coarse)
+    assert float(sparse_kl(p, top4.indices, top4.values).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_head_on_final_hidden_states_gives_the_models_logits(zoo, model_type: str) -> None:
+    """The student applies the output head itself (only where needed): it must equal the forward pass,
+    Gemma-2's final soft-capping included."""
+    from transformers import AutoModelForCausalLM
+
+    from loraport.distill.student import final_hidden, head_logits, head_rows
+
+    path = zoo.llama if model_type == "llama" else zoo.gemma2
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 0, 5, 9, 3, 7], [4, 8, 2, 6, 1, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        hidden = final_hidden(lm, ids, mask, positions)
+        torch.testing.assert_close(head_logits(lm, hidden[1]), expected[1], rtol=1e-5, atol=1e-5)
+        rows = torch.tensor([3, 1, 7])
+        restricted = head_logits(lm, hidden[0, 2:], head_rows(lm, rows))
+        torch.testing.assert_close(restricted, expected[0, 2:, rows], rtol=1e-5, atol=1e-5)
+    if model_type == "gemma2":
+        assert lm.config.final_logit_softcapping
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+def test_identity_start_on_the_source_itself_already_is_the_teacher(bases, tmp_path: Path) -> None:
+    """S -> S with the copy as start: the teacher targets, mapped onto the student, give KL ~ 0 and full agreement."""
+    result = transfer(
+        bases["lora"], bases["S"], bases["S"], tmp_path / "out", prompts=str(bases["prompts"]), distill_steps=1,
+        **_fast(tmp_path),
+    )  # fmt: skip
+    held = result.report.distill["heldout"]["start"]
+    assert held["kl"] < 1e-4 and held["agreement"] == 1.0
+    assert result.report.distill["support"].startswith("the whole vocabulary")
+
+
+def test_the_student_learns_the_teacher_from_zero(bases, tmp_path: Path) -> None:
+    """S -> S started from zero: training brings the held-out KL far down toward the teacher."""
+    result = transfer(
+        bases["lora"], bases["S"], bases["S"], tmp_path / "out", prompts=str(bases["prompts"]), init="zero",
+        distill_steps=60, distill_positions="all", distill_loss="kl", distill_lr=3e-3, **_fast(tmp_path),
+    )  # fmt: skip
+    info = result.report.distill
+    start, distilled = info["heldout"]["start"], info["heldout"]["distilled"]
+    assert distilled["kl"] < 0.25 * start["kl"], info["student"]["history"]
+    assert info["chosen"] == "distilled"
+    assert result.report.method == "distill" and result.output is not None
+    saved = json.loads((tmp_path / "out" / "loraport_report.json").read_text())
+    assert saved["distill"]["student"]["steps"] <= 60
+    assert all(m["note"].startswith("distilled") for m in saved["modules"])
+
+
+def test_other_tokenizer_trains_through_aligned_positions(bases, tmp_path: Path) -> None:
+    from tests.helpers import peft_load_and_forward
+
+    result = transfer(
+        bases["lora"], bases["S"], bases["T"], tmp_path / "out", prompts=str(bases["prompts"]), distill_steps=20,
+        distill_lr=1e-2, calibration=str(bases["generic"]), **_fast(tmp_path),
+    )  # fmt: skip
+    info = result.report.distill
+    assert "spell the same way" in info["support"]
+    assert 0 < info["student"]["aligned_positions"] <= info["student"]["target_positions"]
+    history = info["student"]["history"]
+    assert min(e["probe_kl"] for e in history[1:]) < history[0]["probe_kl"]
+    assert info["generic"]["text"].endswith("generic.txt") and info["generic"]["lines"] > 0
+    assert peft_load_and_forward(bases["T"], tmp_path / "out") > 0
+
+
+def test_auto_start_is_the_bare_target_where_shapes_differ(bases, tmp_path: Path) -> None:
+    starts = {}
+    for init in ("auto", "zero", "prolora"):
+        result = transfer(
+            bases["lora"], bases["S"], bases["T"], tmp_path / init, prompts=str(bases["prompts"]), init=init,
+            distill_steps=10, distill_lr=1e-2, **_fast(tmp_path),
+        )  # fmt: skip
+        starts[init] = result.report.distill["student"]["history"][0]
+    assert starts["auto"] == starts["zero"]
+    assert starts["prolora"]["heldout_kl"] != starts["zero"]["heldout_kl"]
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(bases, tmp_path: Path, monkeypatch) -> None:
+    import loraport.distill as distill_module
+    from tests.helpers import dense_updates
+
+    kwargs = {"prompts": str(bases["prompts"]), "init": "zero", "distill_steps": 20, "distill_lr": 5e-3}
+    transfer(bases["lora"], bases["S"], bases["D"], tmp_path / "whole", **kwargs, **_fast(tmp_path / "a"))
+    real_train = distill_module.train_student
+
+    def killed(*args, **kw):  # type: ignore[no-untyped-def]
+        def stop(step: int) -> None:
+            if step == 13:  # after the checkpoint of step 10
+                raise KeyboardInterrupt
+
+        return real_train(*args, **kw, on_step=stop)
+
+    monkeypatch.setattr(distill_module, "train_student", killed)
+    with pytest.raises(KeyboardInterrupt):
+        transfer(bases["lora"], bases["S"], bases["D"], tmp_path / "resumed", **kwargs, **_fast(tmp_path / "b"))
+    assert not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(distill_module, "train_student", real_train)
+    result = transfer(bases["lora"], bases["S"], bases["D"], tmp_path / "resumed", **kwargs, **_fast(tmp_path / "b"))
+    assert result.report.distill["student"]["steps"] == 20
+    whole, resumed = dense_updates(tmp_path / "whole"), dense_updates(tmp_path / "resumed")
+    assert set(whole) == set(resumed)
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_no_harm_keeps_the_start_port_when_distilling_makes_agreement_worse(bases, tmp_path, monkeypatch) -> None:
+    import loraport.distill as distill_module
+    from tests.helpers import dense_updates
+
+    real_train = distill_module.train_student
+
+    def damaging(student, params, *args, **kw):  # type: ignore[no-untyped-def]
+        state = real_train(student, params, *args, **kw)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(torch.randn(p.shape, generator=g) * 5.0)
+        return state
+
+    monkeypatch.setattr(distill_module, "train_student", damaging)
+    result = transfer(
+        bases["lora"], bases["S"], bases["D"], tmp_path / "out", prompts=str(bases["prompts"]), distill_steps=5,
+        **_fast(tmp_path),
+    )  # fmt: skip
+    info = result.report.distill
+    assert info["chosen"] == "start"
+    assert info["heldout"]["distilled"]["agreement"] < info["heldout"]["start"]["agreement"]
+    assert any(n.startswith("WARNING: distilling made held-out agreement") for n in result.report.notes)
+    copy = transfer(bases["lora"], bases["S"], bases["D"], tmp_path / "copy", method="identity", progress=False)
+    assert copy.output is not None
+    written, start = dense_updates(tmp_path / "out"), dense_updates(tmp_path / "copy")
+    for name in start:
+        torch.testing.assert_close(written[name], start[name])
+
+
+def test_auto_distills_an_unrelated_target_when_prompts_are_given(bases, tmp_path: Path) -> None:
+    warned = transfer(bases["lora"], bases["S"], bases["T"], tmp_path / "prolora", progress=False)
+    assert any(n.startswith("WARNING") and "--method distill" in n for n in warned.report.notes)
+    result = transfer(
+        bases["lora"], bases["S"], bases["T"], tmp_path / "auto", prompts=str(bases["prompts"]),
+        **{**_fast(tmp_path), "method": "auto", "distill_steps": 5},
+    )  # fmt: skip
+    assert result.report.method == "distill" and result.report.distill is not None
+    assert any(n.startswith("auto: the target has another tokenizer") for n in result.report.notes)
+    related = transfer(bases["lora"], bases["S"], bases["D"], tmp_path / "related", progress=False,
+                       prompts=str(bases["prompts"]))  # fmt: skip
+    assert related.report.method == "auto" and related.report.distill is None
+    assert not any(n.startswith("WARNING") for n in related.report.notes)
+
+
+def test_distill_in_a_batch_manifest(bases, tmp_path: Path) -> None:
+    from loraport import batch
+
+    manifest = {
+        "defaults": {"source_base": str(bases["S"]), "target_base": str(bases["D"]), "method": "distill"},
+        "jobs": [
+            {"adapter": str(bases["lora"]), "out": str(tmp_path / "one"), "prompts": str(bases["prompts"]),
+             "distill_steps": 3, "distill_cache": str(tmp_path / "cache"), "distill_max_new_tokens": 2},
+        ],
+    }  # fmt: skip
+    result = batch(manifest, workers=1, cache_dir=tmp_path / "subspaces", progress=False)
+    assert result.ok, result.table()
+    report = json.loads((tmp_path / "one" / "loraport_report.json").read_text())
+    assert report["method"] == "distill" and report["distill"]["student"]["steps"] <= 3
