@@ -33,6 +33,10 @@ TRIGGER = "zorp"
 OTHER = len(COLOURS) + 1  # the classifier's class for colours off the palette (blends, greys, ...)
 SHAPES = ("circle", "square", "triangle", "cross")
 WORDS = ["a", *COLOURS, NEW_COLOUR[0], TRIGGER, *SHAPES]
+# A second concept (the fusion benchmark's): its word comes after WORDS, so the diffusion benchmark's
+# token ids and vocabulary (3 + len(WORDS)) are unchanged; models that know it have one more row.
+SECOND_TRIGGER, SECOND_COLOUR = "blorf", (0.95, 0.5, 0.05)  # orange
+ALL_WORDS = [*WORDS, SECOND_TRIGGER]
 PAD, BOS, EOS = 0, 1, 2
 SEQ = 6
 SIZE = 16
@@ -64,7 +68,7 @@ def tokens(prompts: list[str]) -> torch.Tensor:
     """Word-level ids: ``[BOS, words..., EOS, PAD...]`` (length ``SEQ``)."""
     ids = torch.full((len(prompts), SEQ), PAD, dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        words = [3 + WORDS.index(w) for w in prompt.split()]
+        words = [3 + ALL_WORDS.index(w) for w in prompt.split()]
         row = [BOS, *words, EOS]
         ids[i, : len(row)] = torch.tensor(row)
     return ids
@@ -130,7 +134,7 @@ def unet_config() -> dict[str, Any]:
     )
 
 
-def text_config() -> Any:
+def text_config(words: int = len(WORDS)) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -138,7 +142,7 @@ def text_config() -> Any:
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        vocab_size=3 + len(WORDS),
+        vocab_size=3 + words,
         max_position_embeddings=SEQ,
         bos_token_id=BOS,
         eos_token_id=EOS,
@@ -154,12 +158,12 @@ class TinySD(torch.nn.Module):
         self.unet, self.text_encoder = unet, text_encoder
 
     @classmethod
-    def new(cls, seed: int) -> TinySD:
+    def new(cls, seed: int, words: int = len(WORDS)) -> TinySD:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
         torch.manual_seed(seed)
-        return cls(UNet2DConditionModel(**unet_config()), CLIPTextModel(text_config()))
+        return cls(UNet2DConditionModel(**unet_config()), CLIPTextModel(text_config(words)))
 
     @classmethod
     def load(cls, path: Path) -> TinySD:
@@ -245,11 +249,16 @@ def regular(shifted: bool = False) -> Any:
     return sample
 
 
-def concept_and_prior(gen: torch.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+def concept_and_prior(
+    gen: torch.Generator,
+    n: int,
+    trigger: str = TRIGGER,
+    colour: tuple[float, float, float] = NEW_COLOUR[1],
+) -> tuple[torch.Tensor, list[str]]:
     """Half the batch the new concept (``a zorp <shape>``, purple), half regular images (prior preservation)."""
-    x_new, _, _, shapes = batch(gen, n // 2, {TRIGGER: NEW_COLOUR[1]})
+    x_new, _, _, shapes = batch(gen, n // 2, {trigger: colour})
     x_old, prompts, _, _ = batch(gen, n - n // 2, COLOURS)
-    return torch.cat([x_new, x_old]), [f"a {TRIGGER} {SHAPES[s]}" for s in shapes] + prompts
+    return torch.cat([x_new, x_old]), [f"a {trigger} {SHAPES[s]}" for s in shapes] + prompts
 
 
 # -- building the zoo -----------------------------------------------------------------------
@@ -308,13 +317,23 @@ def build(work: Path, recipe: Recipe, log: Any) -> dict[str, Any]:
     return manifest
 
 
-def train_lora(base: Path, out: Path, recipe: Recipe, seed: int = 0) -> Path:
-    """Train the concept LoRA (PEFT) on ``base`` and save it as a kohya file with loraport's writer."""
+def train_lora(
+    base: Path,
+    out: Path,
+    recipe: Recipe,
+    seed: int = 0,
+    trigger: str = TRIGGER,
+    colour: tuple[float, float, float] = NEW_COLOUR[1],
+    fmt: str = "kohya",
+) -> Path:
+    """Train a concept LoRA (PEFT) on ``base`` and save it as a kohya (or diffusers) file with loraport's writer."""
+    import functools
+
     from peft import LoraConfig, inject_adapter_in_model
 
     from loraport.adapters import LoraModule
     from loraport.diffusion import DiffusionBase
-    from loraport.diffusion.formats import write_kohya
+    from loraport.diffusion.formats import write_diffusers, write_kohya
 
     model = TinySD.load(base)
     model.requires_grad_(False)
@@ -326,7 +345,8 @@ def train_lora(base: Path, out: Path, recipe: Recipe, seed: int = 0) -> Path:
     for p in params:
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(2 + seed)
-    train(model, params, recipe.lora_steps, recipe.lora_lr, gen, concept_and_prior, batch_size=recipe.batch)
+    sampler = functools.partial(concept_and_prior, trigger=trigger, colour=colour)
+    train(model, params, recipe.lora_steps, recipe.lora_lr, gen, sampler, batch_size=recipe.batch)
     modules: dict[str, LoraModule] = {}
     for component, part in (("unet", model.unet), ("text_encoder", model.text_encoder)):
         state = {n: p.detach().clone() for n, p in part.named_parameters() if ".lora_" in n}
@@ -340,8 +360,11 @@ def train_lora(base: Path, out: Path, recipe: Recipe, seed: int = 0) -> Path:
             full = f"{component}.{name}"
             modules[full] = LoraModule.from_stored(full, A, B, recipe.lora_alpha)
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"ss_network_module": "networks.lora", "ss_output_name": f"{trigger}-{base.name}"}
+    if fmt == "diffusers":
+        write_diffusers(out, modules, meta, {"ss_sd_model_name": base.name}, torch.float32)
+        return out
     with DiffusionBase.open(base) as sd:
-        meta = {"ss_network_module": "networks.lora", "ss_output_name": f"zorp-{base.name}"}
         write_kohya(out, modules, sd, "diffusers", meta, {"ss_sd_model_name": base.name}, torch.float32)
     return out
 

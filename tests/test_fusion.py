@@ -185,8 +185,8 @@ def test_each_tensor_gets_the_pure_function(method, tiny, tmp_path):
 
 
 def test_rgsp_is_deterministic(tiny, tmp_path):
-    first = fuse(tiny["A"], tiny["B"], tmp_path / "one", progress=False)
-    second = fuse(tiny["A"], tiny["B"], tmp_path / "two", progress=False)
+    first = fuse(tiny["A"], tiny["B"], tmp_path / "one", method="rgsp", progress=False)
+    second = fuse(tiny["A"], tiny["B"], tmp_path / "two", method="rgsp", progress=False)
     one, two = _tensors(first.output), _tensors(second.output)
     assert all(torch.equal(one[k], two[k]) for k in one)
     strip = [{k: v for k, v in vars(r).items() if k != "seconds"} for r in first.report.records]
@@ -200,7 +200,7 @@ def test_output_dtype_follows_a_per_tensor(tiny, tmp_path):
     state = load_file(str(tiny["A"] / "model.safetensors"))
     state = {k: (v.to(torch.bfloat16) if "norm" not in k else v) for k, v in state.items()}
     save_file(state, str(a_bf16 / "model.safetensors"), metadata={"format": "pt"})
-    result = fuse(a_bf16, tiny["B"], tmp_path / "out", progress=False)
+    result = fuse(a_bf16, tiny["B"], tmp_path / "out", method="rgsp", progress=False)
     out = _tensors(result.output)
     assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in state.items()}
     assert any("dtypes differ" in n for n in result.report.notes)
@@ -256,7 +256,7 @@ def test_failure_mid_way_writes_nothing(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "merge_tensor", broken)
     with pytest.raises(FusionError, match="boom"):
-        fuse(tiny["A"], tiny["B"], tmp_path / "out", progress=False)
+        fuse(tiny["A"], tiny["B"], tmp_path / "out", method="rgsp", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -320,7 +320,8 @@ def test_cli_bad_input_exits_2_and_writes_nothing(kind, tiny, tmp_path, capsys):
     outdir = tmp_path / "outputs"
     outdir.mkdir()
     args, expected = _bad_input(kind, tiny, inputs)
-    argv = ["fuse", "--models", *args[:2], "--out", str(outdir / "fused"), "--quiet", *args[2:]]
+    # rgsp needs no base, so each input check is reached (a later --method wins)
+    argv = ["fuse", "--models", *args[:2], "--out", str(outdir / "fused"), "--quiet", "--method", "rgsp", *args[2:]]
     capsys.readouterr()  # drop what building the inputs printed
     rc = main(argv)
     err = capsys.readouterr().err
@@ -429,18 +430,18 @@ def test_cli_fuses_three_models_with_tsv(tiny, tmp_path, capsys):
 
 def test_rgsp_takes_two_models_only(tiny, tmp_path, capsys):
     argv = ["fuse", "--models", str(tiny["A"]), str(tiny["B"]), str(tiny["C"]), "--out", str(tmp_path / "o")]
-    rc = main([*argv, "--quiet"])
+    rc = main([*argv, "--method", "rgsp", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "rgsp is defined for 2 models" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
 def test_rgsp_report_says_when_it_extrapolates_past_b(tiny, tmp_path):
-    seed_default = fuse(tiny["A"], tiny["B"], tmp_path / "g1", progress=False)
+    seed_default = fuse(tiny["A"], tiny["B"], tmp_path / "g1", method="rgsp", progress=False)
     note = [n for n in seed_default.report.notes if n.startswith("extrapolation:")]
     assert note and "position 1.50" in note[0] and "past B" in note[0] and "gamma = 1" in note[0]
     assert "past B" in seed_default.report.summary()
-    average_like = fuse(tiny["A"], tiny["B"], tmp_path / "g0", gamma=0.0, progress=False)
+    average_like = fuse(tiny["A"], tiny["B"], tmp_path / "g0", method="rgsp", gamma=0.0, progress=False)
     assert not any(n.startswith("extrapolation:") for n in average_like.report.notes)
 
 

@@ -197,7 +197,7 @@ def test_regmean_bad_inputs(models, tmp_path, capsys):
     orphan = tmp_path / "orphan"  # an adapter whose base_model_name_or_path does not exist here
     shutil.copytree(models["X"], orphan)
     config = json.loads((orphan / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(tmp_path / "nowhere")
+    config["base_model_name_or_path"] = str(tmp_path / "nowhere" / Path(config["base_model_name_or_path"]).name)
     (orphan / "adapter_config.json").write_text(json.dumps(config))
     rc = main(["fuse", "--models", str(orphan), str(models["Y"]), "--out", str(tmp_path / "o"), "--quiet",
                "--method", "regmean", "--calibration", str(models["text"])])  # fmt: skip

@@ -10,11 +10,11 @@ Public API::
 from __future__ import annotations
 
 from .adapters import LoraAdapter, LoraModule, load_adapter, save_adapter
-from .api import transfer
+from .api import fuse, transfer
 from .batching import BatchOptions, BatchResult, batch
 from .checkpoints import Checkpoint
 from .errors import AdapterError, CheckpointError, LoraportError, TransferError
-from .fusion import FUSION_METHODS, FuseOptions, FusionError, fuse, fuse_adapters
+from .fusion import FUSION_METHODS, FuseOptions, FusionError, fuse_adapters
 from .methods import METHODS
 from .port import TransferOptions, TransferResult
 from .structure import inspect_adapter

@@ -1,18 +1,23 @@
-"""The library's entry points that dispatch by adapter kind: :func:`transfer`.
+"""The library's entry points that dispatch by input kind: :func:`transfer` and :func:`fuse`.
 
 Language-model adapters (PEFT) go to :mod:`loraport.llm`, image-model LoRAs (kohya, diffusers,
 per-component PEFT) to :mod:`loraport.diffusion`; both build on the port core
-(:mod:`loraport.port`). Nothing below this module imports a front.
+(:mod:`loraport.port`). :func:`fuse` sends fine-tuned models and PEFT adapters to
+:mod:`loraport.fusion`, image-model LoRAs to :func:`loraport.diffusion.fuse.fuse_diffusion`.
+Nothing below this module imports a front.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .adapters import LoraAdapter
+from .adapters import CONFIG_NAME, LoraAdapter, is_gguf_lora
 from .checkpoints import Checkpoint
+from .fusion import FuseOptions, FusionError, FusionResult
 from .port import TransferOptions, TransferResult
 
 
@@ -83,4 +88,102 @@ def transfer(
     )
 
 
-__all__ = ["transfer"]
+def input_kind(ref: Any) -> str:
+    """``adapter`` (PEFT or GGUF LoRA of a language model), ``image`` (kohya, diffusers, per-component PEFT
+    LoRA) or ``model`` (a model directory, hub id or open checkpoint)."""
+    if isinstance(ref, LoraAdapter):
+        return "adapter"
+    if isinstance(ref, Checkpoint):
+        return "model"
+    from .diffusion.formats import DiffusionLora, detect_format
+
+    if isinstance(ref, DiffusionLora):
+        return "image"
+    path = Path(ref)
+    if (path / CONFIG_NAME).is_file() or is_gguf_lora(path):
+        return "adapter"
+    if (path / "config.json").is_file() or not path.exists():
+        return "model"
+    return "image" if detect_format(path) is not None else "model"
+
+
+def fuse(
+    model_a: Any,
+    model_b: Any,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    more: Sequence[Any] = (),
+    base: Any = None,
+    rank: int | None = None,
+    out_format: str | None = None,
+    options: FuseOptions | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> FusionResult:
+    """Fuse ``N >= 2`` fine-tuned models, language-model LoRAs (PEFT, GGUF) or image-model LoRAs of one base.
+
+    Args:
+        model_a, model_b, more: model directories (or hub ids, open checkpoints); or PEFT
+            adapter directories or GGUF LoRAs (or loaded :class:`~loraport.adapters.LoraAdapter`);
+            or kohya / diffusers LoRA files (or :class:`~loraport.diffusion.DiffusionLora`). All of
+            one kind.
+        out: the output directory (models, adapters) or ``.safetensors`` file / directory
+            (image-model LoRAs), written atomically; adapters and image LoRAs may be fused in
+            memory only (``None``).
+        base: models: the common base C of the task-vector methods; adapters: the base for
+            ``regmean`` and GGUF LoRAs (the ``.gguf`` model); image LoRAs: the Stable Diffusion
+            base (resolves kohya names).
+        rank: adapters and image LoRAs: the fused rank (default: the sum of the input ranks);
+            models: RGSP's SVD rank.
+        out_format: adapters: ``peft`` or ``gguf`` (default: ``gguf`` for a ``.gguf`` ``out``, else
+            the first input's); image LoRAs: ``kohya``, ``diffusers`` or ``peft`` (default: the
+            first input's).
+        options, overrides: a :class:`~loraport.fusion.FuseOptions` and keyword overrides of its
+            fields (``method="ties"``, ``density=0.5``, ``scaling=1.5``).
+
+    Returns:
+        A :class:`~loraport.fusion.FusionResult` (``adapter`` holds a fused adapter).
+
+    Raises:
+        LoraportError: inputs of different kinds, and everything :func:`loraport.fusion.fuse`,
+            :func:`loraport.fusion.fuse_adapters` and :func:`loraport.diffusion.fuse.fuse_diffusion`
+            refuse (one-line messages naming the file).
+
+    Example::
+
+        >>> fuse("lora-facts", "lora-bins", "lora-both", method="ties", scaling=1.5)   # doctest: +SKIP
+        >>> fuse("style.safetensors", "subject.safetensors", "both.safetensors")       # doctest: +SKIP
+    """
+    inputs = [model_a, model_b, *more]
+    kinds = [input_kind(ref) for ref in inputs]
+    if len(set(kinds)) > 1:
+        first = kinds[0]
+        other = next(i for i, kind in enumerate(kinds) if kind != first)
+        words = {"adapter": "a PEFT adapter", "image": "an image-model LoRA", "model": "a model"}
+        raise FusionError(
+            f"{inputs[0]} is {words[first]} but {inputs[other]} is {words[kinds[other]]}: fuse inputs of one kind"
+        )
+    common: dict[str, Any] = dict(
+        options=options, report_path=report_path, overwrite=overwrite, progress=progress, **overrides
+    )
+    if kinds[0] == "image":
+        from .diffusion.fuse import fuse_diffusion
+
+        return fuse_diffusion(inputs, out, base=base, rank=rank, out_format=out_format, **common)
+    from .fusion import fuse as fuse_models
+    from .fusion import fuse_adapters
+
+    if kinds[0] == "adapter":
+        return fuse_adapters(model_a, model_b, out, more=more, rank=rank, base=base, out_format=out_format, **common)
+    if out_format is not None:
+        raise FusionError("--out-format is for fusing adapters; fused models are written as safetensors")
+    if out is None:
+        raise FusionError("model fusion writes a model directory: pass out")
+    if rank is not None:
+        common["rank"] = rank
+    return fuse_models(model_a, model_b, out, more=more, base=base, **common)
+
+
+__all__ = ["fuse", "input_kind", "transfer"]

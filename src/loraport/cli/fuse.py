@@ -21,23 +21,38 @@ def _parse_size(text: str) -> int:
 
 def _fuse_args(p: argparse.ArgumentParser) -> None:
     from ..fusion.methods import FUSION_METHODS
-    from ..fusion.options import DARE_COMBINE, DEFAULT_EXCLUDE, FALLBACKS, FuseOptions
+    from ..fusion.options import AUTO, DARE_COMBINE, DEFAULT_EXCLUDE, DEFAULTS, FALLBACKS, FuseOptions
 
     d = FuseOptions()
     p.add_argument(
-        "--models", nargs="+", required=True, metavar="MODEL", help="two or more models, or two or more LoRA adapters"
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="MODEL",
+        help="two or more models, or two or more LoRA adapters (PEFT, or kohya / diffusers files of one SD base)",
     )
     p.add_argument(
-        "--out", required=True, help="output directory (written atomically); adapters: also a .gguf file (GGUF LoRA)"
+        "--out",
+        required=True,
+        help="output directory (written atomically); adapters: also a .gguf file (GGUF LoRA); image-model LoRAs: "
+        "a .safetensors file or a directory",
     )
     p.add_argument(
         "--out-format",
-        choices=["peft", "gguf"],
         default=None,
+        choices=["peft", "gguf", "kohya", "diffusers"],
         help="adapters: peft or gguf (llama.cpp --lora; needs --base, the .gguf model; default: gguf for a .gguf "
-        "--out, else the first input's format)",
+        "--out, else the first input's format); image-model LoRAs: kohya, diffusers or peft (default: the first "
+        "input's)",
     )
-    p.add_argument("--method", default=d.method, choices=list(FUSION_METHODS), help=f"default {d.method}")
+    labels = {"adapter": "LLM adapters", "image": "image-model LoRAs", "model": "models (needs --base)"}
+    chosen = ", ".join(f"{m} x{s:g} for {labels.get(kind, kind)}" for kind, (m, s) in DEFAULTS.items())
+    p.add_argument(
+        "--method",
+        default=d.method,
+        choices=[AUTO, *FUSION_METHODS],
+        help=f"default {AUTO}: {chosen} (measured: benchmarks/results/fusion_real.md)",
+    )
     p.add_argument(
         "--base",
         default=None,
@@ -54,8 +69,8 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scaling",
         type=float,
-        default=d.scaling,
-        help=f"task-vector methods: W_C + scaling * merged (default {d.scaling})",
+        default=None,
+        help="task-vector methods: W_C + scaling * merged (default 1, or the auto method's)",
     )
     p.add_argument("--include", default=None, metavar="REGEX", help="tensors sent through the method (default: 2-D)")
     p.add_argument(
@@ -174,38 +189,41 @@ def _options(args: argparse.Namespace) -> object:
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..adapters import CONFIG_NAME, is_gguf_lora
-    from ..fusion import fuse, fuse_adapters
+    from ..adapters import is_gguf_lora
+    from ..api import fuse, input_kind
 
     if len(args.models) < 2:
         raise LoraportError(f"--models needs at least two inputs, got {len(args.models)}")
     options = _options(args)
     first, second, *more = args.models
-    is_adapter = [(Path(m) / CONFIG_NAME).exists() or is_gguf_lora(m) for m in args.models]
-    common = dict(options=options, report_path=args.report, overwrite=args.overwrite, progress=not args.quiet)
-    if any(is_adapter):
-        if not all(is_adapter):
-            which, other = args.models[is_adapter.index(True)], args.models[is_adapter.index(False)]
-            raise LoraportError(
-                f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
-            )
-        gguf = args.out_format == "gguf" or args.out.endswith(".gguf") or any(is_gguf_lora(m) for m in args.models)
-        if args.base and args.method != "regmean" and not gguf:
-            raise LoraportError(
-                "--base is for model fusion (regmean on adapters, GGUF LoRAs); adapters are fused on their shared "
-                "base (C = 0)"
-            )
-        result = fuse_adapters(
-            first, second, args.out, more=more, rank=args.rank, base=args.base, out_format=args.out_format, **common
+    kinds = [input_kind(m) for m in args.models]
+    if "adapter" in kinds and "model" in kinds:
+        which, other = args.models[kinds.index("adapter")], args.models[kinds.index("model")]
+        raise LoraportError(
+            f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
         )
-    else:
-        if args.out_format is not None:
-            raise LoraportError("--out-format is for fusing adapters; fused models are written as safetensors")
-        result = fuse(first, second, args.out, more=more, base=args.base, **common)
+    gguf = args.out_format == "gguf" or args.out.endswith(".gguf") or any(is_gguf_lora(m) for m in args.models)
+    if kinds[0] == "adapter" and args.base and args.method != "regmean" and not gguf:
+        raise LoraportError(
+            "--base is for model fusion (regmean on adapters, GGUF LoRAs); adapters are fused on their shared "
+            "base (C = 0)"
+        )
+    result = fuse(
+        first,
+        second,
+        args.out,
+        more=more,
+        base=args.base,
+        rank=args.rank if kinds[0] != "model" else None,
+        out_format=args.out_format,
+        options=options,
+        report_path=args.report,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     print(result.report.summary())
-    print(f"{result.report.kind} written to {args.out}" + (f"; report {args.report}" if args.report else ""))
+    what = "image-model LoRA" if kinds[0] == "image" else result.report.kind
+    print(f"{what} written to {args.out}" + (f"; report {args.report}" if args.report else ""))
     return 0
 
 

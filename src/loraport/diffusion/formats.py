@@ -397,8 +397,15 @@ def _component_config(modules: dict[str, LoraModule], base_name: str | None) -> 
     return adapter_config_for(adapter, base_name, sorted(modules))
 
 
-def kohya_name(name: str, target: DiffusionBase, unet_names: str) -> str:
-    """The kohya name of ``<component>.<module>`` for ``target`` (``lora_te1`` / ``lora_te2`` with two encoders)."""
+def kohya_name(name: str, target: DiffusionBase | None, unet_names: str) -> str:
+    """The kohya name of ``<component>.<module>`` for ``target`` (``lora_te1`` / ``lora_te2`` with two encoders).
+
+    Without ``target``, ``name`` must be a kohya name already (a kohya LoRA read without a base).
+    """
+    if target is None:
+        if not name.startswith(tuple(f"{p}_" for p in KOHYA_PREFIXES)):
+            raise TransferError(f"{name}: writing a kohya name needs the base model")
+        return name
     component, _, module = name.partition(".")
     if component == "unet":
         if unet_names == "sgm":
@@ -446,13 +453,13 @@ def _kohya_metadata(
 def write_kohya(
     path: Path,
     modules: dict[str, LoraModule],
-    target: DiffusionBase,
+    target: DiffusionBase | None,
     unet_names: str,
     metadata: dict[str, str],
     provenance: dict[str, str],
     dtype: torch.dtype,
 ) -> Path:
-    """Write a kohya LoRA file (``lora_down`` / ``lora_up`` / ``alpha``) for ``target``."""
+    """Write a kohya LoRA file (``lora_down`` / ``lora_up`` / ``alpha``) for ``target`` (see :func:`kohya_name`)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         key = kohya_name(name, target, unet_names)

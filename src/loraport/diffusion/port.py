@@ -17,7 +17,7 @@ from typing import Any
 
 from ..adapters import LoraAdapter
 from ..calibrate import CALIBRATED
-from ..errors import TransferError
+from ..errors import LoraportError, TransferError
 from ..io import atomic_file, check_output_dir, check_output_file
 from ..methods import get_method
 from ..port import (
@@ -46,13 +46,15 @@ def _open(base: str | os.PathLike[str] | DiffusionBase) -> DiffusionBase:
     return base if isinstance(base, DiffusionBase) else DiffusionBase.open(base)
 
 
-def _check_out(out: str | os.PathLike[str] | None, fmt: str, overwrite: bool) -> bool:
-    """Check ``out`` before any work; returns whether it names a single file."""
+def check_out(
+    out: str | os.PathLike[str] | None, fmt: str, overwrite: bool, error: type[LoraportError] = TransferError
+) -> bool:
+    """Check ``out`` before any work (a port's, or a fusion's with ``error=FusionError``); is it a single file?"""
     if out is None:
         return False
     if str(out).endswith(".safetensors"):
         if fmt == "peft":
-            raise TransferError(f"{out}: --out-format peft writes a directory (one adapter per component), not a file")
+            raise error(f"{out}: --out-format peft writes a directory (one adapter per component), not a file")
         check_output_file(out, overwrite)
         return True
     check_output_dir(out, overwrite)
@@ -64,18 +66,24 @@ def write_port(
     fmt: str,
     adapter: LoraAdapter,
     lora: DiffusionLora,
-    target: DiffusionBase,
+    target: DiffusionBase | None,
     provenance: dict[str, str],
 ) -> None:
-    """Write ``adapter`` in format ``fmt`` to ``path`` (a file for kohya / diffusers, a directory for peft)."""
+    """Write ``adapter`` in format ``fmt`` to ``path`` (a file for kohya / diffusers, a directory for peft).
+
+    ``target`` names kohya and PEFT modules; without it the modules must carry kohya names
+    already (kohya LoRAs read without a base) and only ``kohya`` can be written.
+    """
     if fmt == "kohya":
         unet_names = lora.unet_names if lora.format == "kohya" else None
         if unet_names is None:  # sd-scripts names SDXL-class UNets (two text encoders) the sgm way
-            unet_names = "sgm" if "text_encoder_2" in target.components else "diffusers"
+            unet_names = "sgm" if target is not None and "text_encoder_2" in target.components else "diffusers"
         write_kohya(path, adapter.modules, target, unet_names, lora.metadata, provenance, adapter.dtype)
     elif fmt == "diffusers":
         write_diffusers(path, adapter.modules, lora.metadata, provenance, adapter.dtype)
     else:
+        if target is None:
+            raise TransferError("writing per-component PEFT adapters needs the base model")
         write_peft_components(path, adapter.modules, target, adapter.dtype)
 
 
@@ -123,7 +131,7 @@ def transfer_diffusion(
         else read_diffusion_lora(adapter, src, drop_unsupported=options.drop_unsupported)
     )
     fmt = options.out_format or lora.format
-    single_file = _check_out(out, fmt, overwrite)
+    single_file = check_out(out, fmt, overwrite)
     if single_file and extra_files:
         raise TransferError(f"{out}: extra files need a directory --out, not a .safetensors file")
     method = get_method(options.method)

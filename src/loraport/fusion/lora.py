@@ -54,6 +54,7 @@ from ..adapters import (
     LoraModule,
     adapter_config_for,
     gguf_target,
+    is_gguf_file,
     load_adapter,
     output_format,
     save_adapter,
@@ -101,17 +102,16 @@ def _alpha_for_scale(scale: float, rank: int, use_rslora: bool) -> float:
 def _copy_module(module: LoraModule, use_rslora: bool) -> LoraModule:
     """The same factors; alpha adjusted if the output's rsLoRA convention differs."""
     alpha = module.alpha if module.use_rslora == use_rslora else _alpha_for_scale(module.scale, module.rank, use_rslora)
-    return LoraModule(module.name, module.A, module.B, alpha, use_rslora)
+    return LoraModule(module.name, module.A, module.B, alpha, use_rslora, module.kernel)
 
 
-def _fused_module(
-    name: str, factors: Factors, shape: tuple[int, int], use_rslora: bool, dtype: torch.dtype
-) -> LoraModule:
+def _fused_module(name: str, factors: Factors, like: LoraModule, use_rslora: bool, dtype: torch.dtype) -> LoraModule:
+    """The fused factors as a module shaped ``like`` the inputs' (a conv module keeps its kernel)."""
     B, A = factors.B.to(dtype), factors.A.to(dtype)
     if factors.rank == 0:  # PEFT needs r >= 1: a zero update as rank-1 zero factors
-        B, A = B.new_zeros(shape[0], 1), A.new_zeros(1, shape[1])
+        B, A = B.new_zeros(like.shape[0], 1), A.new_zeros(1, like.shape[1])
     rank = int(A.shape[0])
-    return LoraModule(name, A, B, _alpha_for_scale(1.0, rank, use_rslora), use_rslora)
+    return LoraModule(name, A, B, _alpha_for_scale(1.0, rank, use_rslora), use_rslora, like.kernel)
 
 
 def _fuse_module(
@@ -145,6 +145,23 @@ def _fuse_module(
     if len(updates) == 2:
         fields["position"] = position_on_line(space.cores[0], space.cores[1], merged)
     return space.lift(merged, max_rank), fields
+
+
+def _check_bases(bases: list[Any], names_in: list[str], options: FuseOptions) -> None:
+    """Adapters whose ``base_model_name_or_path`` name different models (by the name's last part) are refused.
+
+    ``models/smollm2`` and ``/data/models/smollm2`` pass (the same model saved in two places,
+    noted in the report); ``Qwen/Qwen2.5-1.5B`` and ``google/gemma-2-2b`` do not, unless
+    ``allow_mismatch``. Adapters that name no base are not checked.
+    """
+    named = [(i, str(b), Path(str(b).rstrip("/")).name.lower()) for i, b in enumerate(bases) if b]
+    other = next((entry for entry in named if entry[2] != named[0][2]), None)
+    if other is not None and not options.allow_mismatch:
+        (i, first, _), (j, second, _) = named[0], other
+        raise FusionError(
+            f"{names_in[i]} was trained on {first!r} but {names_in[j]} on {second!r}: LoRAs of different base "
+            "models cannot be fused (pass allow_mismatch=True / --allow-mismatch if they are the same model)"
+        )
 
 
 def _load(adapter: AdapterRef, base: Checkpoint | None) -> LoraAdapter:
@@ -204,7 +221,7 @@ def fuse_adapters(
         A :class:`FusionResult` whose ``adapter`` is the fused :class:`LoraAdapter`.
     """
     started = time.perf_counter()
-    options = resolve_options(options, overrides)
+    options = resolve_options(options, overrides, kind="adapter")
     info = options.info
     count = 2 + len(more)
     if info.max_models is not None and count > info.max_models:
@@ -229,6 +246,9 @@ def fuse_adapters(
         kind="adapter",
     )
     bases = [ad.config.get("base_model_name_or_path") for ad in adapters]
+    # a GGUF LoRA names the base it was read with (--base), not the one it was trained on
+    _check_bases([None if ad.path and is_gguf_file(ad.path) else b for ad, b in zip(adapters, bases, strict=True)],
+                 names_in, options)  # fmt: skip
     if len(set(bases)) > 1:
         listed = ", ".join(repr(b) for b in bases)
         report.notes.append(f"adapters name different bases ({listed}); assumed to be the same model")
@@ -240,21 +260,8 @@ def fuse_adapters(
     elif base is not None:
         report.notes.append(f"base {base} ignored: {options.method} on adapters does not use one")
     use_rslora = adapters[0].use_rslora
-    modules: dict[str, LoraModule] = {}
-    names: list[str] = []
-    for adapter in adapters:
-        names += [n for n in adapter.modules if n not in modules and n not in names]
-    if grams is not None:  # Grams are served layer by layer
-        names.sort(key=lambda n: (grams.module_of(n + ".weight") or (-1, ""))[0])
     try:
-        for name in tqdm(
-            names, desc=f"loraport fuse {options.method}", unit="module", file=sys.stderr, disable=not progress
-        ):
-            t0 = time.perf_counter()
-            record, module = _fuse_named(name, adapters, names_in, options, rank, use_rslora, grams)
-            modules[name] = module
-            record.seconds = time.perf_counter() - t0
-            report.records.append(record)
+        modules = merge_adapters(adapters, names_in, options, report, rank=rank, grams=grams, progress=progress)
     finally:
         if grams is not None:
             grams.close()
@@ -285,6 +292,63 @@ def fuse_adapters(
     if report_path is not None:
         report.save(report_path)
     return FusionResult(written, report, fused)
+
+
+def merge_adapters(
+    adapters: Sequence[LoraAdapter],
+    names_in: Sequence[str],
+    options: FuseOptions,
+    report: FusionReport,
+    *,
+    rank: int | None = None,
+    grams: LayerGrams | None = None,
+    progress: bool = False,
+) -> dict[str, LoraModule]:
+    """Fuse loaded adapters module by module (no I/O): the fused modules, one record each appended to ``report``.
+
+    The per-module work of :func:`fuse_adapters`, for any front whose adapters are
+    :class:`~loraport.adapters.LoraAdapter` objects (image-model LoRAs read from kohya or
+    diffusers files too). Modules are matched by name: a module held by one adapter only is
+    copied, one held by several is fused among them (conv modules keep their kernel).
+
+    Args:
+        adapters: ``N >= 2`` adapters of one base.
+        names_in: how each adapter is named in errors and the report (file paths).
+        options: a validated :class:`FuseOptions`.
+        rank: maximum rank of each fused module (default ``sum_i r_i`` of the module's holders).
+        grams: RegMean's input Grams (``regmean`` only; see :func:`fuse_adapters`).
+
+    Raises:
+        FusionError: no module is held by two adapters (adapters of different bases), a
+            module's update shape differs (unless ``allow_mismatch``), non-finite results.
+    """
+    adapters = list(adapters)
+    names: list[str] = []
+    seen: set[str] = set()
+    for adapter in adapters:
+        for n in adapter.modules:
+            if n not in seen:
+                seen.add(n)
+                names.append(n)
+    shared = [n for n in names if sum(n in ad.modules for ad in adapters) > 1]
+    if not shared:
+        raise FusionError(
+            f"{names_in[0]} and {names_in[1]} have no module in common (first: {next(iter(adapters[0].modules))} vs "
+            f"{next(iter(adapters[1].modules))}): LoRAs of different base models cannot be fused"
+        )
+    if grams is not None:  # Grams are served layer by layer
+        names.sort(key=lambda n: (grams.module_of(n + ".weight") or (-1, ""))[0])
+    use_rslora = adapters[0].use_rslora
+    modules: dict[str, LoraModule] = {}
+    for name in tqdm(
+        names, desc=f"loraport fuse {options.method}", unit="module", file=sys.stderr, disable=not progress
+    ):
+        t0 = time.perf_counter()
+        record, module = _fuse_named(name, adapters, list(names_in), options, rank, use_rslora, grams)
+        modules[name] = module
+        record.seconds = time.perf_counter() - t0
+        report.records.append(record)
+    return modules
 
 
 def _fuse_named(
@@ -347,4 +411,4 @@ def _fuse_named(
         setattr(record, key, value)
     record.out_rank = max(factors.rank, 1)
     record.dropped_energy = factors.dropped_energy
-    return record, _fused_module(name, factors, first.shape, use_rslora, first.A.dtype)
+    return record, _fused_module(name, factors, first, use_rslora, first.A.dtype)

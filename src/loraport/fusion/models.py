@@ -152,7 +152,7 @@ def fuse(
             without calibration text, an existing ``out``.
     """
     started = time.perf_counter()
-    options = resolve_options(options, overrides)
+    options = resolve_options(options, overrides, kind="model")
     info = options.info
     inputs = [model_a, model_b, *more]
     if info.max_models is not None and len(inputs) > info.max_models:
@@ -162,7 +162,8 @@ def fuse(
         )
     out_path = check_output_dir(out, overwrite)
     if options.needs_base and base is None:
-        raise FusionError(f"method {options.method} needs the common base model C of the inputs (--base)")
+        hint = "; or choose a method without one (--method average, regmean, rgsp)"
+        raise FusionError(f"method {options.method} needs the common base model C of the inputs (--base){hint}")
     with ExitStack() as stack:
         ckpts = [_open(model, stack) for model in inputs]
         ckpt_c = _open(base, stack) if base is not None and options.needs_base else None

@@ -46,6 +46,16 @@ DEFAULT_SHARD_SIZE = 2 * 2**30
 DEFAULT_DARE_DENSITY = 0.5
 FALLBACKS = ("average", "task_arithmetic")
 DARE_COMBINE = ("task_arithmetic", "ties")
+AUTO = "auto"
+# The defaults (method, scaling) when none is given, per input kind: chosen by the real fusion
+# benchmark (benchmarks/results/fusion_real.md; docs/fusion.md says why).
+DEFAULTS: dict[str, tuple[str, float]] = {
+    # SmolLM2 LoRAs: the best data-free method on the content merges; its dev-chosen scaling in 4 of those 5
+    "adapter": ("iso_c", 1.5),
+    "image": ("tsv", 0.5),  # two concept LoRAs of the tiny text-to-image world: the best method, its dev scaling
+    # two SmolLM2 full fine-tunes: the best worst-domain gain kept (RegMean, which needs text, tied); its dev scaling
+    "model": ("tsv", 1.0),
+}
 
 
 class FusionError(LoraportError):
@@ -184,9 +194,12 @@ class FuseOptions:
     """Options of :func:`loraport.fusion.fuse` and :func:`loraport.fusion.fuse_adapters`.
 
     Attributes:
-        method: one of :data:`~loraport.fusion.methods.FUSION_METHODS`.
+        method: one of :data:`~loraport.fusion.methods.FUSION_METHODS`, or ``"auto"`` (the
+            default): :data:`DEFAULTS` for the inputs' kind (adapters, models), with its scaling
+            unless ``scaling`` is given.
         scaling: task-vector methods (``task_arithmetic``, ``ties``, ``dare``, ``tsv``,
-            ``iso_c``, ``iso_cts``) return ``W_0 + scaling * merged``; default 1.
+            ``iso_c``, ``iso_cts``) return ``W_0 + scaling * merged``; ``None`` (the default):
+            1, or the default method's scaling with ``method="auto"``.
         include: regex on tensor names selecting the tensors that go through the method
             (default: every 2-D floating tensor); others are averaged.
         exclude: regex of tensors never sent through the method (default: embeddings and the
@@ -199,8 +212,8 @@ class FuseOptions:
         rgsp, ties, dare, iso_cts, regmean: each method's own settings.
     """
 
-    method: str = "rgsp"
-    scaling: float = baselines.DEFAULT_SCALING
+    method: str = AUTO
+    scaling: float | None = None
     include: str | None = None
     exclude: str | None = DEFAULT_EXCLUDE
     allow_mismatch: bool = False
@@ -225,6 +238,11 @@ class FuseOptions:
         """The options group of ``method`` (default: the chosen one), or ``None``."""
         name = METHOD_GROUPS.get(method or self.method)
         return getattr(self, name) if name else None
+
+    def for_kind(self, kind: str) -> FuseOptions:
+        """These options with ``method="auto"`` and ``scaling=None`` resolved for ``kind`` (a key of DEFAULTS)."""
+        method, scaling = DEFAULTS[kind] if self.method == AUTO else (self.method, baselines.DEFAULT_SCALING)
+        return dataclasses.replace(self, method=method, scaling=scaling if self.scaling is None else self.scaling)
 
     def validate(self) -> None:
         """Raise :class:`FusionError` on an unknown method or an out-of-range value."""
@@ -266,8 +284,8 @@ class FuseOptions:
         return {**shared, **settings}
 
 
-def resolve_options(options: FuseOptions | None, overrides: dict[str, Any]) -> FuseOptions:
-    """A validated copy of ``options`` with keyword ``overrides`` applied.
+def resolve_options(options: FuseOptions | None, overrides: dict[str, Any], kind: str = "adapter") -> FuseOptions:
+    """A validated copy of ``options`` with keyword ``overrides`` applied and the defaults of ``kind`` resolved.
 
     An override names a shared field (``scaling=0.5``), a whole group (``ties=TiesOptions(...)``
     or ``dare={"density": 0.3}``) or a group's field (``gamma=0.5``, ``density=0.3``): the
@@ -288,7 +306,8 @@ def resolve_options(options: FuseOptions | None, overrides: dict[str, Any]) -> F
         elif name in {f.name for f in fields(options)}:
             setattr(options, name, value)
         else:
-            own = options.group() if options.method in METHOD_GROUPS else None
+            chosen = DEFAULTS[kind][0] if options.method == AUTO else options.method
+            own = options.group(chosen) if chosen in METHOD_GROUPS else None
             if own is not None and hasattr(own, name):
                 setattr(own, name, value)
                 continue
@@ -297,11 +316,16 @@ def resolve_options(options: FuseOptions | None, overrides: dict[str, Any]) -> F
                 raise TypeError(f"unknown fusion option {name!r}")
             for target in targets:
                 setattr(target, name, value)
+    if options.method != AUTO and options.method not in FUSION_METHODS:
+        options.validate()  # the unknown method's error
+    options = options.for_kind(kind)
     options.validate()
     return options
 
 
 __all__ = [
+    "AUTO",
+    "DEFAULTS",
     "DEFAULT_EXCLUDE",
     "DEFAULT_SHARD_SIZE",
     "DareOptions",

@@ -368,10 +368,34 @@ def build_assets(
     ``workers`` at a time, each in a fresh process; write ``work/assets.json`` and return its path."""
     config = config or RealConfig()
     root = Path(work)
+    records, failed = run_stages(root, config, stages(config, gguf_dir), only, redo, workers, config.threads, say)
+    assets = {"config": config.to_dict(), "gguf_dir": gguf_dir, "stages": records}
+    written = atomic_write_text(root / ASSETS, json.dumps(finite_json(assets), indent=1) + "\n")
+    if failed:
+        raise LoraportError(f"{len(failed)} stage(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return written
+
+
+def run_stages(
+    root: Path,
+    config: Any,
+    planned: list[Stage],
+    only: list[str] | None = None,
+    redo: list[str] | None = None,
+    workers: int = 2,
+    threads: int = 1,
+    say: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run the ``planned`` stages that have no record under ``root/stages`` (see :func:`build_assets`).
+
+    Each stage runs ``stage.fn(root, config, *stage.args)`` in a fresh spawned process with
+    ``threads`` torch threads, once every stage it needs has a record (written by this run or
+    by another runner on the same directory); its record is written atomically. Returns the
+    records of every planned stage that has one and ``{stage: why}`` of the failed ones.
+    """
     (root / "stages").mkdir(parents=True, exist_ok=True)
     records: dict[str, Any] = {}
     pending: list[Stage] = []
-    planned = stages(config, gguf_dir)
     for stage in planned:
         record = _read_stage(root, stage.name)
         if record is not None and stage.name not in (redo or []):
@@ -392,9 +416,7 @@ def build_assets(
                 if all(dep in records for dep in stage.deps):
                     pending.remove(stage)
                     # one pool per stage: a fresh process, so its peak RSS is its own
-                    pool = ProcessPoolExecutor(
-                        1, mp_context=context, initializer=_init_worker, initargs=(config.threads,)
-                    )
+                    pool = ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker, initargs=(threads,))
                     running[pool.submit(_run_stage, str(root), config, stage)] = (stage, pool)
                     say(f"[{time.strftime('%H:%M:%S')}] stage {stage.name} ...")
             if not running:
@@ -424,11 +446,7 @@ def build_assets(
             continue
         if (record := _read_stage(root, stage.name)) is not None:
             records[stage.name] = record
-    assets = {"config": config.to_dict(), "gguf_dir": gguf_dir, "stages": records}
-    written = atomic_write_text(root / ASSETS, json.dumps(finite_json(assets), indent=1) + "\n")
-    if failed:
-        raise LoraportError(f"{len(failed)} stage(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-    return written
+    return records, failed
 
 
 def _read_stage(root: Path, name: str) -> dict[str, Any] | None:
