@@ -90,9 +90,9 @@ def assets_markdown(
         "",
         "Built by `python benchmarks/real_assets.py --work benchmarks/work/real` (stages cached under the work "
         f"directory, each in its own process with {config['threads']} torch thread(s); summary written by "
-        f"`{command}`). The machine is a 2-core one shared with other jobs (load average 8-15 during the build): "
-        "wall times are far above the work's own cost. `assets.json` in the work directory holds every number "
-        "below.",
+        f"`{command}`). The machine is a 2-core one shared with other jobs (loaded during the build; the gemma3 "
+        "bins oracle of this build ran beside one distill port): wall times are far above the work's own cost. "
+        "`assets.json` in the work directory holds every number below.",
         "",
         "## Models",
         "",
