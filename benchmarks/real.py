@@ -233,6 +233,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                       + (f" error: {measured['error']}" if measured["error"] else ""), flush=True)  # fmt: skip
     for row in rows:  # base and oracle from the assets as they are now (cached rows may predate them)
         row["base"], row["oracle"] = scores(assets, row["target"], row["task"])
+        if row["acc"] is None and "no adapter written" in (row.get("error") or "") and row["base"] is not None:
+            # the no-harm rules wrote nothing: the user keeps the target as it is, which scores its base
+            n = len(load_arc_jsonl(work / "tasks" / row["task"] / "eval.jsonl"))
+            row["acc"], row["stderr"], row["modules"] = row["base"], (row["base"] * (1 - row["base"]) / n) ** 0.5, 0
+            row["notes"] = [f"nothing written, scored as the base: {row['error']}"]
         gain = None if row["oracle"] is None or row["base"] is None else row["oracle"] - row["base"]
         ok = row["acc"] is not None and gain is not None and gain >= 0.05
         row["gain_recovery"] = (row["acc"] - row["base"]) / gain if ok else None

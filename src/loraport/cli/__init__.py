@@ -51,12 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_level_prefix(record: logging.LogRecord) -> bool:
+    """Report warnings (which start with ``WARNING:`` for the reports' notes) with the level named once."""
+    prefix = f"{record.levelname}: "
+    if isinstance(record.msg, str) and record.msg.startswith(prefix):
+        record.msg = record.msg[len(prefix) :]
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="loraport: %(levelname)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_level_prefix)
     try:
         return _COMMANDS[args.command][1](args)
     except LoraportError as exc:

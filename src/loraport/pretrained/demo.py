@@ -69,6 +69,7 @@ def run_real_demo(
 
     from ..api import transfer
     from ..demo import TargetScorer
+    from ..errors import TransferError
     from ..evaluate import load_arc_jsonl
     from .packages import gguf_path
 
@@ -116,8 +117,17 @@ def run_real_demo(
             extra = inputs.get(name, {})
             note(f"porting to Gemma-3-270M with {name} ...")
             started = time.perf_counter()
-            result = transfer(adapter, smollm2, gemma3, port_dir, overwrite=True, progress=say is not None,
-                              report_path=out / f"gemma3-{name}.json", **options, **extra)  # fmt: skip
+            try:
+                result = transfer(adapter, smollm2, gemma3, port_dir, overwrite=True, progress=say is not None,
+                                  report_path=out / f"gemma3-{name}.json", **options, **extra)  # fmt: skip
+            except TransferError as exc:  # the no-harm rules left nothing to write: the target stays as it is
+                seconds = time.perf_counter() - started
+                note(f"{name}: nothing written ({exc})")
+                remark = "nothing written: the port was no better than leaving the target alone"
+                rows.append(
+                    RealDemoRow("Gemma-3-270M", f"ported: {name}", target_base, len(examples), 0.0, seconds, remark)
+                )
+                continue
             seconds = time.perf_counter() - started
             acc = target.with_adapter(port_dir).acc
             remark = "; ".join(n for n in result.report.notes if "mode" in n or n.startswith("WARNING"))
