@@ -32,7 +32,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     )
     real.add_argument("--gguf-dir", default=None, metavar="DIR", help="a directory holding both .gguf files instead")
     real.add_argument(
-        "--limit", type=int, default=100, metavar="N", help="questions scored per model (default 100 of 200)"
+        "--limit", type=int, default=40, metavar="N", help="questions scored per model (default 40 of 200)"
     )
 
 

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-DEFAULT_LIMIT = 100
+DEFAULT_LIMIT = 40
 PORTS: dict[str, dict[str, Any]] = {
     "prolora": {"method": "prolora", "subspace_rank": 64},
     "calibrated": {"method": "calibrated"},
