@@ -91,4 +91,23 @@ def shared_vocabulary(
     return ids_s, ids_t
 
 
-__all__ = ["AlignedSample", "align_sample", "shared_vocabulary", "token_ends", "token_text", "token_texts"]
+def right_pad(rows: Any, pad: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as one right-padded batch: ``(ids, attention mask)``, on ``device``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+__all__ = [
+    "AlignedSample",
+    "align_sample",
+    "right_pad",
+    "shared_vocabulary",
+    "token_ends",
+    "token_text",
+    "token_texts",
+]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..adapters import LoraAdapter, attach_adapter
-from ..alignment import AlignedSample, shared_vocabulary
+from ..alignment import AlignedSample, right_pad, shared_vocabulary
 from ..checkpoints import Checkpoint
 from ..pairing import Pairing
 from .shared import Part
@@ -60,16 +60,6 @@ class EffectProbe:
         return float(residual / torch.sum(self.weight * self.delta**2).clamp(min=1e-30))
 
 
-def _padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def support_logprobs(
     model: Any,
@@ -82,7 +72,7 @@ def support_logprobs(
     """``(P, S)`` log-probabilities over the support at ``positions`` of each row (rows in order)."""
     out = []
     for start in range(0, len(rows), BATCH):
-        ids, mask = _padded(rows[start : start + BATCH], pad)
+        ids, mask = right_pad(rows[start : start + BATCH], pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for i, chosen in enumerate(positions[start : start + BATCH]):
             picked = logits[i, list(chosen)].float()

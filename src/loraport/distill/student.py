@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..adapters import LoraModule, lora_scale
+from ..alignment import right_pad
 from ..lowrank import balanced_factors
 from .teacher import TeacherOutputs, text_ends
 
@@ -366,7 +367,7 @@ def keep_samples(
     with student.disable_adapter():
         for start in range(0, len(rows), 8):
             chunk = [list(r) for r in rows[start : start + 8]]
-            ids, mask = _right_pad(chunk, pad, device)
+            ids, mask = right_pad(chunk, pad, device)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             hidden = final_hidden(student, ids, mask, positions)
             for i, row in enumerate(chunk):
@@ -374,16 +375,6 @@ def keep_samples(
                 top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
                 out.append(KeepSample(row, top.indices.cpu(), top.values.cpu()))
     return out
-
-
-def _right_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def keep_loss(
@@ -395,7 +386,7 @@ def keep_loss(
     support: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean KL from the target base's own predictions to the student's on generic text (over the support)."""
-    ids, mask = _right_pad([s.ids for s in samples], pad, device)
+    ids, mask = right_pad([s.ids for s in samples], pad, device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         hidden = final_hidden(student, ids, mask, positions)
@@ -411,7 +402,7 @@ def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, ba
     """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass."""
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        ids, mask = _right_pad(rows[start : start + batch_size], 0, device)
+        ids, mask = right_pad(rows[start : start + batch_size], 0, device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
