@@ -105,6 +105,13 @@ TABLE: dict[str, dict[str, Any]] = {
     # distillation from the task's training questions (no answers): ARC JSONL through the evaluator's template
     "distill": {"method": "distill", "prompts": "train"},
 }
+# What each part of the distillation loss adds (issue 18): run with --final and these names.
+DISTILL_VARIANTS: dict[str, dict[str, Any]] = {
+    "distill, KL only": {"method": "distill", "prompts": "train", "distill_loss": "kl"},
+    "distill, sequence only": {"method": "distill", "prompts": "train", "distill_loss": "seq"},
+    "distill, KL at all positions": {"method": "distill", "prompts": "train", "distill_positions": "all"},
+    "distill, no keep term": {"method": "distill", "prompts": "train", "distill_keep_weight": 0.0},
+}
 DEFAULT_TARGETS = ["D5", "D15", "D30", "I", "X"]
 
 
@@ -227,7 +234,7 @@ def run(args: argparse.Namespace, names: list[str], isolated: bool) -> list[dict
     if cache_path.exists() and not args.fresh:
         cache = json.loads(cache_path.read_text())
     rows = []
-    specs = {**BASELINES, **VARIANTS, **TABLE}
+    specs = {**BASELINES, **VARIANTS, **TABLE, **DISTILL_VARIANTS}
     for task in args.tasks or list(zoo.tasks):
         examples = load_arc_jsonl(zoo.eval_path(task), limit=args.limit)
         adapter = zoo.lora_path(zoo.source, task)
@@ -309,6 +316,22 @@ def exploration_table(rows: list[dict[str, Any]], names: list[str]) -> list[str]
     return lines
 
 
+def gain_cell(row: dict[str, Any]) -> str:
+    """Gain recovery; on I (whose oracle is trained on I) the accuracy change against I's base too."""
+    gain = _f(row["gain_recovery"], 2)
+    if row["target"] == "I" and row["acc"] is not None:
+        gain = f"{gain} (acc {row['acc'] - row['base']:+.3f})"
+    return gain
+
+
+def distill_cells(row: dict[str, Any]) -> str:
+    """A distilled row's held-out agreement (start -> distilled), what was written, the perplexity change, steps."""
+    d = row["distill"]
+    held = d["heldout"]
+    return (f"{held['start']['agreement']:.3f} -> {held['distilled']['agreement']:.3f} | {d['chosen']} | "
+            f"{d['perplexity_change']:+.1%} | {d['steps']} ({d['stopped']})")  # fmt: skip
+
+
 def final_table(rows: list[dict[str, Any]], baseline_mb: float) -> list[str]:
     lines = ["| task | target | method | base | ported | oracle | gain recovery | port time (s) | peak RSS (MB) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -318,16 +341,38 @@ def final_table(rows: list[dict[str, Any]], baseline_mb: float) -> list[str]:
         if cal:
             name += f" ({cal.get('samples')} samples, {cal.get('tokens')} tokens)"
         acc = _f(r["acc"]) if r["error"] is None else f"n/a ({r['error'][:60]})"
-        gain = _f(r["gain_recovery"], 2)
-        if r["target"] == "I" and r["acc"] is not None:
-            gain = f"{gain} (acc {r['acc'] - r['base']:+.3f})"
         lines.append(
-            f"| {r['task']} | {r['target']} | {name} | {_f(r['base'])} | {acc} | {_f(r['oracle'])} | {gain} | "
+            f"| {r['task']} | {r['target']} | {name} | {_f(r['base'])} | {acc} | {_f(r['oracle'])} | {gain_cell(r)} | "
             f"{_f(r['seconds'], 2)} | {_f(r['peak_rss_mb'], 0)} |"
         )
     lines += ["", f"Peak RSS is the porting process's own (`VmHWM`); a process that only imports loraport and "
               f"transformers peaks at {baseline_mb:.0f} MB. Gain recovery: `-` where the port failed; on I "
               "(whose oracle is trained on I) the accuracy change against I's base is given too."]  # fmt: skip
+    return lines
+
+
+def distill_table(rows: list[dict[str, Any]], zoo: Any) -> list[str]:
+    """Distilled ports: held-out agreement, what was written, the cost elsewhere, time against the oracle's."""
+    distilled = [r for r in rows if r.get("distill")]
+    if not distilled:
+        return []
+    lines = ["", "## Distilled ports (`--method distill`)", "",
+             "Prompts: the task's training questions through the evaluator's template, answers never read. "
+             "Held-out agreement: the share of the teacher's continuation tokens on the held-out 10 % of the "
+             "prompts that the target predicts greedily, with the start port (`--init auto`: the copy where "
+             "shapes match, else the bare target) and with the distilled adapter; the written one is the better. "
+             "Generic perplexity: the target's perplexity change on generic text with the written adapter. "
+             "Oracle training: the zoo's own training time for the oracle LoRA (`manifest.json`, built on the "
+             "same machine).", "",
+             "| task | target | variant | base | ported | oracle | gain recovery | held-out agreement start -> "
+             "distilled | written | generic perplexity | steps (stopped) | port time (s) | oracle training (s) |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|"]  # fmt: skip
+    for r in distilled:
+        lora = zoo.data["loras"].get(f"{r['target']}-{r['task']}") or {}
+        lines.append(
+            f"| {r['task']} | {r['target']} | {r['name']} | {_f(r['base'])} | {_f(r['acc'])} | {_f(r['oracle'])} | "
+            f"{gain_cell(r)} | {distill_cells(r)} | {_f(r['seconds'], 1)} | {_f(lora.get('seconds'), 1)} |"
+        )
     return lines
 
 
@@ -362,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {out}")
         return 0
+    from loraport.zoo import load_manifest
+
     rows = run(args, args.final, isolated=True)
     baseline = import_baseline_mb()
     loads = [r["load"] for r in rows if r.get("load") is not None] or [os.getloadavg()[0]]
@@ -374,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             "row says *domain text*: the task's training questions as prompts, without answers. Variants "
             "tried: [calibrated_exploration.md](calibrated_exploration.md); what they mean: "
             "[docs/methods.md](../../docs/methods.md#calibrated-transfer---method-calibrated-loraportcalibrate-loraportmethodscalibrated).",
-            "", *final_table(rows, baseline)]  # fmt: skip
+            "", *final_table(rows, baseline), *distill_table(rows, load_manifest(args.zoo))]  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n", encoding="utf-8")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from calibrated import import_baseline_mb, port
+from calibrated import distill_cells, import_baseline_mb, port
 
 # name -> transfer() options ("calibration": a key of the assets' calibration texts).
 METHODS: dict[str, dict[str, Any]] = {
@@ -374,15 +374,12 @@ def distill_table(rows: list[dict[str, Any]], assets: dict[str, Any]) -> list[st
              "time / oracle | peak RSS (MB) |",
              "|---|---|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in distilled:
-        d = r["distill"]
-        held = d["heldout"]
         oracle = oracle_seconds(assets, r["target"], r["task"])
         ratio = _f(r["seconds"] / oracle, 2) if oracle and r["seconds"] else "-"
-        teacher = (d.get("teacher") or {}).get("seconds")
+        teacher = (r["distill"].get("teacher") or {}).get("seconds")
         lines.append(
             f"| {r['task']} | {r['target']} | {r['name']} | {_f(r['acc'])} ({_f(r['stderr'])}) | "
-            f"{_f(r['gain_recovery'], 2)} | {held['start']['agreement']:.3f} -> {held['distilled']['agreement']:.3f} | "
-            f"{d['chosen']} | {d['perplexity_change']:+.1%} | {d['steps']} ({d['stopped']}) | {_f(teacher, 0)} | "
+            f"{_f(r['gain_recovery'], 2)} | {distill_cells(r)} | {_f(teacher, 0)} | "
             f"{_f(r['seconds'], 0)} | {_f(oracle, 0)} | {ratio} | {_f(r['peak_rss_mb'], 0)} |"
         )
     synth = [r for r in distilled if r["distill"].get("synthesized")]
