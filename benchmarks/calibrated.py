@@ -111,6 +111,7 @@ DISTILL_VARIANTS: dict[str, dict[str, Any]] = {
     "distill, sequence only": {"method": "distill", "prompts": "train", "distill_loss": "seq"},
     "distill, KL at all positions": {"method": "distill", "prompts": "train", "distill_positions": "all"},
     "distill, no keep term": {"method": "distill", "prompts": "train", "distill_keep_weight": 0.0},
+    "distill, keep weight 2": {"method": "distill", "prompts": "train", "distill_keep_weight": 2.0},
 }
 DEFAULT_TARGETS = ["D5", "D15", "D30", "I", "X"]
 
