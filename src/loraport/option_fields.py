@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass
 from typing import Any
 
+from .errors import TransferError
+
 OPTION = "loraport_option"
 
 
@@ -99,4 +101,37 @@ def default_of(field: dataclasses.Field[Any]) -> Any:
     raise ValueError(f"option {field.name} has no default")
 
 
-__all__ = ["OPTION", "OptionSpec", "declared", "default_of", "option", "option_spec"]
+def keyword_fields(cls: type) -> dict[str, str]:
+    """``transfer()`` keyword names -> field names of an option group, whose every field must be declared."""
+    names = {spec.name or f.name: f.name for f, spec in declared(cls)}
+    if len(names) != len(dataclasses.fields(cls)):
+        raise TypeError(f"every field of {cls.__name__} must be declared with option()")
+    return names
+
+
+def check_choices(options: Any, only: tuple[str, ...] | None = None) -> None:
+    """Raise ``TransferError`` for the first declared field whose value is not among its choices.
+
+    ``None`` passes (an unset option); ``only``: these field names (default: every field with
+    choices). The message names the option as the user spelled it: its flag, else its keyword.
+    """
+    for field, spec in declared(type(options)):
+        allowed = spec.allowed()
+        if allowed is None or (only is not None and field.name not in only):
+            continue
+        value = getattr(options, field.name)
+        if value is not None and value not in allowed:
+            spelled = "--" + spec.flag.replace("_", "-") if spec.flag else (spec.name or field.name)
+            raise TransferError(f"{spelled} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+__all__ = [
+    "OPTION",
+    "OptionSpec",
+    "check_choices",
+    "declared",
+    "default_of",
+    "keyword_fields",
+    "option",
+    "option_spec",
+]

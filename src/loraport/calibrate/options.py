@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import TransferError
-from ..option_fields import declared, option
+from ..option_fields import check_choices, keyword_fields, option
 
 CALIBRATED = "calibrated"
 INITS = ("auto", "identity", "project", "lorax", "procrustes", "prolora", "zero")
@@ -108,7 +108,7 @@ class CalibrationOptions:
         help=f"start point's method, for calibrated and distill (default {DEFAULT_INIT}: the copy where shapes match; "
         "elsewhere prolora for calibrated, the target itself for distill)",
     )
-    truncation: str = option("rrr", name="calib_truncation")
+    truncation: str = option("rrr", name="calib_truncation", choices=("rrr", "svd"))
     output_weight: float = option(
         DEFAULT_OUTPUT_WEIGHT,
         name="calib_output_weight",
@@ -117,7 +117,7 @@ class CalibrationOptions:
         metavar="BETA",
         help="1: match each module's whole output (default); 0: only the adapter's contribution",
     )
-    init_scale: str = option("none", name="calib_init_scale")
+    init_scale: str = option("none", name="calib_init_scale", choices=("none", "fit"))
     batch_size: int = option(16, name="calib_batch_size")
     rank: int | None = option(
         None,
@@ -192,19 +192,7 @@ class CalibrationOptions:
 
         if self.text is None:
             raise TransferError("--method calibrated needs --calibration FILE (unlabeled text, one sample per line)")
-        choices = {
-            "init": INITS,
-            "mode": MODES,
-            "depth": DEPTHS,
-            "map": MAPS,
-            "writers": WRITERS,
-            "anchor_layers": ANCHOR_LAYERS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise TransferError(
-                    f"calibrated: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
+        check_choices(self)
         if isinstance(self.ridge, str) and self.ridge != "auto":
             try:
                 self.ridge = float(self.ridge)
@@ -218,10 +206,6 @@ class CalibrationOptions:
             raise TransferError("--calib-samples, --calib-max-tokens and the batch size must be >= 1")
         if self.folds < 2:
             raise TransferError(f"calibration folds must be >= 2 (held-out decisions need one), got {self.folds}")
-        if self.truncation not in ("rrr", "svd"):
-            raise TransferError(f"calib_truncation must be rrr or svd, got {self.truncation!r}")
-        if self.init_scale not in ("none", "fit"):
-            raise TransferError(f"calib_init_scale must be none or fit, got {self.init_scale!r}")
         if not self.map_ridge >= 0:
             raise TransferError(f"--calib-map-ridge must be >= 0, got {self.map_ridge}")
         if not self.anchor >= 0:
@@ -234,15 +218,13 @@ class CalibrationOptions:
         """What ``distill`` reads from this group: ``init`` and, if given, the generic text (``--calibration``)."""
         from .text import read_calibration_lines
 
-        if self.init not in INITS:
-            raise TransferError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        check_choices(self, only=("init",))
         if self.text is not None:
             read_calibration_lines(self.text)
 
 
 # ``transfer()`` keyword names (underscored, as ``transfer(**overrides)`` spells them) -> CalibrationOptions fields.
-FLAG_FIELDS: dict[str, str] = {spec.name or f.name: f.name for f, spec in declared(CalibrationOptions)}
-assert len(FLAG_FIELDS) == len(fields(CalibrationOptions)), "every calibrated setting is a declared option"
+FLAG_FIELDS: dict[str, str] = keyword_fields(CalibrationOptions)
 
 
 def options_summary(options: CalibrationOptions) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import TransferError
-from ..option_fields import declared, option
+from ..option_fields import check_choices, keyword_fields, option
 
 DISTILL = "distill"
 LOSSES = ("seq+kl", "kl", "seq")
@@ -187,16 +187,7 @@ class DistillOptions:
                 "--method distill needs --prompts FILE (the task's inputs without answers: JSONL with 'prompt', "
                 "ARC JSONL, or one prompt per line)"
             )
-        choices = {
-            "loss": LOSSES,
-            "positions": POSITIONS,
-            "precision": PRECISIONS,
-            "synth_filter": SYNTH_FILTERS,
-            "synth_writer": SYNTH_WRITERS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise TransferError(f"distill: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_choices(self)
         checks = [
             (self.synthesize >= 0, f"--synthesize must be >= 0, got {self.synthesize}"),
             (self.rank is None or self.rank >= 1, f"--distill-rank must be >= 1, got {self.rank}"),
@@ -217,8 +208,7 @@ class DistillOptions:
 
 
 # ``transfer()`` keyword names -> DistillOptions fields.
-DISTILL_FIELDS: dict[str, str] = {spec.name or f.name: f.name for f, spec in declared(DistillOptions)}
-assert len(DISTILL_FIELDS) == len(fields(DistillOptions)), "every distill setting is a declared option"
+DISTILL_FIELDS: dict[str, str] = keyword_fields(DistillOptions)
 
 
 def distill_summary(options: DistillOptions) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ..calibrate import CALIBRATED, FLAG_FIELDS, CalibrationOptions
 from ..distill.options import DISTILL, DISTILL_FIELDS, DistillOptions
 from ..errors import LoraportError, TransferError
 from ..methods import METHODS, get_method
-from ..option_fields import OptionSpec, declared, default_of, option
+from ..option_fields import OptionSpec, check_choices, declared, default_of, option
 
 DEFAULT_METHOD = "auto"
 DEFAULT_SUBSPACE_RANK = 64
@@ -199,14 +199,7 @@ class TransferOptions:
             raise TransferError(str(exc)) from None
         if self.subspace_rank < 1:
             raise TransferError(f"subspace rank must be >= 1, got {self.subspace_rank}")
-        if self.svd not in ("exact", "randomized"):
-            raise TransferError(f"--svd must be exact or randomized, got {self.svd!r}")
-        if self.threshold_on not in THRESHOLD_ON:
-            raise TransferError(f"threshold_on must be one of {THRESHOLD_ON}, got {self.threshold_on!r}")
-        if self.similarity not in SIMILARITY_MODES:
-            raise TransferError(f"similarity must be one of {SIMILARITY_MODES}, got {self.similarity!r}")
-        if self.out_format not in (None, *OUT_FORMATS):
-            raise TransferError(f"--out-format must be one of {', '.join(OUT_FORMATS)}, got {self.out_format!r}")
+        check_choices(self, only=("svd", "threshold_on", "similarity", "out_format"))
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TransferError("--device cuda requested but CUDA is not available")
 
