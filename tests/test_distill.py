@@ -351,3 +351,14 @@ def test_distill_in_a_batch_manifest(bases, tmp_path: Path) -> None:
     assert result.ok, result.table()
     report = json.loads((tmp_path / "one" / "loraport_report.json").read_text())
     assert report["method"] == "distill" and report["distill"]["student"]["steps"] <= 3
+
+
+def test_the_written_adapter_is_the_better_by_agreement_then_by_kl() -> None:
+    from loraport.distill import distilled_is_better
+
+    tol = 0.02
+    assert distilled_is_better((0.50, 1.0), (0.60, 5.0), tol)  # clearly more agreement: wins whatever the KL
+    assert not distilled_is_better((0.50, 1.0), (0.45, 0.1), tol)  # clearly less: loses whatever the KL
+    assert distilled_is_better((0.875, 0.38), (0.875, 0.15), tol)  # a tie in agreement, lower KL: wins
+    assert not distilled_is_better((0.875, 0.15), (0.875, 0.38), tol)  # a tie, higher KL: the start port
+    assert not distilled_is_better((0.875, 0.15), (0.890, 0.38), tol)  # within one s.e. counts as a tie
