@@ -218,6 +218,20 @@ def test_identity_start_on_the_source_itself_already_is_the_teacher(bases, tmp_p
     held = result.report.distill["heldout"]["start"]
     assert held["kl"] < 1e-4 and held["agreement"] == 1.0
     assert result.report.distill["support"].startswith("the whole vocabulary")
+    assert result.report.distill["positions"] == "all"  # auto: every position with one tokenizer
+
+
+def test_each_kl_position_setting_has_its_own_teacher_and_run(bases, tmp_path: Path) -> None:
+    """A cache shared by runs that differ only in where the KL is taken never resumes the other's run."""
+    for positions in ("answer", "all"):
+        result = transfer(
+            bases["lora"], bases["S"], bases["D"], tmp_path / positions, prompts=str(bases["prompts"]),
+            distill_steps=5, distill_positions=positions, **_fast(tmp_path),
+        )  # fmt: skip
+        assert result.report.distill["positions"] == positions
+        assert result.report.distill["student"]["steps"] == 5
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("teacher-*"))) == 2 and len(list(cache.glob("run-*"))) == 2
 
 
 def test_the_student_learns_the_teacher_from_zero(bases, tmp_path: Path) -> None:
@@ -245,6 +259,7 @@ def test_other_tokenizer_trains_through_aligned_positions(bases, tmp_path: Path)
     )  # fmt: skip
     info = result.report.distill
     assert "spell the same way" in info["support"]
+    assert info["positions"] == "answer"  # auto: the answer's positions across tokenizers
     assert 0 < info["student"]["aligned_positions"] <= info["student"]["target_positions"]
     history = info["student"]["history"]
     assert min(e["probe_kl"] for e in history[1:]) < history[0]["probe_kl"]

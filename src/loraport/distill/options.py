@@ -12,7 +12,7 @@ from ..option_fields import check_choices, keyword_fields, option
 
 DISTILL = "distill"
 LOSSES = ("seq+kl", "kl", "seq")
-POSITIONS = ("answer", "all")
+POSITIONS = ("auto", "answer", "all")
 PRECISIONS = ("auto", "float32", "bfloat16")
 SYNTH_FILTERS = ("effect", "template")
 SYNTH_WRITERS = ("base", "teacher")
@@ -42,7 +42,8 @@ class DistillOptions:
             at most :data:`DEFAULT_MAX_STEPS`); ``time``: the most training seconds.
         loss: ``seq+kl`` (the student's likelihood of the teacher's continuation plus the KL to
             the teacher's next-token distribution at aligned positions), ``kl`` or ``seq``.
-        positions: where the KL is taken: ``answer`` (from the end of the prompt on) or ``all``.
+        positions: where the KL is taken: ``answer`` (from the end of the prompt on), ``all`` aligned
+            positions, or ``auto`` (default): ``all`` with one tokenizer, ``answer`` across tokenizers.
         lr / batch_size / warmup: AdamW on the LoRA factors, constant after a linear warm-up.
         heldout: the share of the prompts held out to choose between the start port and the
             distilled adapter (and to stop training).
@@ -122,11 +123,12 @@ class DistillOptions:
         "kl; seq",
     )
     positions: str = option(
-        "answer",
+        "auto",
         name="distill_positions",
         flag="distill_positions",
         choices=POSITIONS,
-        help="where the KL is taken: answer (from the end of the prompt on, default) or all aligned positions",
+        help="where the KL is taken: answer (from the end of the prompt on), all aligned positions, or auto "
+        "(default: all with one tokenizer, answer across tokenizers)",
     )
     lr: float = option(2e-3, name="distill_lr", flag="distill_lr", word=float, metavar="LR", help="learning rate")
     batch_size: int = option(
