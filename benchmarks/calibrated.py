@@ -107,11 +107,23 @@ TABLE: dict[str, dict[str, Any]] = {
 }
 # What each part of the distillation loss adds (issue 18): run with --final and these names.
 DISTILL_VARIANTS: dict[str, dict[str, Any]] = {
-    "distill, KL only": {"method": "distill", "prompts": "train", "distill_loss": "kl"},
+    # the default before --distill-positions auto (which takes all positions with the zoo's one tokenizer)
+    "distill, KL at answer positions": {"method": "distill", "prompts": "train", "distill_positions": "answer"},
+    "distill, KL only": {"method": "distill", "prompts": "train", "distill_loss": "kl", "distill_positions": "answer"},
     "distill, sequence only": {"method": "distill", "prompts": "train", "distill_loss": "seq"},
     "distill, KL at all positions": {"method": "distill", "prompts": "train", "distill_positions": "all"},
-    "distill, no keep term": {"method": "distill", "prompts": "train", "distill_keep_weight": 0.0},
-    "distill, keep weight 2": {"method": "distill", "prompts": "train", "distill_keep_weight": 2.0},
+    "distill, no keep term": {
+        "method": "distill",
+        "prompts": "train",
+        "distill_keep_weight": 0.0,
+        "distill_positions": "answer",
+    },
+    "distill, keep weight 2": {
+        "method": "distill",
+        "prompts": "train",
+        "distill_keep_weight": 2.0,
+        "distill_positions": "answer",
+    },
 }
 DEFAULT_TARGETS = ["D5", "D15", "D30", "I", "X"]
 
@@ -364,7 +376,9 @@ def distill_table(rows: list[dict[str, Any]], zoo: Any) -> list[str]:
              "shapes match, else the bare target) and with the distilled adapter; the written one is the better. "
              "Generic perplexity: the target's perplexity change on generic text with the written adapter. "
              "Oracle training: the zoo's own training time for the oracle LoRA (`manifest.json`, built on the "
-             "same machine).", "",
+             "same machine). The KL is taken at the answer's positions in every row but *KL at all positions* "
+             "(*sequence only* has no KL); `--distill-positions auto`, the default since these rows, takes all "
+             "positions with the zoo's single tokenizer, so *KL at all positions* is the default's row.", "",
              "| task | target | variant | base | ported | oracle | gain recovery | held-out agreement start -> "
              "distilled | written | generic perplexity | steps (stopped) | port time (s) | oracle training (s) |",
              "|---|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|"]  # fmt: skip
@@ -413,7 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args, args.final, isolated=True)
     baseline = import_baseline_mb()
     loads = [r["load"] for r in rows if r.get("load") is not None] or [os.getloadavg()[0]]
-    text = ["# Calibrated transfer vs copying vs subspace methods on the zoo", "",
+    build = load_manifest(args.zoo).data["build"]
+    title = "Calibrated transfer vs copying vs subspace methods on the zoo"
+    if any(r.get("distill") for r in rows):
+        title = "Distillation vs calibrated transfer vs copying on the zoo"
+    text = [f"# {title}", "",
+            f"The zoo: `{build['command']}` ({build['seconds']:.0f} s, {build['workers']} worker(s); its base and "
+            "oracle scores are in the table: each build trains again and moves them).", "",
             f"Produced by `{command}` on {os.cpu_count()} shared cores, {args.threads} torch thread(s), load "
             f"average {min(loads):.1f}-{max(loads):.1f} while the rows were computed (rows are cached in "
             f"`{args.work}/rows.json`). Each port ran in a fresh process; time is the `transfer()` call "
