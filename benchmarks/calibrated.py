@@ -118,6 +118,14 @@ DISTILL_VARIANTS: dict[str, dict[str, Any]] = {
         "distill_keep_weight": 0.0,
         "distill_positions": "answer",
     },
+    # a second seed for the choice of positions, which the rows above were used to make
+    "distill, seed 1": {"method": "distill", "prompts": "train", "distill_seed": 1},
+    "distill, KL at answer positions, seed 1": {
+        "method": "distill",
+        "prompts": "train",
+        "distill_positions": "answer",
+        "distill_seed": 1,
+    },
     "distill, keep weight 2": {
         "method": "distill",
         "prompts": "train",
