@@ -368,7 +368,9 @@ def distill_table(rows: list[dict[str, Any]], assets: dict[str, Any]) -> list[st
              "adapter; the written one is the better (no harm). Generic perplexity: the target's perplexity change"
              " on 32 standard-library docstring paragraphs with the written adapter. Time: the whole port "
              "(teacher, student, checks) against the oracle LoRA's training time on the same machine "
-             "(`assets.json`).", "",
+             "(`assets.json`). Every row takes the KL at the answer's positions (*sequence only*: no KL) but *KL at "
+             "all positions*: the default before `--distill-positions auto`, which keeps it across tokenizers "
+             "(Gemma-3) and takes all positions with one tokenizer (the derivatives, whose rows were not rerun).", "",
              "| task | target | variant | ported (s.e.) | gain recovery | held-out agreement start -> distilled | "
              "written | generic perplexity | steps (stopped) | teacher (s) | port time (s) | oracle training (s) | "
              "time / oracle | peak RSS (MB) |",
@@ -382,6 +384,9 @@ def distill_table(rows: list[dict[str, Any]], assets: dict[str, Any]) -> list[st
             f"{_f(r['gain_recovery'], 2)} | {distill_cells(r)} | {_f(teacher, 0)} | "
             f"{_f(r['seconds'], 0)} | {_f(oracle, 0)} | {ratio} | {_f(r['peak_rss_mb'], 0)} |"
         )
+    for r in distilled:  # what a row's numbers need said beside them (set in the cached row by hand, dated)
+        if r.get("footnote"):
+            lines.append(f"\n`{r['task']}/{r['target']}/{r['name']}`: {r['footnote']}")
     synth = [r for r in distilled if r["distill"].get("synthesized")]
     for r in synth:
         s = r["distill"]["synthesized"]
