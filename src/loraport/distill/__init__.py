@@ -135,9 +135,9 @@ class Distiller:
         """Where the KL is taken; ``auto``: every position with one tokenizer, the answer's across tokenizers.
 
         Measured (benchmarks/results/distill_zoo.md, real.md): with one tokenizer (the zoo) the KL at
-        all positions beat the answer's on all six target x task cells (mean gain recovery 0.76 vs
-        0.56); from SmolLM2 to Gemma-3 (bins) it scored 0.838 vs 0.875 (within noise) and cost the
-        target's generic perplexity +46 % vs +25 %.
+        all positions beat the answer's in 11 of 12 target x task x seed cells (mean gain recovery
+        0.74 vs 0.55); from SmolLM2 to Gemma-3 (bins) it scored 0.838 vs 0.875 (within noise) and
+        cost the target's generic perplexity +46 % vs +25 %.
         """
         positions = self.options.positions
         if positions == "auto":
