@@ -147,6 +147,7 @@ class Distiller:
 
     def _teacher(self, tokenizer_s: Any, support_s: torch.Tensor | None) -> TeacherOutputs:
         options = self.options
+        positions = self._positions(support_s)
         given = read_prompts(options.prompts)  # type: ignore[arg-type]
         self.info["prompts"] = {"source": given.name, "kind": given.kind, "given": len(given.prompts),
                                 "duplicates_dropped": given.duplicates}  # fmt: skip
@@ -160,7 +161,7 @@ class Distiller:
             "seed": options.seed,
             "max_new_tokens": options.max_new_tokens,
             "top_k": options.top_k,
-            "positions": self._positions(support_s),
+            "positions": positions,
             "support": None if support_s is None else _digest([str(i) for i in support_s.tolist()]),
         }
         self.teacher_key = cache_key(key)
@@ -187,8 +188,7 @@ class Distiller:
         continuations = generate(teacher, tokenizer_s, texts, options.max_new_tokens, self.device)
         measure = options.synthesize > 0 and options.synth_filter == "effect"
         scored = score_texts(
-            teacher, tokenizer_s, texts, continuations, support_s, self._positions(support_s), options.top_k,
-            self.device,
+            teacher, tokenizer_s, texts, continuations, support_s, positions, options.top_k, self.device,
             measure_effect=measure,
         )  # fmt: skip
         keep = list(range(len(texts)))

@@ -199,7 +199,7 @@ class TransferOptions:
             raise TransferError(str(exc)) from None
         if self.subspace_rank < 1:
             raise TransferError(f"subspace rank must be >= 1, got {self.subspace_rank}")
-        check_choices(self, only=("svd", "threshold_on", "similarity", "out_format"))
+        check_choices(self)  # every declared choice (an unknown method was named by get_method above)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TransferError("--device cuda requested but CUDA is not available")
 
