@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors.torch import load_file
@@ -62,3 +65,16 @@ def dense_updates(adapter: Path) -> dict[str, torch.Tensor]:
 def base_weight(model_dir: Path, key: str, transposed: bool = False) -> torch.Tensor:
     W = load_file(str(model_dir / "model.safetensors"))[key].double()
     return W.T if transposed else W
+
+
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/NAME.py`` loaded as a module, run on one torch thread (a module fixture's body: ``yield from``)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    assert spec and spec.loader, f"cannot load {script}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield module
+    torch.set_num_threads(before)

@@ -7,27 +7,18 @@ local JSONL scored by lm-eval's ``hf`` model on an ``arc_challenge``-identical Y
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]'): parity check skipped")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_parity.py"
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("eval_parity", SCRIPT)
-    assert spec and spec.loader, f"cannot load {SCRIPT}"
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield module
-    torch.set_num_threads(before)
+    from tests.helpers import benchmark_script
+
+    yield from benchmark_script("eval_parity")
 
 
 @pytest.mark.parametrize(("add_bos", "batch_sizes"), [(True, (1, 8)), (False, (4,))])

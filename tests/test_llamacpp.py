@@ -7,27 +7,16 @@ Skipped unless ``llama_cpp`` is importable (``pip install llama-cpp-python`` com
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: the llama.cpp checks are skipped")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llamacpp_parity.py"
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("llamacpp_parity", SCRIPT)
-    assert spec and spec.loader, f"cannot load {SCRIPT}"
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield module
-    torch.set_num_threads(before)
+    from tests.helpers import benchmark_script
+
+    yield from benchmark_script("llamacpp_parity")
 
 
 def test_tiny_float32_models_agree_in_llama_cpp(parity, tmp_path) -> None:
