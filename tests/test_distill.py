@@ -280,7 +280,7 @@ def test_auto_start_is_the_bare_target_where_shapes_differ(bases, tmp_path: Path
 
 
 def test_a_killed_run_resumes_to_the_same_adapter(bases, tmp_path: Path, monkeypatch) -> None:
-    import loraport.distill as distill_module
+    import loraport.distill.distiller as distill_module
     from tests.helpers import dense_updates
 
     kwargs = {"prompts": str(bases["prompts"]), "init": "zero", "distill_steps": 20, "distill_lr": 5e-3}
@@ -308,7 +308,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(bases, tmp_path: Path, monkeyp
 
 
 def test_no_harm_keeps_the_start_port_when_distilling_makes_agreement_worse(bases, tmp_path, monkeypatch) -> None:
-    import loraport.distill as distill_module
+    import loraport.distill.distiller as distill_module
     from tests.helpers import dense_updates
 
     real_train = distill_module.train_student
