@@ -279,6 +279,23 @@ def test_auto_start_is_the_bare_target_where_shapes_differ(bases, tmp_path: Path
     assert starts["prolora"]["heldout_kl"] != starts["zero"]["heldout_kl"]
 
 
+def test_a_distilled_port_says_nothing_of_pairing_layers_by_depth(bases, tmp_path: Path) -> None:
+    """S has 4 layers and T 2: a closed-form port pairs them by relative depth and says so; distillation trains a
+    new LoRA on the target and pairs no layers, so its report must not say it did, whether asked for or chosen by
+    ``auto`` (T is another family)."""
+    for method in ("distill", "auto"):
+        distilled = transfer(
+            bases["lora"], bases["S"], bases["T"], tmp_path / method, prompts=str(bases["prompts"]), distill_steps=2,
+            distill_lr=1e-2, **{**_fast(tmp_path / f"{method}-cache"), "method": method},
+        )  # fmt: skip
+        assert distilled.report.method == "distill"
+        assert not [note for note in distilled.report.notes if note.startswith("depths differ")]
+    closed_form = transfer(
+        bases["lora"], bases["S"], bases["T"], tmp_path / "prolora", method="prolora", progress=False
+    )
+    assert [note for note in closed_form.report.notes if note.startswith("depths differ (4 -> 2)")]
+
+
 def test_a_killed_run_resumes_to_the_same_adapter(bases, tmp_path: Path, monkeypatch) -> None:
     import loraport.distill.distiller as distill_module
     from tests.helpers import dense_updates

@@ -96,7 +96,9 @@ def transfer_llm(
     if calibrated:
         mode, notes = choose_mode(options.calibrated, pairing)
         report.notes += notes
-    if pairing.layers_s != pairing.layers_t and options.layer_map is None and mode != "mapped":
+    # Distillation trains a new LoRA on the target: it pairs no layers, by depth or otherwise.
+    pairs_by_depth = options.layer_map is None and mode != "mapped" and options.method != DISTILL
+    if pairing.layers_s != pairing.layers_t and pairs_by_depth:
         report.notes.append(
             f"depths differ ({pairing.layers_s} -> {pairing.layers_t}): layers paired by relative depth"
         )
