@@ -99,7 +99,7 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path: Path) -> None:
         "binary.txt": "binary",
         "latin1.txt": "not UTF-8",
         "broken.jsonl": "line 2: not valid JSON",
-        "nofield.jsonl": "no 'prompt' or 'question' field",
+        "nofield.jsonl": "no 'prompt', 'messages' or 'question' field",
         "mixed.jsonl": "mixes",
         "one.txt": "1 distinct prompt",
         "empty.txt": "no prompts",
@@ -118,7 +118,7 @@ def test_bad_prompts_on_the_command_line_write_nothing(bases, tmp_path: Path, ca
             str(bases["D"]), "--out", str(tmp_path / "out"), "--method", "distill", "--quiet"]  # fmt: skip
     for extra, message in (
         ([], "needs --prompts FILE"),
-        (["--prompts", str(tmp_path / "bad.jsonl")], "no 'prompt' or 'question' field"),
+        (["--prompts", str(tmp_path / "bad.jsonl")], "no 'prompt', 'messages' or 'question' field"),
         (["--prompts", str(tmp_path / "none.txt")], "prompts file not found"),
         (["--prompts", str(bases["prompts"]), "--distill-heldout", "1.5"], "--distill-heldout must be in (0, 1)"),
     ):
@@ -145,9 +145,12 @@ def test_synthesize_returns_n_distinct_prompts_of_the_seeds_shape(bases, monkeyp
     words = iter(["owl", "fig", "owl", "cat", "van", "kiwi", "yak", "elm", "oak", "bee", "ant", "emu"] * 3)
 
     def fake_generate(model, tokenizer, texts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        from loraport.generation import Generated
+
         out = []
         for i, _ in enumerate(texts):
-            out.append("nonsense without the shape" if i % 3 == 2 else f'{next(words)}" go in?\nAnswer: x\n\nQ')
+            text = "nonsense without the shape" if i % 3 == 2 else f'{next(words)}" go in?\nAnswer: x\n\nQ'
+            out.append(Generated(text, "length", 10))
         return out
 
     monkeypatch.setattr(teacher_module, "generate", fake_generate)

@@ -32,11 +32,14 @@ class AlignedSample:
     source_tokens: int
 
 
-def token_ends(tokenizer: Any, text: str, max_tokens: int | None = None) -> tuple[list[int], list[int | None]]:
-    """Token ids (the tokenizer's default special tokens, cut to ``max_tokens`` if given) and, per
-    position, the character offset where the token ends (``None``: a special token)."""
+def token_ends(
+    tokenizer: Any, text: str, max_tokens: int | None = None, add_special_tokens: bool = True
+) -> tuple[list[int], list[int | None]]:
+    """Token ids (the tokenizer's default special tokens unless ``add_special_tokens`` is false, as for
+    chat-rendered text that carries its own; cut to ``max_tokens`` if given) and, per position, the
+    character offset where the token ends (``None``: a special token the text does not spell)."""
     cut = {} if max_tokens is None else {"truncation": True, "max_length": max_tokens}
-    encoded = tokenizer(text, return_offsets_mapping=True, **cut)
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens, **cut)
     ids = list(encoded["input_ids"])
     ends: list[int | None] = []
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])

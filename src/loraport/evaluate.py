@@ -382,7 +382,7 @@ def evaluate(
     )
 
 
-def _open_model(model: Any) -> Any:
+def open_model(model: Any) -> Any:
     """The model's lazy checkpoint: a local directory, a hub id in the local cache, or a ``.gguf`` file."""
     from .checkpoints import Checkpoint
 
@@ -400,7 +400,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> Any:
     """``AutoModelForCausalLM`` of a model directory, ``.gguf`` file or open checkpoint, plus an adapter if given."""
-    checkpoint = _open_model(model)
+    checkpoint = open_model(model)
     lm = checkpoint.load_causal_lm(dtype)
     if adapter is None:
         return lm
@@ -433,7 +433,7 @@ def load_tokenizer(model: str | os.PathLike[str] | Any, add_bos_token: bool | No
     kwargs: dict[str, Any] = {"use_fast": True}
     if add_bos_token is not None:
         kwargs["add_bos_token"] = add_bos_token
-    return _open_model(model).load_tokenizer(**kwargs)
+    return open_model(model).load_tokenizer(**kwargs)
 
 
 def evaluate_path(
@@ -454,7 +454,7 @@ def evaluate_path(
     """
     started = time.perf_counter()
     examples = load_arc_jsonl(data, limit)
-    checkpoint = _open_model(model)  # once for both (a GGUF header is scanned once)
+    checkpoint = open_model(model)  # once for both (a GGUF header is scanned once)
     tokenizer = load_tokenizer(checkpoint, add_bos_token)
     lm = load_model(checkpoint, adapter, dtype)
     result = evaluate(lm, tokenizer, examples, batch_size, device, progress, add_bos_token=add_bos_token)

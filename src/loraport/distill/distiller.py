@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import hashlib
 import logging
 import time
 from dataclasses import replace
@@ -21,7 +19,7 @@ from ..errors import TransferError
 from ..io import default_cache_dir
 from ..pairing import Pairing, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
-from .generic import stdlib_paragraphs
+from .generic import mean_nll, stdlib_paragraphs, token_rows
 from .options import DEFAULT_MAX_STEPS, DistillOptions, distill_summary
 from .prompts import read_prompts, split_heldout
 from .student import (
@@ -31,33 +29,22 @@ from .student import (
     head_rows,
     keep_samples,
     lora_parameters,
-    mean_nll,
     student_modules,
     student_samples,
 )
-from .teacher import (
-    TeacherOutputs,
-    adapter_digest,
-    cache_key,
-    checkpoint_digest,
-    generate,
-    load_teacher,
-    require_tokenizer,
-    score_texts,
-    synthesize_prompts,
-)
+from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
+from .teaching import GENERIC_TOKENS, digest, run_teacher, teacher_key
+from .timing import Phases
 from .train import TrainConfig, train_student
+from .views import TeacherView, student_view, teacher_view
 
 log = logging.getLogger(__name__)
 
 Part = tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]
 MIN_SHARED_SHARE = 0.05  # of the smaller vocabulary: fewer shared tokens cannot compare two distributions
-GENERIC_TOKENS = 48
 PROBE_LIMIT = 64
-
-
-def _digest(items: list[str]) -> str:
-    return hashlib.sha256("\x1e".join(items).encode()).hexdigest()[:20]
+ENDED_AT_ONCE_SHARE = 0.5  # more of the prompts than this answered with nothing: the port would learn nothing
+SIDE_EFFECT_MARGIN = 0.05  # the port may change generic perplexity this much more than the adapter does its source's
 
 
 def _vocab_rows(config: dict[str, Any]) -> int | None:
@@ -66,7 +53,7 @@ def _vocab_rows(config: dict[str, Any]) -> int | None:
 
 
 class Distiller:
-    """Runs a distilled port (see the module docstring)."""
+    """Runs a distilled port (see :mod:`loraport.distill`)."""
 
     def __init__(
         self,
@@ -92,6 +79,7 @@ class Distiller:
         self.alpha, self.use_rslora = first.alpha, first.use_rslora
         self.rank = options.rank or max(m.rank for m in adapter.modules.values())
         self.info: dict[str, Any] = {"options": distill_summary(options)}
+        self.phases = Phases()
         self.teacher_key = ""  # the digest of the teacher's inputs and settings, set with the teacher
 
     # -- teacher --------------------------------------------------------------------------------
@@ -126,102 +114,67 @@ class Distiller:
         self.info["positions"] = positions
         return positions
 
-    def _teacher(self, tokenizer_s: Any, support_s: torch.Tensor | None) -> TeacherOutputs:
+    def _generic_lines(self) -> tuple[list[str], list[str], str]:
+        """Lines of generic text: ``(keep lines, perplexity lines, name)``, disjoint.
+
+        ``--calibration`` text, else paragraphs of the standard library's docstrings: the first
+        ``generic_lines`` measure the perplexity change (of the port on the target, and of the
+        adapter on its source), the next ``4 * generic_lines`` are kept.
+        """
+        count = self.options.generic_lines
+        if self.generic_text is not None:
+            lines, name = read_calibration_lines(self.generic_text)
+            half = len(lines) // 2
+            measured = lines[half:][:count] if len(lines) > 1 else lines
+            return lines[:half][: 4 * count], measured, name
+        lines = stdlib_paragraphs(5 * count, self.options.seed)
+        return lines[count:], lines[:count], "standard-library docstrings"
+
+    def _teacher(
+        self, tokenizer_s: Any, support_s: torch.Tensor | None, ppl_lines: list[str]
+    ) -> tuple[TeacherOutputs, TeacherView]:
         options = self.options
         positions = self._positions(support_s)
         given = read_prompts(options.prompts)  # type: ignore[arg-type]
         self.info["prompts"] = {"source": given.name, "kind": given.kind, "given": len(given.prompts),
                                 "duplicates_dropped": given.duplicates}  # fmt: skip
-        key = {
-            "source": checkpoint_digest(self.pairing.src),
-            "adapter": adapter_digest(self.adapter.modules),
-            "prompts": _digest(given.prompts),
-            "synthesize": options.synthesize,
-            "synth_filter": options.synth_filter if options.synthesize else None,
-            "synth_writer": options.synth_writer if options.synthesize else None,
-            "seed": options.seed,
-            "max_new_tokens": options.max_new_tokens,
-            "top_k": options.top_k,
-            "positions": positions,
-            "support": None if support_s is None else _digest([str(i) for i in support_s.tolist()]),
-        }
+        view = teacher_view(given, options, tokenizer_s)
+        key = teacher_key(self.pairing.src, self.adapter, given, options, view, positions, support_s, ppl_lines)
         self.teacher_key = cache_key(key)
-        directory = self.cache / f"teacher-{self.teacher_key}"
-        cached = TeacherOutputs.load(directory, key)
-        if cached is not None:
-            self.info["teacher"] = {"cached": str(directory), "texts": len(cached.prompts)}
-            return cached
-        started = time.perf_counter()
-        teacher = load_teacher(self.pairing.src, self.adapter, self.device, torch.float32)
-        prompts = list(given.prompts)
-        synth: dict[str, Any] = {}
-        candidates: list[str] = []
-        if options.synthesize:
-            wanted = options.synthesize * (2 if options.synth_filter == "effect" else 1)
-            writer = teacher.disable_adapter() if options.synth_writer == "base" else contextlib.nullcontext()
-            with writer:
-                candidates, rejected = synthesize_prompts(
-                    teacher, tokenizer_s, given.prompts, wanted, self.device, options.seed
-                )
-            synth = {"asked": options.synthesize, "writer": options.synth_writer, "written": len(candidates),
-                     "rejected": rejected}  # fmt: skip
-        texts = prompts + candidates
-        continuations = generate(teacher, tokenizer_s, texts, options.max_new_tokens, self.device)
-        measure = options.synthesize > 0 and options.synth_filter == "effect"
-        scored = score_texts(
-            teacher, tokenizer_s, texts, continuations, support_s, positions, options.top_k, self.device,
-            measure_effect=measure,
+        outputs, info = run_teacher(
+            self.pairing.src, self.adapter, given, options, view, tokenizer_s, positions, support_s, ppl_lines,
+            self.cache / f"teacher-{self.teacher_key}", key, self.device, self.progress, self.phases,
         )  # fmt: skip
-        keep = list(range(len(texts)))
-        if measure:
-            effect = scored[4]
-            ranked = sorted(range(len(prompts), len(texts)), key=lambda i: -effect[i])
-            chosen = sorted(ranked[: options.synthesize])
-            keep = list(range(len(prompts))) + chosen
-            synth["kept_by_effect"] = len(chosen)
-        if synth:
-            synth["kept"] = len(keep) - len(prompts)
-            self.info["synthesized"] = synth
-        outputs = TeacherOutputs(
-            [texts[i] for i in keep],
-            [continuations[i] for i in keep],
-            [scored[0][i] for i in keep],
-            [scored[1][i] for i in keep],
-            [scored[2][i] for i in keep],
-            [scored[3][i] for i in keep],
-            "full" if support_s is None else "shared",
-            [scored[4][i] for i in keep] if measure else [],
+        self.info["teacher"] = info
+        if outputs.info.get("synthesized"):
+            self.info["synthesized"] = outputs.info["synthesized"]
+        return outputs, view
+
+    def _refuse(self, reason: str) -> list[Part]:
+        """Nothing to write: one skipped record with the reason (the port core says it in one line)."""
+        self.report.distill = self.info
+        self.report.notes.append(f"WARNING: {reason}")
+        log.warning("WARNING: %s", reason)
+        unit = self.pairing.units[0]
+        record = ModuleRecord("(distillation)", "(none)", unit.role, unit.source.layer, unit.target.layer,
+                              unit.source.shape, unit.target.shape, decision="skipped", reason=reason)  # fmt: skip
+        self.report.records = [record]
+        return []
+
+    def _ended_at_once(self, teacher: TeacherOutputs, view: TeacherView) -> str | None:
+        """Why distilling would learn nothing because the teacher answered nothing, or ``None``."""
+        greedy = [i for i in range(len(teacher.prompts)) if teacher.greedy[i]]
+        empty = sum(1 for i in greedy if not teacher.continuations[i].strip() and teacher.ended[i] != "length")
+        if empty <= ENDED_AT_ONCE_SHARE * len(greedy):
+            return None
+        hint = (
+            "is the prompts' conversation what the adapter was trained on? check --source-chat-template"
+            if view.chat
+            else "does the adapter expect its chat template? try --chat"
         )
-        del teacher
-        gc.collect()
-        outputs.save(directory, key)
-        self.info["teacher"] = {
-            "texts": len(outputs.prompts),
-            "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mb": round(peak_rss_mb()),
-            "empty_continuations": sum(1 for c in outputs.continuations if not c.strip()),
-        }
-        return outputs
+        return f"distill: the teacher ended its turn at once on {empty} of {len(greedy)} prompts: {hint}"
 
     # -- student --------------------------------------------------------------------------------
-    def _generic_rows(self, tokenizer_t: Any) -> tuple[list[list[int]], list[list[int]], str]:
-        """Token rows of generic text: ``(keep rows, perplexity rows, name)``, from disjoint lines.
-
-        ``--calibration`` text, else paragraphs of the standard library's docstrings: the first
-        ``generic_lines`` measure the perplexity change, the next ``4 * generic_lines`` are kept.
-        """
-        count = self.options.generic_lines
-        if self.generic_text is not None:
-            lines, name = read_calibration_lines(self.generic_text)
-            lines = lines[len(lines) // 2 :][:count] + lines[: len(lines) // 2][: 4 * count]
-            measured = min(count, len(lines) - len(lines) // 2) if len(lines) > 1 else len(lines)
-        else:
-            lines, name = stdlib_paragraphs(5 * count, self.options.seed), "standard-library docstrings"
-            measured = min(count, len(lines))
-        rows = [list(r) for r in tokenizer_t(lines, truncation=True, max_length=GENERIC_TOKENS)["input_ids"]]
-        keep, ppl = [r for r in rows[measured:] if len(r) > 1], [r for r in rows[:measured] if len(r) > 1]
-        return keep, ppl, name
-
     def _modules(self) -> list[str]:
         names = []
         for unit in self.pairing.units:
@@ -229,47 +182,77 @@ class Distiller:
                 names.append(unit.target.module)
         return names
 
+    def _split(self, teacher: TeacherOutputs) -> tuple[list[int], list[int], list[int]]:
+        """``(train, held-out, probe)`` text indices: prompts are held out whole (their samples too); the
+        held-out and probe sets hold greedy continuations only."""
+        prompt_ids = sorted(set(teacher.sources))
+        _, held_prompts = split_heldout(prompt_ids, self.options.heldout, self.options.seed)
+        held_set = set(held_prompts)
+        train = [i for i in range(len(teacher.prompts)) if teacher.sources[i] not in held_set]
+        held = [i for i in range(len(teacher.prompts)) if teacher.sources[i] in held_set and teacher.greedy[i]]
+        greedy_train = [i for i in train if teacher.greedy[i]]
+        probe = greedy_train[: min(len(held), PROBE_LIMIT)] if held else greedy_train[:PROBE_LIMIT]
+        return train, held, probe
+
     def run(self, init_parts: list[Part], init_modules: dict[str, LoraModule]) -> list[Part]:
         """Distill from the closed-form port (``init_parts``, assembled as ``init_modules``); the parts to write.
 
         Returns ``init_parts`` when the start port agrees better with the teacher on the held-out
-        prompts (no harm), else one part per distilled target module.
+        prompts (no harm), else one part per distilled target module; nothing (a skipped record
+        with the reason) when the port learned nothing and there is no start port to fall back on.
         """
         started = time.perf_counter()
         options = self.options
-        tokenizer_s = require_tokenizer(self.pairing.src, "source")
-        tokenizer_t = require_tokenizer(self.pairing.tgt, "target")
-        support_s, support_t = self._support(tokenizer_s, tokenizer_t)
-        teacher = self._teacher(tokenizer_s, support_s)
-        train_idx, held_idx = split_heldout(list(range(len(teacher.prompts))), options.heldout, options.seed)
-        probe_idx = train_idx[: min(len(held_idx), PROBE_LIMIT)] if len(held_idx) else train_idx[:PROBE_LIMIT]
-
-        load_started = time.perf_counter()
-        model = self.pairing.tgt.load_causal_lm(torch.float32).to(self.device)
-        modules = self._modules()
-        student, notes = build_student(
-            model, modules, self.rank, self.alpha, self.use_rslora, init_modules, options.seed,
-            fan_in_fan_out=self.pairing.arch_t.transposed,
+        phase = self.phases
+        with phase("tokenizers"):
+            tokenizer_s = require_tokenizer(self.pairing.src, "source")
+            tokenizer_t = require_tokenizer(self.pairing.tgt, "target")
+            support_s, support_t = self._support(tokenizer_s, tokenizer_t)
+        keep_lines, ppl_lines, generic_name = self._generic_lines()
+        teacher, view = self._teacher(tokenizer_s, support_s, ppl_lines)
+        refusal = self._ended_at_once(teacher, view)
+        if refusal is not None and not options.force:
+            if init_parts:
+                self.report.notes.append(f"WARNING: {refusal}; the start port is written")
+                self.info["chosen"] = "start"
+                self.report.distill = self.info
+                return init_parts
+            return self._refuse(refusal + " (nothing written; --distill-force writes the port anyway)")
+        train_idx, held_idx, probe_idx = self._split(teacher)
+        student_reads, target_template = student_view(
+            teacher.items, view.chat, options, tokenizer_t, view.end_ids, support_s is None
         )  # fmt: skip
-        params = lora_parameters(student)
-        support_rows = None if support_t is None else head_rows(base_model(student), support_t)
+        self.info["chat"] = {"source": view.describe(), "target": target_template} if view.chat else None
+
+        with phase("student: load"):
+            model = self.pairing.tgt.load_causal_lm(torch.float32).to(self.device)
+            modules = self._modules()
+            student, notes = build_student(
+                model, modules, self.rank, self.alpha, self.use_rslora, init_modules, options.seed,
+                fan_in_fan_out=self.pairing.arch_t.transposed,
+            )  # fmt: skip
+            params = lora_parameters(student)
+            support_rows = None if support_t is None else head_rows(base_model(student), support_t)
         pad = tokenizer_t.pad_token_id if tokenizer_t.pad_token_id is not None else (tokenizer_t.eos_token_id or 0)
-        train = student_samples(tokenizer_t, teacher, train_idx)
-        heldout = student_samples(tokenizer_t, teacher, held_idx)
-        probe = student_samples(tokenizer_t, teacher, probe_idx)
+        with phase("student: targets"):
+            train = student_samples(tokenizer_t, teacher, train_idx, student_reads)
+            heldout = student_samples(tokenizer_t, teacher, held_idx, student_reads)
+            probe = student_samples(tokenizer_t, teacher, probe_idx, student_reads)
         aligned = sum(int(s.kl_positions.numel()) for s in train)
         wanted = sum(int(teacher.positions[i].numel()) for i in train_idx)
-        if wanted and aligned == 0:
+        if wanted and aligned == 0 and not any(s.seq_ids.numel() for s in train):
             raise TransferError("distill: no teacher position lines up with a student position (character ends)")
-        keep_rows, ppl_rows, generic_name = self._generic_rows(tokenizer_t)
-        keep = (
-            keep_samples(student, keep_rows, pad, options.top_k, self.device, support_rows)
-            if options.keep_weight > 0
-            else []
-        )
-        with student.disable_adapter():
-            base_nll = mean_nll(student, ppl_rows, self.device)
-        start_nll = mean_nll(student, ppl_rows, self.device)
+        keep_rows = token_rows(tokenizer_t, keep_lines, GENERIC_TOKENS)
+        ppl_rows = token_rows(tokenizer_t, ppl_lines, GENERIC_TOKENS)
+        with phase("student: keep targets and perplexity before"):
+            keep = (
+                keep_samples(student, keep_rows, pad, options.top_k, self.device, support_rows)
+                if options.keep_weight > 0
+                else []
+            )
+            with student.disable_adapter():
+                base_nll = mean_nll(student, ppl_rows, self.device)
+            start_nll = mean_nll(student, ppl_rows, self.device) if init_modules else base_nll
 
         weights = {"seq+kl": (1.0, 1.0), "kl": (0.0, 1.0), "seq": (1.0, 0.0)}[options.loss]
         max_steps = options.steps or DEFAULT_MAX_STEPS
@@ -279,33 +262,41 @@ class Distiller:
         )  # fmt: skip
         run_key = {
             "teacher": self.teacher_key,  # every setting of the teacher's outputs (positions, top-K, ...)
-            "prompts": _digest(teacher.prompts),
-            "continuations": _digest(teacher.continuations),
             "target": checkpoint_digest(self.pairing.tgt),
-            "modules": _digest(modules),
+            "student_view": [digest(student_reads.prompts), student_reads.end_id, student_reads.keep_end_kl,
+                             student_reads.select_share],
+            "modules": digest(modules),
             "init": adapter_digest(init_modules) if init_modules else "zero",
             "rank": self.rank,
             "config": [max_steps, options.lr, options.warmup, options.batch_size, options.eval_every,
                        options.patience, options.loss, options.keep_weight if keep else 0.0, options.seed,
                        options.heldout, str(self.autocast)],
-            "generic": _digest([str(r) for r in keep_rows]),
+            "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
         run_dir = self.cache / f"run-{cache_key(run_key)}"
-        state = train_student(
-            student, params, train, heldout, probe, keep, pad, support_rows, self.device, config, run_dir, self.progress
-        )
-        trained = time.perf_counter() - load_started
-        final = evaluate_samples(student, heldout, pad, support_rows, self.device, options.batch_size, self.autocast)
+        with phase("student: train"):
+            state = train_student(
+                student, params, train, heldout, probe, keep, pad, support_rows, self.device, config, run_dir,
+                self.progress,
+            )  # fmt: skip
+        with phase("student: held-out check"):
+            final = evaluate_samples(
+                student, heldout, pad, support_rows, self.device, options.batch_size, self.autocast
+            )  # fmt: skip
         start = state.history[0]
         tolerance = _stderr(start.heldout_agreement, final.seq_tokens)
         distilled_wins = distilled_is_better(
             (start.heldout_agreement, start.heldout_kl), (final.agreement, final.mean_kl), tolerance
         )
-        chosen_nll = mean_nll(student, ppl_rows, self.device) if distilled_wins else start_nll
+        learned = final.agreement > start.heldout_agreement + tolerance
+        with phase("student: perplexity after"):
+            chosen_nll = mean_nll(student, ppl_rows, self.device) if distilled_wins else start_nll
         modules_out = student_modules(student, self.alpha, self.use_rslora) if distilled_wins else {}
         del student, model
         gc.collect()
 
+        source_generic = teacher.info.get("generic", {})
+        own_change = _change(source_generic.get("base_nll"), source_generic.get("adapter_nll"))
         self.info.update(
             {
                 "student": {
@@ -317,11 +308,12 @@ class Distiller:
                     "aligned_positions": aligned,
                     "target_positions": wanted,
                     "loss": options.loss,
+                    "tokens": options.tokens,
                     "steps": state.step,
                     "best_step": state.best_step,
                     "stopped": state.stopped,
                     "train_seconds": round(state.seconds, 1),
-                    "seconds": round(trained, 1),
+                    "steps_per_second": round(state.step / state.seconds, 3) if state.seconds else None,
                     "history": [e.__dict__ for e in state.history],
                     "notes": notes,
                 },
@@ -337,14 +329,21 @@ class Distiller:
                     "base_nll": base_nll,
                     "start_nll": start_nll,
                     "written_nll": chosen_nll,
-                    "perplexity_change": float(torch.tensor(chosen_nll - base_nll).exp() - 1),
+                    "perplexity_change": _change(base_nll, chosen_nll),
+                    "source_perplexity_change": own_change,
                 },
-                "seconds": round(time.perf_counter() - started, 1),
-                "peak_rss_mb": round(peak_rss_mb()),
             }
         )
-        self.report.distill = self.info
+        self._finish(started)
         self._notes(state.stopped)
+        if not init_parts and not (learned and distilled_wins) and not options.force:
+            held = self.info["heldout"]
+            return self._refuse(
+                f"distill: held-out agreement with the teacher did not rise above the start's "
+                f"({held['start']['agreement']:.3f} -> {held['distilled']['agreement']:.3f}, one s.e. "
+                f"{tolerance:.3f}): "
+                "the port learned nothing; nothing written (--distill-force writes it anyway)"
+            )
         if not distilled_wins:
             return init_parts
         # The records so far describe the start port (the unit loop's): summarised, then replaced.
@@ -356,6 +355,12 @@ class Distiller:
         }
         self.report.records = []
         return self._parts(modules_out, notes)
+
+    def _finish(self, started: float) -> None:
+        self.info["timings"] = self.phases.rounded()
+        self.info["seconds"] = round(time.perf_counter() - started, 1)
+        self.info["peak_rss_mb"] = round(peak_rss_mb())
+        self.report.distill = self.info
 
     def _parts(self, modules: dict[str, LoraModule], notes: dict[str, str]) -> list[Part]:
         """One part per distilled module (its factors at the module's own scale) with its record."""
@@ -382,21 +387,45 @@ class Distiller:
 
     def _notes(self, stopped: str) -> None:
         info, notes = self.info, self.report.notes
-        held, generic, student = info["heldout"], info["generic"], info["student"]
+        held, generic, student, teacher = info["heldout"], info["generic"], info["student"], info["teacher"]
+        ended = teacher.get("ended", {})
+        chat = info.get("chat")
         notes.append(
-            f"distill: {student['train_texts']} prompt(s) trained on, {student['heldout_texts']} held out; "
+            f"distill: {student['train_texts']} text(s) trained on, {student['heldout_texts']} held out; "
             f"{student['steps']} step(s) ({stopped}); support: {info['support']}; KL at {info.get('positions')} "
             "positions"
         )
+        notes.append(
+            f"distill: teacher continuations ended by the end token {ended.get('end', 0)}, a stop string "
+            f"{ended.get('stop', 0)}, the {teacher.get('max_new_tokens')}-token cap {ended.get('length', 0)}; "
+            f"{teacher.get('mean_tokens', 0):g} tokens on average"
+            + (f"; chat templates: source {chat['source']}, target {chat['target']}" if chat else "")
+        )
+        if ended.get("length", 0) > 0.25 * max(1, sum(ended.values())):
+            notes.append(f"WARNING: {ended['length']} teacher continuation(s) were cut at "
+                         f"{teacher.get('max_new_tokens')} tokens: raise --distill-max-new-tokens")  # fmt: skip
         notes.append(
             f"distill: held-out agreement with the teacher {held['start']['agreement']:.3f} (start port) -> "
             f"{held['distilled']['agreement']:.3f} (distilled), KL {held['start']['kl']:.3f} -> "
             f"{held['distilled']['kl']:.3f}; written: {info['chosen']}"
         )
+        own, port = generic.get("source_perplexity_change"), generic["perplexity_change"]
         notes.append(
-            f"distill: the target's perplexity on generic text ({generic['text']}) changes by "
-            f"{generic['perplexity_change']:+.1%} with the written adapter"
+            f"distill: perplexity on generic text ({generic['text']}): the adapter changes its source's by "
+            + (f"{own:+.1%}" if own is not None else "an unknown amount")
+            + f", the written port changes the target's by {port:+.1%}"
         )
+        if own is not None and port > own + SIDE_EFFECT_MARGIN:
+            warning = (
+                f"WARNING: the port raises the target's generic perplexity {port - own:+.1%} more than the adapter "
+                f"raises its source's ({port:+.1%} vs {own:+.1%}): it changes the target elsewhere more than the "
+                "adapter changes its own base (--distill-keep-weight, --calibration with generic text)"
+            )
+            notes.append(warning)
+            log.warning(warning)
+        timings = ", ".join(f"{name} {value:.0f} s" for name, value in info.get("timings", {}).items())
+        rate = student.get("steps_per_second")
+        notes.append(f"distill: time {info['seconds']:.0f} s: {timings}" + (f"; {rate:.2f} steps/s" if rate else ""))
         if info["chosen"] == "start":
             warning = (
                 "WARNING: distilling made held-out agreement with the teacher worse than the start port (or no "
@@ -423,6 +452,13 @@ def distilled_is_better(start: tuple[float, float], distilled: tuple[float, floa
     if agreement > start_agreement + tolerance:
         return True
     return agreement >= start_agreement - tolerance and kl <= start_kl
+
+
+def _change(before: float | None, after: float | None) -> float | None:
+    """The perplexity change of a mean NLL going from ``before`` to ``after`` (``exp(after - before) - 1``)."""
+    if before is None or after is None:
+        return None
+    return float(torch.tensor(after - before).exp() - 1)
 
 
 def _stderr(agreement: float, n: int) -> float:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import ast
 import random
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..alignment import right_pad
 
 MIN_CHARS, MAX_CHARS = 120, 600
 
@@ -33,4 +39,23 @@ def stdlib_paragraphs(count: int, seed: int = 0) -> list[str]:
     return found[:count]
 
 
-__all__ = ["stdlib_paragraphs"]
+@torch.no_grad()
+def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids, mask = right_pad(rows[start : start + batch_size], 0, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+        count += int((targets != -100).sum())
+    return total / max(count, 1)
+
+
+def token_rows(tokenizer: Any, lines: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Each line's token ids (default special tokens), cut to ``max_tokens``; lines of one token left out."""
+    rows = tokenizer(list(lines), truncation=True, max_length=max_tokens)["input_ids"] if lines else []
+    return [list(r) for r in rows if len(r) > 1]
+
+
+__all__ = ["mean_nll", "stdlib_paragraphs", "token_rows"]

@@ -2,21 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import TransferError
+from ..errors import LoraportError, TransferError
 from ..option_fields import check_choices, keyword_fields, option
 
 DISTILL = "distill"
 LOSSES = ("seq+kl", "kl", "seq")
 POSITIONS = ("auto", "answer", "all")
 PRECISIONS = ("auto", "float32", "bfloat16")
+TOKEN_CHOICES = ("all", "effect")
+# --distill-max-new-tokens auto: multiple-choice (ARC) prompts are answered in a few tokens on one line
+# (8, cut at the first newline: the rows of benchmarks/results/real.md); every other prompt runs to the
+# end of the teacher's turn, capped here (see benchmarks/results/generation.md for where teachers stop).
+AUTO_MC_TOKENS = 8
+AUTO_OPEN_TOKENS = 256
 SYNTH_FILTERS = ("effect", "template")
 SYNTH_WRITERS = ("base", "teacher")
 DEFAULT_MAX_STEPS = 600
+
+
+def _tokens_word(word: Any) -> int | str:
+    """``--distill-max-new-tokens``: ``auto`` or a positive count."""
+    if word == "auto" or isinstance(word, int):
+        return word
+    try:
+        return int(word)
+    except (TypeError, ValueError):
+        raise LoraportError(f"--distill-max-new-tokens must be 'auto' or a number, got {word!r}") from None
+
+
+def _stops_word(word: Any) -> list[str] | None:
+    """``--distill-stop``: a JSON list of strings, or one string with ``\\n`` / ``\\t`` escapes."""
+    if word is None or isinstance(word, list):
+        return word
+    text = str(word)
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LoraportError(f"--distill-stop: not a JSON list of strings ({exc.msg})") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise LoraportError("--distill-stop: expected a JSON list of non-empty strings")
+        return value
+    return [text.replace("\\n", "\n").replace("\\t", "\t")]
 
 
 @dataclass
@@ -47,7 +81,22 @@ class DistillOptions:
         lr / batch_size / warmup: AdamW on the LoRA factors, constant after a linear warm-up.
         heldout: the share of the prompts held out to choose between the start port and the
             distilled adapter (and to stop training).
-        max_new_tokens: the teacher's continuation length (greedy, cut at the first newline).
+        max_new_tokens: the longest teacher continuation in tokens; ``auto`` (default): 8 for multiple-choice
+            (ARC) prompts, else 256. A continuation also ends at the teacher's end token (EOS, or the
+            chat template's end of turn: the student learns to end there too) or a stop string.
+        stops: stop strings (default: a newline for ARC prompts, none otherwise).
+        samples / temperature: this many sampled continuations per prompt besides the greedy one
+            (distinct, seeded), at this temperature.
+        chat: plain prompts become the user's turn of a conversation; conversations (``messages``
+            prompts, or these) reach the teacher through the source's chat template and the
+            student through the target's.
+        source_chat_template / target_chat_template: a Jinja template file (or a built-in name:
+            ``gemma``, ``chatml``) for a base whose tokenizer has none, or to override it.
+        tokens: token selection: ``all`` (default) or ``effect`` (train on the continuation
+            targets where the adapter raises the next token's log-probability over the source
+            base most, a ``token_share`` of them: TiTok).
+        force: write the port even when the checks say it learned nothing (the teacher ended at
+            once on most prompts, or held-out agreement did not rise from a bare-target start).
         top_k: teacher probabilities kept per position (the rest is one tail bucket).
         eval_every / patience: held-out evaluation every ``eval_every`` steps; training stops
             after ``patience`` evaluations without improvement.
@@ -143,13 +192,83 @@ class DistillOptions:
         metavar="FRACTION",
         help="share of the prompts held out to choose the better of the start port and the distilled adapter",
     )
-    max_new_tokens: int = option(
-        8,
+    max_new_tokens: int | str = option(
+        "auto",
         name="distill_max_new_tokens",
         flag="distill_max_new_tokens",
-        word=int,
+        convert=_tokens_word,
         metavar="T",
-        help="tokens of the teacher's continuation (greedy, cut at the first newline; default 8)",
+        help=f"longest teacher continuation in tokens (default auto: {AUTO_MC_TOKENS} for multiple-choice prompts, "
+        f"else {AUTO_OPEN_TOKENS}); it also ends at the teacher's end of turn or a stop string",
+    )
+    stops: list[str] | None = option(
+        None,
+        name="distill_stop",
+        flag="distill_stop",
+        convert=_stops_word,
+        metavar="TEXT",
+        help="end the teacher's continuation at this text ('\\n' for a newline; a JSON list for several; default: "
+        "a newline for multiple-choice prompts, none otherwise)",
+    )
+    samples: int = option(
+        0,
+        name="distill_samples",
+        flag="distill_samples",
+        word=int,
+        metavar="K",
+        help="K sampled teacher continuations per prompt besides the greedy one (default 0)",
+    )
+    temperature: float = option(
+        1.0,
+        name="distill_temperature",
+        flag="distill_temperature",
+        word=float,
+        metavar="T",
+        help="sampling temperature of --distill-samples (default 1.0, top-p 0.95)",
+    )
+    chat: bool = option(
+        False,
+        name="chat",
+        flag="chat",
+        switch=True,
+        help="plain prompts are the user's turn of a conversation: each model reads it through its chat template",
+    )
+    source_chat_template: str | None = option(
+        None,
+        name="source_chat_template",
+        flag="source_chat_template",
+        metavar="FILE",
+        help="Jinja chat template for the source base (or a built-in: gemma, chatml)",
+    )
+    target_chat_template: str | None = option(
+        None,
+        name="target_chat_template",
+        flag="target_chat_template",
+        metavar="FILE",
+        help="Jinja chat template for the target base (or a built-in: gemma, chatml)",
+    )
+    tokens: str = option(
+        "all",
+        name="distill_tokens",
+        flag="distill_tokens",
+        choices=TOKEN_CHOICES,
+        help="continuation targets learned: all (default), or effect: where the adapter changes the source's "
+        "prediction most (TiTok)",
+    )
+    token_share: float = option(
+        0.5,
+        name="distill_token_share",
+        flag="distill_token_share",
+        word=float,
+        metavar="SHARE",
+        help="--distill-tokens effect: the share of continuation targets kept (default 0.5)",
+    )
+    force: bool = option(
+        False,
+        name="distill_force",
+        flag="distill_force",
+        switch=True,
+        help="write the port even when it learned nothing (the teacher ended at once, or agreement did not rise)",
     )
     top_k: int = option(64, name="distill_top_k")
     eval_every: int = option(10, name="distill_eval_every")
@@ -198,7 +317,13 @@ class DistillOptions:
             (self.lr > 0, f"--distill-lr must be > 0, got {self.lr}"),
             (self.batch_size >= 1, f"--distill-batch-size must be >= 1, got {self.batch_size}"),
             (0 < self.heldout < 1, f"--distill-heldout must be in (0, 1), got {self.heldout}"),
-            (self.max_new_tokens >= 1, f"--distill-max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (
+                self.max_new_tokens == "auto" or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
+                f"--distill-max-new-tokens must be 'auto' or >= 1, got {self.max_new_tokens!r}",
+            ),
+            (self.samples >= 0, f"--distill-samples must be >= 0, got {self.samples}"),
+            (self.temperature > 0, f"--distill-temperature must be > 0, got {self.temperature}"),
+            (0 < self.token_share <= 1, f"--distill-token-share must be in (0, 1], got {self.token_share}"),
             (self.top_k >= 1 and self.eval_every >= 1 and self.patience >= 1, "top_k, eval_every, patience >= 1"),
             (self.keep_weight >= 0, f"--distill-keep-weight must be >= 0, got {self.keep_weight}"),
             (self.warmup >= 0 and self.generic_lines >= 0, "warmup and generic_lines must be >= 0"),
@@ -206,7 +331,23 @@ class DistillOptions:
         for ok, message in checks:
             if not ok:
                 raise TransferError(message)
-        read_prompts(self.prompts)
+        if self.cache is not None and Path(self.cache).exists() and not Path(self.cache).is_dir():
+            raise TransferError(f"--distill-cache {self.cache}: is a file; it must name a directory (made if missing)")
+        self.max_new_tokens = _tokens_word(self.max_new_tokens)
+        self.stops = _stops_word(self.stops)
+        given = read_prompts(self.prompts)
+        if self.synthesize and given.kind == "messages":
+            raise TransferError("--synthesize needs plain prompts (with --chat to make them conversations), not "
+                                "'messages' lines")  # fmt: skip
+
+    def resolved_generation(self, kind: str) -> tuple[int, list[str]]:
+        """``(max_new_tokens, stop strings)`` for prompts of ``kind`` (``auto``: by the kind)."""
+        multiple_choice = kind == "arc" and not self.chat
+        tokens = self.max_new_tokens
+        if tokens == "auto":
+            tokens = AUTO_MC_TOKENS if multiple_choice else AUTO_OPEN_TOKENS
+        stops = self.stops if self.stops is not None else (["\n"] if multiple_choice else [])
+        return int(tokens), list(stops)
 
 
 # ``transfer()`` keyword names -> DistillOptions fields.
@@ -224,6 +365,8 @@ def distill_summary(options: DistillOptions) -> dict[str, Any]:
 
 
 __all__ = [
+    "AUTO_MC_TOKENS",
+    "AUTO_OPEN_TOKENS",
     "DEFAULT_MAX_STEPS",
     "DISTILL",
     "DISTILL_FIELDS",
@@ -232,6 +375,7 @@ __all__ = [
     "PRECISIONS",
     "SYNTH_FILTERS",
     "SYNTH_WRITERS",
+    "TOKEN_CHOICES",
     "DistillOptions",
     "distill_summary",
 ]

@@ -1,8 +1,11 @@
 """The task's inputs for distillation: reading prompt files, splitting, and the shape of synthetic prompts.
 
-Three file kinds, told apart by their first non-blank line:
+Four file kinds, told apart by their first non-blank line:
 
-- JSONL with a ``prompt`` field: each prompt used verbatim;
+- JSONL with a ``prompt`` field: each prompt used verbatim (or, with ``--chat``, as the user's
+  turn of a conversation);
+- JSONL with a ``messages`` field: an OpenAI-style conversation (``[{"role", "content"}, ...]``,
+  ending with the user's turn), rendered through each model's chat template;
 - ARC JSONL (``question``; choices and answers, if present, are ignored): each question
   through the evaluator's template ``Question: {question}\\nAnswer:``;
 - plain text: one prompt a line.
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat import Message, as_conversation, check_messages
 from ..errors import LoraportError
 from ..evaluate import PROMPT
 
@@ -27,13 +31,21 @@ MIN_PROMPTS = 2
 
 @dataclass
 class PromptSet:
-    """Prompts read from one source: ``prompts`` (distinct, in file order), ``name`` for messages,
-    ``kind`` (``prompt``, ``arc`` or ``text``) and how many duplicates were dropped."""
+    """Prompts read from one source: ``prompts`` (distinct, in file order; for ``messages`` each
+    conversation as JSON, its identity), ``name`` for messages, ``kind`` (``prompt``, ``messages``,
+    ``arc`` or ``text``), how many duplicates were dropped and, for ``messages``, the conversations."""
 
     prompts: list[str]
     name: str
     kind: str
     duplicates: int = 0
+    conversations: list[list[Message]] | None = None
+
+    def as_conversations(self) -> list[list[Message]]:
+        """Every prompt as a conversation: the ``messages`` as given, a plain prompt as the user's turn."""
+        if self.conversations is not None:
+            return self.conversations
+        return [as_conversation(p) for p in self.prompts]
 
 
 def _decode(path: Path) -> str:
@@ -49,9 +61,11 @@ def _decode(path: Path) -> str:
 
 
 def _from_json(record: object, where: str) -> tuple[str, str]:
-    """``(prompt, kind)`` of one JSONL record."""
+    """``(prompt, kind)`` of one JSONL record (a conversation as its JSON)."""
     if not isinstance(record, dict):
-        raise LoraportError(f"{where}: expected a JSON object with a 'prompt' or 'question' field")
+        raise LoraportError(f"{where}: expected a JSON object with a 'prompt', 'messages' or 'question' field")
+    if "messages" in record:
+        return json.dumps(check_messages(record["messages"], where), ensure_ascii=False), "messages"
     if "prompt" in record:
         prompt = record["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
@@ -62,15 +76,19 @@ def _from_json(record: object, where: str) -> tuple[str, str]:
         if not isinstance(question, str) or not question.strip():
             raise LoraportError(f"{where}: 'question' must be a non-empty string")
         return PROMPT.format(question=question), "arc"
-    raise LoraportError(f"{where}: no 'prompt' or 'question' field (keys: {', '.join(sorted(record)) or 'none'})")
+    raise LoraportError(
+        f"{where}: no 'prompt', 'messages' or 'question' field (keys: {', '.join(sorted(record)) or 'none'})"
+    )
 
 
 def read_prompts(source: str | os.PathLike[str] | Sequence[str]) -> PromptSet:
-    """The prompts of a file (JSONL with ``prompt``, ARC JSONL or plain text) or of a list of strings.
+    """The prompts of a file (JSONL with ``prompt`` or ``messages``, ARC JSONL or plain text) or of a list of
+    strings.
 
     Raises:
         LoraportError: a missing, binary or non-UTF-8 file, a JSONL line that is not an object
-            with ``prompt`` or ``question``, mixed kinds, or fewer than two distinct prompts.
+            with ``prompt``, ``messages`` or ``question``, a bad conversation, mixed kinds, or
+            fewer than two distinct prompts.
     """
     if isinstance(source, str | os.PathLike):
         path = Path(source)
@@ -88,7 +106,7 @@ def read_prompts(source: str | os.PathLike[str] | Sequence[str]) -> PromptSet:
                 found.append(_from_json(record, f"{name} line {number}"))
             kinds = {kind for _, kind in found}
             if len(kinds) > 1:
-                raise LoraportError(f"{name}: mixes 'prompt' and 'question' records; use one kind per file")
+                raise LoraportError(f"{name}: mixes {' and '.join(sorted(kinds))} records; use one kind per file")
             items, kind = [prompt for prompt, _ in found], kinds.pop()
         else:
             items, kind = [line.strip() for _, line in lines], "text"
@@ -100,7 +118,8 @@ def read_prompts(source: str | os.PathLike[str] | Sequence[str]) -> PromptSet:
     distinct = list(dict.fromkeys(items))
     if len(distinct) < MIN_PROMPTS:
         raise LoraportError(f"{name}: {len(distinct)} distinct prompt(s); distillation needs at least {MIN_PROMPTS}")
-    return PromptSet(distinct, name, kind, len(items) - len(distinct))
+    conversations = [json.loads(item) for item in distinct] if kind == "messages" else None
+    return PromptSet(distinct, name, kind, len(items) - len(distinct), conversations)
 
 
 def split_heldout(prompts: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -31,7 +31,8 @@ class StudentSample:
     """One text as the student sees it.
 
     Attributes:
-        ids: student token ids of ``prompt + continuation``.
+        ids: student token ids of ``prompt + continuation`` (+ the student's end token when the
+            teacher ended its turn there).
         kl_positions: ``(P,)`` student positions with a teacher distribution.
         kl_ids: ``(P, K)`` support indices of the teacher's top tokens; ``kl_logprobs``: theirs.
         seq_positions: ``(C,)`` positions predicting the continuation's tokens ``seq_ids``.
@@ -45,31 +46,96 @@ class StudentSample:
     seq_ids: torch.Tensor
 
 
+@dataclass
+class StudentView:
+    """How the student reads the teacher's texts.
+
+    Attributes:
+        prompts: the student's rendering of each of the teacher's ``items`` (its own chat template,
+            or the plain prompt as the teacher read it).
+        add_special_tokens: encode with the tokenizer's default special tokens (``False`` for
+            chat-rendered text, which carries its own).
+        end_id: the student's end token (end of turn, or EOS), learned where the teacher ended its
+            turn; ``None``: never.
+        keep_end_kl: keep the teacher's distribution at the position that predicts its end token
+            (only meaningful when both models share the vocabulary and the end token).
+        select_share: token selection: the share of the continuation's targets kept, those where the
+            adapter raises the next token's log-probability most over the source base (1: all).
+    """
+
+    prompts: list[str]
+    add_special_tokens: bool = True
+    end_id: int | None = None
+    keep_end_kl: bool = True
+    select_share: float = 1.0
+
+
+def _selected(effect: torch.Tensor, answer_rows: list[int], share: float) -> set[int]:
+    """The rows (of ``answer_rows``) with the largest effect: ``ceil(share * n)`` of them (ties: earlier)."""
+    if share >= 1.0 or not answer_rows:
+        return set(answer_rows)
+    count = max(1, math.ceil(share * len(answer_rows)))
+    ranked = sorted(answer_rows, key=lambda r: (-float(effect[r]), r))
+    return set(ranked[:count])
+
+
 def student_samples(
-    tokenizer: Any, teacher: TeacherOutputs, indices: Sequence[int] | None = None
+    tokenizer: Any, teacher: TeacherOutputs, indices: Sequence[int] | None = None, view: StudentView | None = None
 ) -> list[StudentSample]:
-    """The teacher's targets on the student's tokens for texts ``indices`` (default: all)."""
+    """The teacher's targets on the student's tokens for texts ``indices`` (default: all).
+
+    The continuation is the same text on both sides; the prompts may differ (each model's chat
+    template). A teacher position maps to the student position whose token ends at the same
+    character of the continuation (or of the prompt, when both read the same prompt text). With
+    token selection only the chosen continuation targets (and the end token) remain.
+    """
+    view = view or StudentView(list(teacher.items))
     chosen = range(len(teacher.prompts)) if indices is None else indices
     samples = []
     for i in chosen:
-        prompt_chars = len(teacher.prompts[i])
-        ids, ends = text_ends(tokenizer, teacher.prompts[i] + teacher.continuations[i])
+        teacher_prompt, continuation = teacher.prompts[i], teacher.continuations[i]
+        prompt = view.prompts[teacher.sources[i]]
+        shift, same_prompt = len(prompt) - len(teacher_prompt), prompt == teacher_prompt
+        ids, ends = text_ends(tokenizer, prompt + continuation, view.add_special_tokens)
+        ended = teacher.ended[i] == "end" and view.end_id is not None
         last_at: dict[int, int] = {}
         for j, end in enumerate(ends):
             if end >= 0:
                 last_at[end] = j
         teacher_ends = teacher.ends[i]
+        text_end = len(teacher_prompt) + len(continuation)
+        effect = teacher.token_effect[i] if teacher.token_effect else None
+        positions_i = teacher.positions[i].tolist()
+        answer_rows = [row for row, pos in enumerate(positions_i) if int(teacher_ends[pos]) >= len(teacher_prompt)]
+        kept = _selected(effect, answer_rows, view.select_share) if effect is not None else set(answer_rows)
         rows, positions = [], []
         for row, pos in enumerate(teacher.positions[i].tolist()):
-            j = last_at.get(int(teacher_ends[pos]))
+            end = int(teacher_ends[pos])
+            if end >= len(teacher_prompt):
+                if row not in kept:
+                    continue
+                if ended and end == text_end and not view.keep_end_kl:
+                    continue  # it predicts the teacher's end token, which the support does not hold
+                j = last_at.get(end + shift)
+            elif same_prompt:
+                j = last_at.get(end)
+            else:
+                continue
             if j is not None and j < len(ids):
                 rows.append(row)
                 positions.append(j)
         seq_pos, seq_ids = [], []
+        spans = _kept_spans(teacher, i, kept, shift) if effect is not None and view.select_share < 1.0 else None
         for j in range(1, len(ids)):
-            if ends[j] > prompt_chars and ends[j - 1] >= prompt_chars:
+            in_answer = ends[j] > len(prompt) and ends[j - 1] >= len(prompt)
+            if in_answer and (spans is None or any(ends[j - 1] < stop and ends[j] > begin for begin, stop in spans)):
                 seq_pos.append(j - 1)
                 seq_ids.append(ids[j])
+        if ended:
+            if ids:
+                seq_pos.append(len(ids) - 1)
+                seq_ids.append(int(view.end_id))  # type: ignore[arg-type]
+            ids = [*ids, int(view.end_id)]  # type: ignore[arg-type]
         samples.append(
             StudentSample(
                 ids,
@@ -81,6 +147,20 @@ def student_samples(
             )
         )
     return samples
+
+
+def _kept_spans(teacher: TeacherOutputs, i: int, kept: set[int], shift: int) -> list[tuple[int, int]]:
+    """Character spans (in the student's text) of the continuation tokens token selection keeps: the token
+    after a kept teacher position spans from that position's end to the next one's. A student token
+    is learned when it overlaps one of them (the two tokenizers cut the text differently)."""
+    ends = teacher.ends[i]
+    positions = teacher.positions[i].tolist()
+    spans = []
+    for row in kept:
+        pos = positions[row]
+        if pos + 1 < len(ends) and int(ends[pos + 1]) >= 0 and int(ends[pos]) >= 0:
+            spans.append((int(ends[pos]) + shift, int(ends[pos + 1]) + shift))
+    return spans
 
 
 # -- the PEFT student -------------------------------------------------------------------------
@@ -397,23 +477,11 @@ def keep_loss(
     return sparse_kl(logprobs, top_ids, top_logprobs).mean()
 
 
-@torch.no_grad()
-def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, batch_size: int = 4) -> float:
-    """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass."""
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        ids, mask = right_pad(rows[start : start + batch_size], 0, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
-        count += int((targets != -100).sum())
-    return total / max(count, 1)
-
-
 __all__ = [
     "BatchStats",
     "KeepSample",
     "StudentSample",
+    "StudentView",
     "base_model",
     "batch_loss",
     "build_student",
@@ -425,7 +493,6 @@ __all__ = [
     "keep_samples",
     "lora_layers",
     "lora_parameters",
-    "mean_nll",
     "sparse_kl",
     "student_modules",
     "student_samples",

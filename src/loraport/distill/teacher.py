@@ -1,13 +1,17 @@
 """The teacher: the source base with the adapter, run once; its continuations and next-token distributions.
 
-For every prompt the teacher writes a greedy continuation (cut at the first newline) and then
-scores ``prompt + continuation``: at each *loss position* (``answer``: from the prompt's last
-token on; ``all``: every position) it keeps the ``top_k`` probabilities of its next-token
+For every prompt (rendered through the source's chat template for conversations, verbatim
+otherwise) the teacher writes its continuation to its natural end: an end token (EOS, or
+the chat template's end of turn), a stop string (multiple-choice prompts stop at the first
+newline), or the token cap; optionally ``K`` sampled continuations too. It then scores
+``prompt + continuation``: at each *loss position* (``answer``: from the prompt's last token
+on; ``all``: every position) it keeps the ``top_k`` probabilities of its next-token
 distribution over the *support* (the whole vocabulary when the student shares the tokenizer,
-else the tokens both vocabularies spell the same way, renormalised over them) and the
-character where each of its tokens ends, so that the student's positions can be aligned by
-character. The outputs are written to disk (:class:`TeacherOutputs`), and the teacher is freed
-before the student is loaded.
+else the tokens both vocabularies spell the same way, renormalised over them), the character
+where each of its tokens ends (so that the student's positions can be aligned by character)
+and, when asked, how much the adapter raises the log-probability of each next token over
+the source base (token selection). The outputs are written to disk (:class:`TeacherOutputs`),
+and the teacher is freed before the student is loaded.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from ..adapters import LoraAdapter, LoraModule, attach_adapter
 from ..alignment import token_ends
 from ..checkpoints import Checkpoint
 from ..errors import TransferError
+from ..generation import Generated, generate, left_padded, pad_id
 from .prompts import candidate_from, few_shot_text, prompt_template
 
 OUTPUTS = "teacher.safetensors"
 META = "teacher.json"
-FORMAT = 1
+FORMAT = 2
+PER_TEXT = ("ends", "positions", "top_ids", "top_logprobs")
 
 
 @dataclass
@@ -42,7 +48,8 @@ class TeacherOutputs:
     """What the student learns from, one entry per text (``prompt + continuation``).
 
     Attributes:
-        prompts / continuations: the texts; ``prompt_chars[i] = len(prompts[i])``.
+        prompts / continuations: the texts; ``prompts`` as the teacher read them (rendered
+            through its chat template for conversations).
         ends: per text, ``(L,)`` int: the character where each teacher token ends (-1: special).
         positions: per text, ``(P,)`` int: the teacher positions with a target.
         top_ids: per text, ``(P, K)`` int: support indices of the top ``K`` next tokens.
@@ -51,6 +58,15 @@ class TeacherOutputs:
             the shared vocabulary's list).
         effect: per text, the KL from the source base to the teacher at the prompt's end (how much
             the adapter changes the answer), when measured.
+        sources: per text, the index of its prompt in ``items``.
+        items: the distinct prompts (a plain prompt, or a conversation as JSON): the student renders
+            them its own way.
+        ended: per text, why the continuation ended: ``end`` (an end token: the student learns to end
+            there too), ``stop`` (a stop string) or ``length`` (the token cap).
+        greedy: per text, whether it is the greedy continuation (``False``: a sample).
+        token_effect: per text, ``(P,)``: at each loss position, ``log p_teacher - log p_base`` of the
+            token that follows (token selection), when measured.
+        info: the teacher's settings and measurements (chat template, end tokens, generic text).
     """
 
     prompts: list[str]
@@ -61,10 +77,40 @@ class TeacherOutputs:
     top_logprobs: list[torch.Tensor]
     support: str
     effect: list[float] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+    token_effect: list[torch.Tensor] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        if not self.sources:
+            self.sources = list(range(n))
+        if not self.items:
+            self.items = list(self.prompts)
+        if not self.ended:
+            self.ended = ["length"] * n
+        if not self.greedy:
+            self.greedy = [True] * n
 
     @property
     def prompt_chars(self) -> list[int]:
         return [len(p) for p in self.prompts]
+
+    def select(self, keep: Sequence[int]) -> TeacherOutputs:
+        """The outputs of texts ``keep`` only (in that order)."""
+        pick = list(keep)
+
+        def sub(values: list[Any]) -> list[Any]:
+            return [values[i] for i in pick] if values else []
+
+        return TeacherOutputs(
+            sub(self.prompts), sub(self.continuations), sub(self.ends), sub(self.positions), sub(self.top_ids),
+            sub(self.top_logprobs), self.support, sub(self.effect), sub(self.sources), list(self.items),
+            sub(self.ended), sub(self.greedy), sub(self.token_effect), dict(self.info),
+        )  # fmt: skip
 
     def save(self, directory: Path, key: dict[str, Any]) -> None:
         """Write atomically into ``directory`` (tensors as safetensors, texts and ``key`` as JSON)."""
@@ -77,6 +123,8 @@ class TeacherOutputs:
                 tensors[f"{i}.positions"] = self.positions[i].to(torch.int32).contiguous()
                 tensors[f"{i}.top_ids"] = self.top_ids[i].to(torch.int32).contiguous()
                 tensors[f"{i}.top_logprobs"] = self.top_logprobs[i].float().contiguous()
+                if self.token_effect:
+                    tensors[f"{i}.token_effect"] = self.token_effect[i].float().contiguous()
             save_file(tensors, str(tmp / OUTPUTS))
             meta = {
                 "format": FORMAT,
@@ -85,6 +133,11 @@ class TeacherOutputs:
                 "continuations": self.continuations,
                 "support": self.support,
                 "effect": self.effect,
+                "sources": self.sources,
+                "items": self.items,
+                "ended": self.ended,
+                "greedy": self.greedy,
+                "info": self.info,
             }
             (tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
             if directory.exists():
@@ -105,6 +158,7 @@ class TeacherOutputs:
         except (OSError, ValueError, json.JSONDecodeError):
             return None
         n = len(meta["prompts"])
+        measured = n > 0 and "0.token_effect" in tensors
         return cls(
             meta["prompts"],
             meta["continuations"],
@@ -114,6 +168,12 @@ class TeacherOutputs:
             [tensors[f"{i}.top_logprobs"] for i in range(n)],
             meta["support"],
             list(meta.get("effect", [])),
+            list(meta["sources"]),
+            list(meta["items"]),
+            list(meta["ended"]),
+            list(meta["greedy"]),
+            [tensors[f"{i}.token_effect"] for i in range(n)] if measured else [],
+            dict(meta.get("info", {})),
         )
 
 
@@ -148,72 +208,44 @@ def load_teacher(src: Checkpoint, adapter: LoraAdapter, device: torch.device, dt
     return attach_adapter(src.load_causal_lm(dtype), adapter).to(device).eval()
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0  # pragma: no cover
-
-
-def _left_padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def generate(
+def distinct_samples(
     model: Any,
     tokenizer: Any,
-    texts: Sequence[str],
+    prompts: Sequence[str],
+    greedy: Sequence[Generated],
+    count: int,
     max_new_tokens: int,
     device: torch.device,
-    batch_size: int = 16,
-    sample: bool = False,
-    seed: int = 0,
-    stop_at_newline: bool = True,
-) -> list[str]:
-    """The model's continuation of each text (greedy, or sampled at temperature 1 with a seeded generator)."""
-    pad = _pad_id(tokenizer)
-    out: list[str] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start : start + batch_size])
-        ids, mask = _left_padded([tokenizer(t)["input_ids"] for t in chunk], pad, device)
-        if sample:
-            torch.manual_seed(seed + start)
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=1.0 if sample else None,
-            top_p=0.95 if sample else None,
-            top_k=None,
-            pad_token_id=pad,
-        )
-        for row, prompt_row, row_mask in zip(generated[:, ids.shape[1] :], ids, mask, strict=True):
-            text = _continuation_text(tokenizer, prompt_row[row_mask.bool()].tolist(), row.tolist())
-            out.append(text.split("\n", 1)[0] if stop_at_newline else text)
-    return out
+    seed: int,
+    temperature: float,
+    rounds: int = 4,
+    **generation: Any,
+) -> list[list[Generated]]:
+    """Up to ``count`` sampled continuations per prompt, distinct from each other and from the greedy one.
+
+    Each round samples once more for the prompts still short of ``count`` (seeded by the round).
+    """
+    found: list[list[Generated]] = [[] for _ in prompts]
+    seen = [{g.text} for g in greedy]
+    for round_index in range(rounds * count):
+        short = [i for i in range(len(prompts)) if len(found[i]) < count]
+        if not short:
+            break
+        outs = generate(
+            model, tokenizer, [prompts[i] for i in short], max_new_tokens, device, sample=True,
+            temperature=temperature, top_p=0.95, seed=seed * 7919 + round_index, **generation,
+        )  # fmt: skip
+        for i, out in zip(short, outs, strict=True):
+            if out.text not in seen[i]:
+                seen[i].add(out.text)
+                found[i].append(out)
+    return found
 
 
-def _continuation_text(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text the new tokens add after the prompt: decoded in context (a sentencepiece or word-level
-    tokenizer drops the leading space of tokens decoded alone)."""
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    whole = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
-    if whole.startswith(head):
-        return whole[len(head) :]
-    return tokenizer.decode(new_ids, skip_special_tokens=True)
-
-
-def text_ends(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``text`` (default special tokens, as the evaluator encodes) and each token's end (-1: special)."""
-    ids, ends = token_ends(tokenizer, text)
+def text_ends(tokenizer: Any, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` (default special tokens, as the evaluator encodes; none for chat-rendered
+    text) and each token's end (-1: special)."""
+    ids, ends = token_ends(tokenizer, text, add_special_tokens=add_special_tokens)
     return ids, [-1 if end is None else end for end in ends]
 
 
@@ -223,6 +255,19 @@ def loss_positions(ends: Sequence[int], prompt_chars: int, mode: str) -> list[in
     if mode == "all":
         return [i for i, end in enumerate(ends) if end >= 0]
     return [i for i, end in enumerate(ends) if end >= prompt_chars or (end >= 0 and i == last)]
+
+
+@dataclass
+class Scored:
+    """:func:`score_texts` per text: ``ends``, ``positions``, ``top_ids``, ``top_logprobs`` (see
+    :class:`TeacherOutputs`), the prompt-end ``effect`` and the per-position ``token_effect`` (when measured)."""
+
+    ends: list[torch.Tensor] = field(default_factory=list)
+    positions: list[torch.Tensor] = field(default_factory=list)
+    top_ids: list[torch.Tensor] = field(default_factory=list)
+    top_logprobs: list[torch.Tensor] = field(default_factory=list)
+    effect: list[float] = field(default_factory=list)
+    token_effect: list[torch.Tensor] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -237,26 +282,35 @@ def score_texts(
     device: torch.device,
     batch_size: int = 8,
     measure_effect: bool = False,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[float]]:
-    """``(ends, positions, top_ids, top_logprobs, effect)`` of each ``prompt + continuation`` (see
-    :class:`TeacherOutputs`). ``support``: teacher ids of the shared vocabulary (``None``: all).
-    ``measure_effect``: also the KL from the adapter-less model at each prompt's end (needs a PEFT model)."""
-    pad = _pad_id(tokenizer)
-    encoded = [text_ends(tokenizer, p + c) for p, c in zip(prompts, continuations, strict=True)]
-    all_ends, all_pos, all_ids, all_lp, effect = [], [], [], [], []
+    *,
+    add_special_tokens: bool = True,
+    measure_tokens: bool = False,
+    end_tokens: Sequence[int | None] | None = None,
+) -> Scored:
+    """The teacher's targets on each ``prompt + continuation`` (see :class:`TeacherOutputs`).
+
+    ``support``: teacher ids of the shared vocabulary (``None``: all). ``measure_effect``: also the
+    KL from the adapter-less model at each prompt's end; ``measure_tokens``: at each loss position
+    ``log p_teacher - log p_base`` of the next token (``end_tokens[i]`` after the last one: the end
+    token the teacher wrote, or ``None``). Both need a PEFT model (its adapter is switched off).
+    """
+    pad = pad_id(tokenizer)
+    encoded = [text_ends(tokenizer, p + c, add_special_tokens) for p, c in zip(prompts, continuations, strict=True)]
+    out = Scored()
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        ids, mask = _left_padded([e[0] for e in chunk], pad, device)
+        ids, mask = left_padded([e[0] for e in chunk], pad, device)
         positions_ids = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_ids).logits.float()
         base_logits = None
-        if measure_effect:
+        if measure_effect or measure_tokens:
             with model.disable_adapter():
                 base_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_ids).logits.float()
         width = ids.shape[1]
         for row, (token_ids, ends) in enumerate(chunk):
+            index = start + row
             offset = width - len(token_ids)
-            prompt_chars = len(prompts[start + row])
+            prompt_chars = len(prompts[index])
             chosen = loss_positions(ends, prompt_chars, positions_mode)
             rows = logits[row, [offset + i for i in chosen]]
             if support is not None:
@@ -264,16 +318,37 @@ def score_texts(
             logprobs = torch.log_softmax(rows, dim=-1)
             k = min(top_k, logprobs.shape[-1])
             top = torch.topk(logprobs, k, dim=-1)
-            all_ends.append(torch.tensor(ends, dtype=torch.long))
-            all_pos.append(torch.tensor(chosen, dtype=torch.long))
-            all_ids.append(top.indices.cpu())
-            all_lp.append(top.values.cpu())
-            if base_logits is not None:
+            out.ends.append(torch.tensor(ends, dtype=torch.long))
+            out.positions.append(torch.tensor(chosen, dtype=torch.long))
+            out.top_ids.append(top.indices.cpu())
+            out.top_logprobs.append(top.values.cpu())
+            if base_logits is not None and measure_effect:
                 at = offset + _prompt_end(ends, prompt_chars)
                 p = torch.log_softmax(logits[row, at], dim=-1)
                 q = torch.log_softmax(base_logits[row, at], dim=-1)
-                effect.append(float(torch.sum(p.exp() * (p - q))))
-    return all_ends, all_pos, all_ids, all_lp, effect
+                out.effect.append(float(torch.sum(p.exp() * (p - q))))
+            if base_logits is not None and measure_tokens:
+                end = end_tokens[index] if end_tokens is not None else None
+                out.token_effect.append(
+                    _token_effect(logits[row, offset:], base_logits[row, offset:], token_ids, chosen, end)
+                )
+    return out
+
+
+def _token_effect(
+    logits: torch.Tensor, base: torch.Tensor, token_ids: Sequence[int], chosen: Sequence[int], end: int | None
+) -> torch.Tensor:
+    """At each chosen position, ``log p_teacher - log p_base`` of the token that follows (0 where none does)."""
+    values = []
+    for pos in chosen:
+        nxt = token_ids[pos + 1] if pos + 1 < len(token_ids) else end
+        if nxt is None:
+            values.append(0.0)
+            continue
+        teacher = torch.log_softmax(logits[pos], dim=-1)[nxt]
+        source = torch.log_softmax(base[pos], dim=-1)[nxt]
+        values.append(float(teacher - source))
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def _prompt_end(ends: Sequence[int], prompt_chars: int) -> int:
@@ -316,10 +391,10 @@ def synthesize_prompts(
             requests.append(few_shot_text(shown) + prefix)
         texts = generate(
             model, tokenizer, requests, max_tokens, device, sample=True, seed=seed * 1000 + round_index * 100,
-            stop_at_newline=False,
+            top_p=0.95,
         )  # fmt: skip
         for text in texts:
-            candidate = candidate_from(prefix + text, prefix, suffix, 2 * longest + 40)
+            candidate = candidate_from(prefix + text.text, prefix, suffix, 2 * longest + 40)
             if candidate is None:
                 rejected["shape"] += 1
             elif candidate in known:
@@ -339,11 +414,12 @@ def require_tokenizer(ckpt: Checkpoint, role: str) -> Any:
 
 
 __all__ = [
+    "Scored",
     "TeacherOutputs",
     "adapter_digest",
     "cache_key",
     "checkpoint_digest",
-    "generate",
+    "distinct_samples",
     "load_teacher",
     "loss_positions",
     "require_tokenizer",
