@@ -308,6 +308,48 @@ def test_bad_gguf_loras_are_one_line_errors_and_nothing_is_written(tiny, tmp_pat
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no temporary left behind"
 
 
+def _broken_files(tiny, tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """A GGUF LoRA cut to half its size, one with all but its first bytes zeroed (an interrupted download into a
+    preallocated file), one whose header reads as an empty GGUF, and two cut inside the magic bytes; with the
+    message each must give."""
+    good = write_gguf_lora(
+        load_adapter(tiny["llama-lora"]), tmp_path / "good.gguf", Checkpoint.open(tiny["llama-gguf"])
+    ).read_bytes()
+    truncated = "corrupt or truncated GGUF file"
+    cuts = {
+        "half": (good[: len(good) // 2], truncated),
+        "zeroed": (good[:9] + bytes(len(good) - 9), truncated),  # counts partly zero: empty keys, nameless tensors
+        "empty header": (good[:6] + bytes(len(good) - 6), "no metadata and no tensors: not a readable GGUF LoRA"),
+        "two bytes": (good[:2], truncated),
+        "empty": (b"", truncated),
+    }
+    broken = {}
+    for what, (data, message) in cuts.items():
+        path = tmp_path / f"{what.replace(' ', '-')}.gguf"
+        path.write_bytes(data)
+        broken[what] = (path, message)
+    return broken
+
+
+def test_a_broken_gguf_lora_is_called_broken_not_a_model(tiny, tmp_path, capsys) -> None:
+    base, good = str(tiny["llama-gguf"]), str(tmp_path / "good.gguf")
+    for what, (path, message) in _broken_files(tiny, tmp_path).items():
+        with pytest.raises(AdapterError, match=f"^{path}: .*{message}") as error:
+            load_adapter(path)
+        assert "\n" not in str(error.value) and "as a base" not in str(error.value), what
+        commands = [["inspect", str(path)]]
+        if "truncated" in message:  # fuse sorts inputs into models and adapters: an unreadable file is neither
+            out = str(tmp_path / f"fused-{path.stem}")
+            commands.append(["fuse", "--models", good, str(path), "--base", base, "--out", out, "--quiet"])
+        for argv in commands:
+            assert main(argv) == 2, (what, argv[0])
+            err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+            assert len(err) == 1 and err[0].startswith(f"loraport: error: {path}: "), (what, argv[0], err)
+            assert message in err[0] and "as a base" not in err[0], (what, argv[0], err)
+    with pytest.raises(AdapterError, match=r"a model file: pass it as a base, not as --adapter"):
+        load_adapter(tiny["llama-gguf"])  # a whole GGUF model is still told apart from a broken adapter
+
+
 def test_gguf_output_needs_a_gguf_target_and_is_checked_before_any_work(tiny, tmp_path, capsys) -> None:
     adapter, base = str(tiny["llama-lora"]), str(tiny["llama-gguf"])
     argv = ["transfer", "--adapter", adapter, "--source-base", base, "--quiet"]

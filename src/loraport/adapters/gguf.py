@@ -71,9 +71,12 @@ def is_gguf_file(path: str | os.PathLike[str]) -> bool:
 
 
 def gguf_lora_file(path: str | os.PathLike[str]) -> Path | None:
-    """The GGUF LoRA that ``path`` names: a ``.gguf`` file, or a directory without a PEFT config holding one."""
+    """The GGUF LoRA that ``path`` names: a ``.gguf`` file, or a directory without a PEFT config holding one.
+
+    A file named ``.gguf`` counts even without the GGUF magic (empty, cut short): reading it says what is wrong.
+    """
     path = Path(path)
-    if is_gguf_file(path):
+    if is_gguf_file(path) or (path.suffix == ".gguf" and path.is_file()):
         return path
     if path.is_dir() and not (path / "adapter_config.json").exists():
         found = sorted(path.glob("*.gguf"))
@@ -83,14 +86,19 @@ def gguf_lora_file(path: str | os.PathLike[str]) -> Path | None:
 
 
 def is_gguf_lora(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names a GGUF file (or a directory holding one) whose ``general.type`` is ``adapter``."""
+    """Whether ``path`` names a GGUF file (or a directory holding one) whose ``general.type`` is ``adapter``.
+
+    Raises:
+        AdapterError: a GGUF file whose header cannot be read (truncated, corrupt): it is neither
+            an adapter nor a model, and calling it a model would send the user the wrong way.
+    """
     found = gguf_lora_file(path)
     if found is None:
         return False
     try:
         return read_header(found).metadata.get(TYPE_KEY) == "adapter"
-    except CheckpointError:
-        return False
+    except CheckpointError as exc:
+        raise AdapterError(str(exc)) from None
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -206,8 +214,12 @@ def _check_metadata(path: Path, header: GGUFHeader) -> tuple[str, float]:
     meta = header.metadata
     kind = meta.get(TYPE_KEY)
     if kind != "adapter":
-        model = kind == "model" or not any(name.endswith(_SUFFIXES) for name in header.tensors)
+        # A model has tensors and no LoRA factors; a file without tensors is no model either.
+        factors = any(name.endswith(_SUFFIXES) for name in header.tensors)
+        model = kind == "model" or (bool(header.tensors) and not factors)
         hint = " (a model file: pass it as a base, not as --adapter)" if model else ""
+        if not header.tensors and not meta:
+            hint = " (the file holds no metadata and no tensors: not a readable GGUF LoRA)"
         raise AdapterError(f"{path}: general.type is {kind!r}, expected 'adapter'{hint}")
     if meta.get(ADAPTER_TYPE_KEY) != "lora":
         raise AdapterError(f"{path}: adapter.type is {meta.get(ADAPTER_TYPE_KEY)!r}, expected 'lora'")

@@ -54,6 +54,7 @@ GGUF_MAGIC = b"GGUF"
 _MAX_ARRAY = 4096
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 # transformers' processors that keep tensor shapes (everything we map for the role files).
 _SHAPE_KEEPING = {"TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor", "NemotronTensorProcessor"}
 
@@ -150,7 +151,10 @@ def read_header(path: Path) -> GGUFHeader:
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            if handle.read(4) != GGUF_MAGIC:
+            magic = handle.read(4)
+            if len(magic) < 4 and GGUF_MAGIC.startswith(magic):  # an empty file, or one cut inside the magic
+                raise ValueError(f"{size} bytes, shorter than the GGUF magic")
+            if magic != GGUF_MAGIC:
                 raise CheckpointError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
             cursor = _Cursor(handle, size)
             cursor.pos = 4
@@ -163,14 +167,26 @@ def read_header(path: Path) -> GGUFHeader:
             value_types: dict[str, int] = {}
             for _ in range(n_kv):
                 key = cursor.string()
+                if not key or key in value_types:  # llama.cpp refuses these too (gguf.cpp)
+                    raise ValueError(f"{'duplicate' if key else 'empty'} metadata key {key!r} at byte {cursor.pos}")
                 value_types[key] = cursor.take("<I")
                 metadata[key] = cursor.value(value_types[key], key, skipped)
             raw: list[tuple[str, tuple[int, ...], int, int]] = []
+            names: set[str] = set()
             for _ in range(n_tensors):
                 name = cursor.string()
-                dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]
+                n_dims = cursor.take("<I")
+                if not name or name in names or n_dims > _MAX_DIMS:  # llama.cpp refuses these too (gguf.cpp)
+                    raise ValueError(f"tensor {name!r} at byte {cursor.pos}: empty or duplicate name, or {n_dims} dims")
+                names.add(name)
+                dims = [cursor.take("<Q") for _ in range(n_dims)]
                 raw.append((name, tuple(reversed(dims)), cursor.take("<I"), cursor.take("<Q")))
-            alignment = int(metadata.get("general.alignment", 32))
+            alignment = metadata.get("general.alignment", 32)
+            if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+                raise ValueError(f"general.alignment is {alignment!r}, not a power of two")
+            misaligned = next((name for name, _, _, offset in raw if offset % alignment), None)
+            if misaligned is not None:
+                raise ValueError(f"tensor {misaligned!r} starts off the {alignment}-byte alignment")
             data_start = -(-cursor.pos // alignment) * alignment
     except CheckpointError:
         raise
@@ -181,7 +197,8 @@ def read_header(path: Path) -> GGUFHeader:
         try:
             import gguf
 
-            nbytes = int(np.prod(quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType(ggml_type))))
+            byte_shape = quant_shape_to_byte_shape(shape or (1,), gguf.GGMLQuantizationType(ggml_type))  # () a scalar
+            nbytes = int(np.prod(byte_shape))
         except (ValueError, KeyError):
             nbytes = -1  # a type gguf does not know: an error only if the tensor is read
         begin = data_start + relative
