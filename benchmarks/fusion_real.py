@@ -30,6 +30,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("lora", "models", "image")
+SCRIPT = "benchmarks/fusion_real.py"
+# The path options, with the default a command in the results names where the path is outside the repository.
+PATH_DEFAULTS = {
+    "--real": "benchmarks/work/real",
+    "--work": "benchmarks/work/fusion_real",
+    "--results": "benchmarks/results/fusion_real.md",
+}
+
+
+def repo_path(path: str, default: str, root: Path = ROOT) -> str:
+    """``path`` relative to the repository ``root`` (a relative one is taken from the working directory), or
+    ``default`` where it lies outside: a result file's commands must run from a fresh clone."""
+    absolute = Path(os.path.abspath(path))
+    for candidate in (absolute, absolute.resolve()):  # as given, then through symlinks (a linked checkout)
+        if candidate.is_relative_to(root):
+            return candidate.relative_to(root).as_posix() or "."
+    return default
+
+
+def command_line(argv: Sequence[str], root: Path = ROOT) -> str:
+    """``python benchmarks/fusion_real.py ARGV`` quoted for a shell, each path option (:data:`PATH_DEFAULTS`,
+    ``--opt PATH`` or ``--opt=PATH``) as :func:`repo_path` writes it."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in PATH_DEFAULTS:
+            continue
+        if eq:
+            args[i] = f"{flag}={repo_path(value, PATH_DEFAULTS[flag], root)}"
+        elif i + 1 < len(args):
+            args[i + 1] = repo_path(args[i + 1], PATH_DEFAULTS[flag], root)
+    return shlex.join(["python", SCRIPT, *args])
+
+
+def clone_command(command: str, root: Path = ROOT) -> str:
+    """A command recorded by an earlier run (older caches hold absolute paths) as :func:`command_line` writes it."""
+    words = shlex.split(command)
+    if words[:2] != ["python", SCRIPT]:
+        return command
+    return command_line(words[2:], root)
 
 
 def lora_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -99,6 +140,9 @@ def collect_results(work: Path) -> dict[str, Any]:
 
     files = {p.stem.removeprefix("results-"): json.loads(p.read_text()) for p in sorted(work.glob("results-*.json"))}
     results = {name: part for name, part in files.items() if not name.startswith("lora-")}
+    for part in results.values():
+        if "commands" in part:
+            part["commands"] = list(dict.fromkeys(clone_command(c) for c in part["commands"]))
     for rows_path in sorted(work.glob("lora_rows-*.json")):
         size = rows_path.stem.removeprefix("lora_rows-")
         runs = [part for name, part in files.items() if name.startswith(f"lora-{size}-")]
@@ -110,7 +154,7 @@ def collect_results(work: Path) -> dict[str, Any]:
             "references": reference_accuracies(scores, sorted({t for row in rows.values() for t in row["eval"]})),
             "relative_update": {t: v for run in runs for t, v in run.get("relative_update", {}).items()},
             "sizes": {"dev": dev, "eval": evaluation},
-            "commands": [c for run in runs for c in run["commands"]],
+            "commands": list(dict.fromkeys(clone_command(c) for run in runs for c in run["commands"])),
         }
     if (work / "models_rows.json").exists():
         rows = json.loads((work / "models_rows.json").read_text())
@@ -148,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         config = FusionRealConfig(real=args.real, threads=args.threads)
         if not args.no_build:
             build_fusion_assets(work, config)
-        command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/fusion_real.py", *(argv or sys.argv[1:])])
+        command = command_line(sys.argv[1:] if argv is None else argv)
         for part in args.parts:
             # one results file per part (and LoRA subset sizes): parts may run in parallel processes
             slug = "_".join(sorted(m.replace("+", "-").replace(" ", "-") for m in args.merges or ["every-merge"]))
@@ -166,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 from fusion_real_image import run_image
 
                 data = run_image(work / "image")
-            commands = [c for c in done.get("commands", []) if c != command] + [command]
+            commands = [c for c in map(clone_command, done.get("commands", [])) if c != command] + [command]
             data.update(commands=commands, seconds=time.perf_counter() - t0)
             atomic_write_text(path, json.dumps(data, indent=1))
         print(f"ran {', '.join(args.parts)} in {time.perf_counter() - started:.0f} s")

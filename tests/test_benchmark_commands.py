@@ -1,0 +1,53 @@
+"""The commands the benchmarks write into their result files run from a fresh clone: relative paths only."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from .helpers import benchmark_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fusion_real() -> Iterator[ModuleType]:
+    yield from benchmark_script("fusion_real")
+
+
+def test_fusion_real_commands_name_paths_from_the_repository_root(fusion_real: ModuleType) -> None:
+    real = ROOT / "benchmarks" / "work" / "real"
+    argv = ["--real", str(real), f"--work={ROOT / 'benchmarks' / 'work' / 'fr'}", "--merges", "facts+bins", "all four"]
+    command = fusion_real.command_line(argv)
+    assert command == (
+        "python benchmarks/fusion_real.py --real benchmarks/work/real --work=benchmarks/work/fr "
+        "--merges facts+bins 'all four'"
+    )
+    assert shlex.split(command)[2:] == ["--real", "benchmarks/work/real", "--work=benchmarks/work/fr",
+                                        "--merges", "facts+bins", "all four"]  # fmt: skip
+
+
+def test_fusion_real_commands_put_the_default_for_a_path_outside_the_repository(
+    fusion_real: ModuleType, tmp_path: Path
+) -> None:
+    argv = ["--real", str(tmp_path / "real"), "--work", "/elsewhere/fusion_real", "--results", str(tmp_path / "r.md")]
+    assert fusion_real.command_line([*argv, "--parts", "image"]) == (
+        "python benchmarks/fusion_real.py --real benchmarks/work/real --work benchmarks/work/fusion_real "
+        "--results benchmarks/results/fusion_real.md --parts image"
+    )
+
+
+def test_fusion_real_rewrites_the_absolute_commands_older_caches_hold(fusion_real: ModuleType) -> None:
+    """``--report-only`` renders the commands cached by earlier runs, written before paths were made relative."""
+    cached = (
+        f"python benchmarks/fusion_real.py --real {ROOT}/benchmarks/work/real --work /work/wt/benchmarks/work/fr "
+        "--parts image --no-build --results /tmp/fr/fr3.md"
+    )
+    assert fusion_real.clone_command(cached) == (
+        "python benchmarks/fusion_real.py --real benchmarks/work/real --work benchmarks/work/fusion_real "
+        "--parts image --no-build --results benchmarks/results/fusion_real.md"
+    )
