@@ -28,6 +28,13 @@ def register_command(
     _COMMANDS[name] = (add_arguments, handler, help_text)
 
 
+def quiet_loading() -> None:
+    """``--quiet``: no progress bars from ``transformers`` either (its weight-loading bar)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 # Sub-command modules, in the order ``loraport --help`` lists them.
 COMMAND_MODULES = ("transfer", "batch", "inspect", "evaluate", "fuse", "demo")
 

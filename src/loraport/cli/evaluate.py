@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import register_command
+from . import quiet_loading, register_command
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,8 @@ def _eval(args: argparse.Namespace) -> int:
     from ..errors import LoraportError
 
     dtype = getattr(torch, args.dtype)
+    if args.quiet:
+        quiet_loading()
     if not args.generate:
         if _generation_only(args):
             raise LoraportError(f"{', '.join(_generation_only(args))} only apply with --generate")

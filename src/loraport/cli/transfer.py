@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import register_command
+from . import quiet_loading, register_command
 
 
 def _transfer_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +16,9 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
 def _transfer(args: argparse.Namespace) -> int:
     from ..api import transfer
     from ..port.options import options_from_args
+
+    if args.quiet:
+        quiet_loading()
 
     result = transfer(
         args.adapter,

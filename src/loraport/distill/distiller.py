@@ -81,6 +81,7 @@ class Distiller:
         self.info: dict[str, Any] = {"options": distill_summary(options)}
         self.phases = Phases()
         self.teacher_key = ""  # the digest of the teacher's inputs and settings, set with the teacher
+        self.refusal: str | None = None  # why nothing is written, when the port learned nothing
 
     # -- teacher --------------------------------------------------------------------------------
     def _support(self, tokenizer_s: Any, tokenizer_t: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -151,7 +152,8 @@ class Distiller:
         return outputs, view
 
     def _refuse(self, reason: str) -> list[Part]:
-        """Nothing to write: one skipped record with the reason (the port core says it in one line)."""
+        """Nothing to write: one skipped record with the reason, which the port core raises (one line)."""
+        self.refusal = reason
         self.report.distill = self.info
         self.report.notes.append(f"WARNING: {reason}")
         log.warning("WARNING: %s", reason)
@@ -289,6 +291,8 @@ class Distiller:
             (start.heldout_agreement, start.heldout_kl), (final.agreement, final.mean_kl), tolerance
         )
         learned = final.agreement > start.heldout_agreement + tolerance
+        if not init_parts and options.force:
+            distilled_wins = True  # nothing to fall back on, and asked to write what was learned
         with phase("student: perplexity after"):
             chosen_nll = mean_nll(student, ppl_rows, self.device) if distilled_wins else start_nll
         modules_out = student_modules(student, self.alpha, self.use_rslora) if distilled_wins else {}
@@ -415,11 +419,11 @@ class Distiller:
             + (f"{own:+.1%}" if own is not None else "an unknown amount")
             + f", the written port changes the target's by {port:+.1%}"
         )
-        if own is not None and port > own + SIDE_EFFECT_MARGIN:
+        if own is not None and port > max(own, 0.0) + SIDE_EFFECT_MARGIN:
             warning = (
-                f"WARNING: the port raises the target's generic perplexity {port - own:+.1%} more than the adapter "
-                f"raises its source's ({port:+.1%} vs {own:+.1%}): it changes the target elsewhere more than the "
-                "adapter changes its own base (--distill-keep-weight, --calibration with generic text)"
+                f"WARNING: the port raises the target's generic perplexity by {port:+.1%} where the adapter changes "
+                f"its source's by {own:+.1%}: it changes the target elsewhere more than the adapter changes its own "
+                "base (--distill-keep-weight, --calibration with generic text)"
             )
             notes.append(warning)
             log.warning(warning)

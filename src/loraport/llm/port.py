@@ -118,6 +118,8 @@ def transfer_llm(
             elif options.calibrated.init == "auto":  # the copy where shapes match; elsewhere the target itself
                 parts = [part for part in parts if part[0].source.shape == part[0].target.shape]
             parts = distiller.run(parts, assemble_modules(parts))
+            if distiller.refusal is not None:  # it learned nothing: say why, in one line, and write nothing
+                check_written(report, {}, started, report_path, why=distiller.refusal)
     if mode != "mapped":  # mapped carries every source layer's effect through the residual stream
         report.records += pairing.unpaired
 

@@ -84,14 +84,18 @@ def check_written(
     modules: dict[str, LoraModule],
     started: float,
     report_path: str | os.PathLike[str] | None,
+    why: str | None = None,
 ) -> None:
-    """Fill the report's totals; with no module to write, save the report (if asked) and raise ``TransferError``."""
+    """Fill the report's totals; with no module to write, save the report (if asked) and raise ``TransferError``
+    (its message: ``why`` if given, else the reasons modules were skipped)."""
     report.output_modules = len(modules)
     report.seconds = time.perf_counter() - started
     report.peak_rss_mb = peak_rss_mb()
     if not modules:
         if report_path is not None:
             report.save(report_path)
+        if why is not None:
+            raise TransferError(why)
         reasons = sorted({r.reason for r in report.records if r.reason})
         raise TransferError(
             f"every module was skipped ({len(report.records)} unit(s); "
