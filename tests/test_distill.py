@@ -397,3 +397,26 @@ def test_the_written_adapter_is_the_better_by_agreement_then_by_kl() -> None:
     assert distilled_is_better((0.875, 0.38), (0.875, 0.15), tol)  # a tie in agreement, lower KL: wins
     assert not distilled_is_better((0.875, 0.15), (0.875, 0.38), tol)  # a tie, higher KL: the start port
     assert not distilled_is_better((0.875, 0.15), (0.890, 0.38), tol)  # within one s.e. counts as a tie
+
+
+def test_no_closed_form_port_is_computed_where_distill_does_not_start_from_it(bases, tmp_path, monkeypatch) -> None:
+    """Across shapes the start is the bare target: no unit is ported (no subspace), and the report says so."""
+    import loraport.llm.port as llm_port
+
+    ported: list[int] = []
+    real = llm_port.port_units
+
+    def counting(units, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ported.append(len(units))
+        return real(units, *args, **kwargs)
+
+    monkeypatch.setattr(llm_port, "port_units", counting)
+    result = transfer(
+        bases["lora"], bases["S"], bases["T"], tmp_path / "out", prompts=str(bases["prompts"]), distill_steps=5,
+        distill_lr=1e-2, **_fast(tmp_path),
+    )  # fmt: skip
+    assert ported == [] and result.report.cache_misses == 0
+    assert {"start port", "teacher: generate", "student: train", "write"} <= set(result.report.distill["timings"])
+    transfer(bases["lora"], bases["S"], bases["D"], tmp_path / "copy", prompts=str(bases["prompts"]), distill_steps=2,
+             **_fast(tmp_path))  # fmt: skip
+    assert ported and ported[-1] > 0  # the copy where shapes match

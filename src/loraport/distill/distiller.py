@@ -362,7 +362,7 @@ class Distiller:
 
     def _finish(self, started: float) -> None:
         self.info["timings"] = self.phases.rounded()
-        self.info["seconds"] = round(time.perf_counter() - started, 1)
+        self.info["seconds"] = round(time.perf_counter() - started + self.phases.seconds.get("start port", 0.0), 1)
         self.info["peak_rss_mb"] = round(peak_rss_mb())
         self.report.distill = self.info
 

@@ -105,21 +105,23 @@ def transfer_llm(
     if mode == "mapped":
         # The adapter's effect goes to the target's residual writers: no per-module init to compute.
         parts = MappedCalibrator(pairing, adapter, options.calibrated, report, progress, options.device).run()
+    elif options.method == DISTILL:
+        # Only the start port distillation uses is computed: none from zero; with auto, the copy where shapes
+        # match (elsewhere the start is the target itself); else the named closed-form port of every unit.
+        init = options.calibrated.init
+        units = [] if init == "zero" else pairing.units
+        if init == "auto":
+            units = [unit for unit in units if unit.source.shape == unit.target.shape]
+        distiller = Distiller(pairing, adapter, options.distill, options.calibrated, report, progress, options.device)
+        with distiller.phases("start port"):
+            parts = port_units(units, method, options, report, progress) if units else []
+        parts = distiller.run(parts, assemble_modules(parts))
+        if distiller.refusal is not None:  # it learned nothing: say why, in one line, and write nothing
+            check_written(report, {}, started, report_path, why=distiller.refusal)
     else:
         parts = port_units(pairing.units, method, options, report, progress)
         if calibrated:
             parts = calibrate(parts, pairing, adapter, options.calibrated, report, progress, options.device)
-        elif options.method == DISTILL:
-            distiller = Distiller(
-                pairing, adapter, options.distill, options.calibrated, report, progress, options.device
-            )
-            if options.calibrated.init == "zero":  # the start is the target itself (the units only name modules)
-                parts = []
-            elif options.calibrated.init == "auto":  # the copy where shapes match; elsewhere the target itself
-                parts = [part for part in parts if part[0].source.shape == part[0].target.shape]
-            parts = distiller.run(parts, assemble_modules(parts))
-            if distiller.refusal is not None:  # it learned nothing: say why, in one line, and write nothing
-                check_written(report, {}, started, report_path, why=distiller.refusal)
     if mode != "mapped":  # mapped carries every source layer's effect through the residual stream
         report.records += pairing.unpaired
 
@@ -131,6 +133,7 @@ def transfer_llm(
     )
     target_adapter.config = config
     written: Path | None = None
+    writing = time.perf_counter()
     if out is not None and gguf_base is not None:
         provenance = _provenance(src, tgt, options)
         if single_file:
@@ -148,6 +151,8 @@ def transfer_llm(
         written = write_port_dir(
             out, overwrite, report, lambda tmp: save_adapter(target_adapter, tmp, config=config), extra_files
         )
+    if report.distill is not None and "timings" in report.distill:
+        report.distill["timings"]["write"] = round(time.perf_counter() - writing, 2)
     finish_report(report, started, report_path)
     return TransferResult(target_adapter, report, written)
 

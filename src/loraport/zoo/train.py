@@ -235,12 +235,15 @@ def train_lora(
     on_step: Callable[[int, torch.nn.Module], bool] | None = None,
     *,
     answer_logits_only: bool = False,
+    examples: Sequence[tuple[list[int], int]] | None = None,
 ) -> tuple[Any, TrainLog]:
     """Wrap ``model`` in a PEFT LoRA (``recipe``) and train it on ``(question, answer)`` items.
 
     Returns the ``PeftModel`` (in eval mode) and the training log. The base weights are
     frozen; the loss covers only the answer tokens. ``answer_logits_only``: compute it with
     :func:`answer_loss` (same loss up to rounding, much faster with a large vocabulary).
+    ``examples``: token ids and where the answer starts, encoded by the caller (a chat
+    template's rendering, say), instead of ``items`` in the evaluator's ``Question:`` form.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -254,7 +257,7 @@ def train_lora(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
-    examples = qa_examples(tokenizer, items)
+    examples = list(examples) if examples is not None else qa_examples(tokenizer, items)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,206 @@
+"""Generation adapters ported across families, both ways, judged by what the model writes.
+
+    python benchmarks/real_assets.py --work benchmarks/work/real --only models     # the two models
+    python benchmarks/generation_assets.py                                         # the six LoRAs
+    python benchmarks/generation.py                     # the ports: benchmarks/results/generation.md
+
+Three adapters (``json`` format, ``caps`` style, ``bullets`` instruction through the chat
+template; :mod:`loraport.pretrained.generation_tasks`) were trained with the same data and recipe
+on SmolLM2-135M-Instruct and on Gemma-3-270M. Each direction ports the source's adapter with
+``--method distill`` from its training prompts (no answers) and scores the port by the share of
+held-out prompts whose greedy answer passes the task's check (``loraport eval --generate``). The
+target's own LoRA is the oracle. Every port runs in a fresh process (wall time and peak RSS
+are its own); rows are cached by label in ``WORK/ports/rows.json`` (``--fresh`` starts over).
+
+share = (ported - target base) / (source with adapter - source base): how much of the adapter's
+behaviour the port carries; gain recovery = (ported - target base) / (oracle - target base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from calibrated import port
+
+DIRECTIONS = {"smollm2->gemma3": ("smollm2", "gemma3"), "gemma3->smollm2": ("gemma3", "smollm2")}
+TASKS = ("json", "caps", "bullets")
+TEMPLATES = {"smollm2": None, "gemma3": "gemma"}
+# label -> transfer() options beside the defaults (the prompts and templates are the task's)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "distill": {},
+    "distill, 8 tokens to the first newline (the old default)": {"distill_max_new_tokens": 8, "distill_stop": "\\n"},
+    "distill, 2 samples": {"distill_samples": 2},
+    "distill, token selection": {"distill_tokens": "effect"},
+    "distill, keep weight 1": {"distill_keep_weight": 1.0},
+    "distill, keep weight 2": {"distill_keep_weight": 2.0},
+}
+
+
+def stage(work: Path, name: str) -> dict[str, Any]:
+    path = work / "stages" / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"{path} missing: run python benchmarks/generation_assets.py --work {work} first")
+    return json.loads(path.read_text())
+
+
+def port_options(work: Path, real: Path, source: str, target: str, task: str, label: str,
+                 out: Path, cache: Path, threads: int, time_limit: float | None) -> dict[str, Any]:  # fmt: skip
+    options: dict[str, Any] = {
+        "adapter": str(work / "loras" / f"{source}-{task}"),
+        "source_base": str(real / "models" / source),
+        "target_base": str(real / "models" / target),
+        "out": str(out),
+        "method": "distill",
+        "prompts": str(work / "tasks" / task / "prompts.jsonl"),
+        "distill_cache": str(cache),
+        "progress": False,
+        "overwrite": True,
+        "threads": threads,
+        **VARIANTS[label],
+    }
+    if TEMPLATES[source]:
+        options["source_chat_template"] = TEMPLATES[source]
+    if TEMPLATES[target]:
+        options["target_chat_template"] = TEMPLATES[target]
+    if task == "json":  # plain prompts: no template is read
+        options.pop("source_chat_template", None)
+        options.pop("target_chat_template", None)
+    if time_limit is not None:
+        options["distill_time"] = time_limit
+    return options
+
+
+def score_port(work: Path, real: Path, target: str, task: str, adapter: Path, threads: int) -> dict[str, Any]:
+    import torch
+
+    from loraport.evaluate import load_model, load_tokenizer
+    from loraport.pretrained.generation_build import GenerationConfig, generic_nll, score_generation
+
+    torch.set_num_threads(threads)
+    config = GenerationConfig(real=str(real))
+    path = real / "models" / target
+    tokenizer, model = load_tokenizer(path), load_model(path, adapter, torch.float32)
+    return score_generation(model, tokenizer, target, task, work, config, adapter / "answers.jsonl") | {
+        "generic_nll": generic_nll(model, tokenizer, config)
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    work, real = Path(args.work), Path(args.real)
+    cache_path = work / "ports" / "rows.json"
+    rows: dict[str, Any] = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
+    for direction in args.directions:
+        source, target = DIRECTIONS[direction]
+        for task in args.tasks:
+            for label in args.variants:
+                key = f"{direction}|{task}|{label}"
+                if (key in rows and not rows[key].get("error")) or args.cached_only:
+                    continue
+                out = work / "ports" / direction / task / label.replace(" ", "_").replace(",", "")
+                options = port_options(work, real, source, target, task, label, out, work / "distill-cache",
+                                       args.threads, args.distill_time)  # fmt: skip
+                print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
+                result = port(dict(options), isolated=True)
+                row = {"direction": direction, "task": task, "label": label, **result,
+                       "options": {k: v for k, v in options.items() if k not in ("progress", "overwrite")}}  # fmt: skip
+                if not result.get("error"):
+                    row["score"] = score_port(work, real, target, task, out, args.threads)
+                rows[key] = row
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                cache_path.write_text(json.dumps(rows, indent=1))
+                rate = row.get("score", {}).get("rate")
+                print(f"    rate {rate}, {result['seconds']:.0f} s, error {result.get('error')}", flush=True)
+    return list(rows.values())
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.0%}"
+
+
+def _f(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        "# Generation adapters ported across families, both ways",
+        "",
+        f"Made by `{command}` (models: `python benchmarks/real_assets.py --work benchmarks/work/real --only models`; "
+        "adapters: `python benchmarks/generation_assets.py`). 2 shared CPU cores; each port in its own process.",
+        "",
+        "Rate = share of held-out prompts whose greedy answer (to the end of the turn, at most 96 tokens) passes the "
+        "task's check. share = (ported - target base) / (source + adapter - source base); gain recovery = (ported - "
+        "target base) / (oracle - target base). Generic perplexity: on 32 standard-library docstring paragraphs; "
+        "*adapter* is the source adapter's own change on its source base, *port* the written port's change on the "
+        "target.",
+        "",
+        "| direction | task | variant | target base | source + adapter (source base) | oracle | ported | share | gain "
+        "recovery | generic perplexity adapter / port | teacher ended: end / stop / cap | time (s) | peak RSS (MB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["direction"], TASKS.index(r["task"]), list(VARIANTS).index(r["label"]))):
+        source, target = DIRECTIONS[row["direction"]]
+        src = stage(work, f"lora-{source}-{row['task']}")
+        tgt = stage(work, f"lora-{target}-{row['task']}")
+        base, oracle = tgt["base_score"]["rate"], tgt["score"]["rate"]
+        with_adapter, source_base = src["score"]["rate"], src["base_score"]["rate"]
+        if row.get("error"):
+            ported_cell, share, recovery, port_ppl = f"error: {row['error'][:80]}", None, None, None
+        else:
+            score = row["score"]
+            ported = score["rate"]
+            ported_cell = f"{ported:.3f} ± {score['stderr'] or 0:.3f}"
+            share = (ported - base) / (with_adapter - source_base) if with_adapter != source_base else None
+            recovery = (ported - base) / (oracle - base) if oracle != base else None
+            port_ppl = (row.get("distill") or {}).get("perplexity_change")
+        distill = row.get("distill") or {}
+        ended = (distill.get("teacher") or {}).get("ended") or {}
+        ended_cell = f"{ended.get('end', '-')} / {ended.get('stop', '-')} / {ended.get('length', '-')}"
+        lines.append(
+            f"| {row['direction']} | {row['task']} | {row['label']} | {base:.3f} | {with_adapter:.3f} "
+            f"({source_base:.3f}) | {oracle:.3f} | {ported_cell} | {_f(share, '.2f')} | {_f(recovery, '.2f')} | "
+            f"{_pct(src['generic_perplexity_change'])} / {_pct(port_ppl)} | {ended_cell} | {row['seconds']:.0f} | "
+            f"{_f(row.get('peak_rss_mb'), '.0f')} |"
+        )
+    lines += ["", "## The adapters", "", "| base | task | base rate | with its LoRA | generic perplexity | train (s) |",
+              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for base in ("smollm2", "gemma3"):
+        for task in TASKS:
+            path = work / "stages" / f"lora-{base}-{task}.json"
+            if path.exists():
+                rec = json.loads(path.read_text())
+                lines.append(f"| {base} | {task} | {rec['base_score']['rate']:.3f} | {rec['score']['rate']:.3f} | "
+                             f"{_pct(rec['generic_perplexity_change'])} | {rec['train_seconds']:.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="benchmarks/work/generation", help="the generation assets' directory")
+    parser.add_argument("--real", default="benchmarks/work/real", help="the real benchmark's directory (models)")
+    parser.add_argument("--directions", nargs="*", default=list(DIRECTIONS), choices=list(DIRECTIONS))
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--variants", nargs="*", default=["distill"], choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per port (default 2)")
+    parser.add_argument("--distill-time", type=float, default=None, help="--distill-time for every port")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    parser.add_argument("--cached-only", action="store_true", help="only render the cached rows")
+    parser.add_argument("--out", default="benchmarks/results/generation.md", help="Markdown results")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/generation.py", *(argv or sys.argv[1:])])
+    Path(args.out).write_text(markdown(Path(args.work), rows, command))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"results: {os.path.relpath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
