@@ -420,3 +420,29 @@ def test_no_closed_form_port_is_computed_where_distill_does_not_start_from_it(ba
     transfer(bases["lora"], bases["S"], bases["D"], tmp_path / "copy", prompts=str(bases["prompts"]), distill_steps=2,
              **_fast(tmp_path))  # fmt: skip
     assert ported and ported[-1] > 0  # the copy where shapes match
+
+
+def test_bucketed_epochs_are_seeded_permutations_of_similar_lengths() -> None:
+    from loraport.distill.train import batch_indices, epoch_order
+
+    lengths = [(i * 37) % 101 + 5 for i in range(200)]
+    order = epoch_order(3, 200, 8, seed=1, lengths=lengths)
+    assert sorted(order) == list(range(200)) and order == epoch_order(3, 200, 8, seed=1, lengths=lengths)
+    assert order != epoch_order(4, 200, 8, seed=1, lengths=lengths)
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    bucketed = [batch_indices(s, 200, 8, 1, lengths) for s in range(25)]
+    plain = [batch_indices(s, 200, 8, 1) for s in range(25)]
+    assert sorted(i for b in bucketed for i in b) == list(range(200))  # one epoch: every text once
+    assert padding(bucketed) < 0.35 * padding(plain)
+
+
+def test_upper_layers_only_adapt_the_upper_half(bases, tmp_path: Path) -> None:
+    result = transfer(
+        bases["lora"], bases["S"], bases["D"], tmp_path / "out", prompts=str(bases["prompts"]), init="zero",
+        distill_steps=20, distill_lr=1e-2, distill_layers="upper", **_fast(tmp_path),
+    )  # fmt: skip
+    layers = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in result.adapter.modules})
+    assert layers and min(layers) >= 2 and result.report.distill["student"]["modules"] == 14  # 4 layers: 2 and 3

@@ -178,9 +178,12 @@ class Distiller:
 
     # -- student --------------------------------------------------------------------------------
     def _modules(self) -> list[str]:
+        """The target modules the student adapts: those the pairing maps the adapter to (upper half only
+        with ``layers="upper"``)."""
+        lowest = self.pairing.layers_t // 2 if self.options.layers == "upper" else 0
         names = []
         for unit in self.pairing.units:
-            if unit.target.module not in names:
+            if unit.target.module not in names and unit.target.layer >= lowest:
                 names.append(unit.target.module)
         return names
 
@@ -405,7 +408,7 @@ class Distiller:
             f"{teacher.get('mean_tokens', 0):g} tokens on average"
             + (f"; chat templates: source {chat['source']}, target {chat['target']}" if chat else "")
         )
-        if ended.get("length", 0) > 0.25 * max(1, sum(ended.values())):
+        if not teacher.get("multiple_choice") and ended.get("length", 0) > 0.25 * max(1, sum(ended.values())):
             notes.append(f"WARNING: {ended['length']} teacher continuation(s) were cut at "
                          f"{teacher.get('max_new_tokens')} tokens: raise --distill-max-new-tokens")  # fmt: skip
         notes.append(

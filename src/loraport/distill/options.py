@@ -17,6 +17,7 @@ LOSSES = ("seq+kl", "kl", "seq")
 POSITIONS = ("auto", "answer", "all")
 PRECISIONS = ("auto", "float32", "bfloat16")
 TOKEN_CHOICES = ("all", "effect")
+LAYER_CHOICES = ("all", "upper")
 # --distill-max-new-tokens auto: multiple-choice (ARC) prompts are answered in a few tokens on one line
 # (8, cut at the first newline: the rows of benchmarks/results/real.md); every other prompt runs to the
 # end of the teacher's turn, capped here (see benchmarks/results/generation.md for where teachers stop).
@@ -92,6 +93,8 @@ class DistillOptions:
             student through the target's.
         source_chat_template / target_chat_template: a Jinja template file (or a built-in name:
             ``gemma``, ``chatml``) for a base whose tokenizer has none, or to override it.
+        layers: ``all`` adapted layers of the target get the student's LoRA, or the ``upper`` half only
+            (the backward pass then stops half-way down).
         tokens: token selection: ``all`` (default) or ``effect`` (train on the continuation
             targets where the adapter raises the next token's log-probability over the source
             base most, a ``token_share`` of them: TiTok).
@@ -247,6 +250,14 @@ class DistillOptions:
         metavar="FILE",
         help="Jinja chat template for the target base (or a built-in: gemma, chatml)",
     )
+    layers: str = option(
+        "all",
+        name="distill_layers",
+        flag="distill_layers",
+        choices=LAYER_CHOICES,
+        help="where the student's LoRA goes: all (default) the adapted layers, or upper: the upper half of the "
+        "target's layers (the backward pass stops there: faster steps)",
+    )
     tokens: str = option(
         "all",
         name="distill_tokens",
@@ -370,6 +381,7 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "DISTILL",
     "DISTILL_FIELDS",
+    "LAYER_CHOICES",
     "LOSSES",
     "POSITIONS",
     "PRECISIONS",

@@ -170,6 +170,7 @@ def run_teacher(
             "chat_template": view.describe(),
             "end_ids": view.end_ids,
             "max_new_tokens": view.max_new_tokens,
+            "multiple_choice": view.multiple_choice,
             "stops": view.stops,
             "generic": {"lines": len(rows), "base_nll": base_nll, "adapter_nll": adapter_nll},
             "synthesized": synth,
@@ -206,6 +207,7 @@ def _summary(outputs: TeacherOutputs) -> dict[str, Any]:
         ),
         "mean_tokens": round(sum(tokens) / len(tokens), 1) if tokens else 0.0,
         "max_new_tokens": outputs.info.get("max_new_tokens"),
+        "multiple_choice": outputs.info.get("multiple_choice", False),
         "samples": len(outputs.prompts) - len(greedy),
     }
 

@@ -35,6 +35,7 @@ LATEST = "latest"
 IMPROVEMENT = 1e-9
 KL_IMPROVEMENT = 0.01  # a relative drop of the held-out KL that counts as progress
 KEEP_LINES = 4  # generic lines per step when the target's own predictions are kept
+BUCKET_BATCHES = 8  # batches per window sorted by length
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     keep_weight: float
     seed: int
     autocast: torch.dtype | None = None
+    bucket: bool = True  # batches of similar lengths (less padding)
 
 
 @dataclass
@@ -95,14 +97,29 @@ class TrainState:
         return cls(**values)
 
 
-def batch_indices(step: int, count: int, batch_size: int, seed: int) -> list[int]:
-    """The training texts of ``step``: consecutive slices of seeded per-epoch permutations."""
+def epoch_order(epoch: int, count: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> list[int]:
+    """The texts of one epoch in training order: a seeded permutation; with ``lengths``, bucketed: each
+    window of :data:`BUCKET_BATCHES` batches is sorted by length (so a batch pads little) and the
+    batches are then shuffled (so lengths do not drift through the epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(count, generator=generator).tolist()
+    if lengths is None:
+        return order
+    window = batch_size * BUCKET_BATCHES
+    bucketed: list[int] = []
+    for start in range(0, count, window):
+        bucketed += sorted(order[start : start + window], key=lambda i: (lengths[i], i))
+    chunks = [bucketed[i : i + batch_size] for i in range(0, count, batch_size)]
+    return [i for c in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[c]]
+
+
+def batch_indices(step: int, count: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> list[int]:
+    """The training texts of ``step``: consecutive slices of the seeded per-epoch orders (:func:`epoch_order`)."""
     out: list[int] = []
     start = step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), count)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        out += order[offset : offset + batch_size - len(out)]
+        out += epoch_order(epoch, count, batch_size, seed, lengths)[offset : offset + batch_size - len(out)]
     return out
 
 
@@ -245,6 +262,7 @@ def train_student(
         dynamic_ncols=True,
     )
     student.train()
+    lengths = [len(sample.ids) for sample in train] if config.bucket else None
     started = time.perf_counter() - state.seconds
     while not state.stopped:
         if state.step >= config.max_steps:
@@ -259,7 +277,7 @@ def train_student(
             break
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (state.step + 1) / (config.warmup + 1))
-        chosen = [train[i] for i in batch_indices(state.step, len(train), config.batch_size, config.seed)]
+        chosen = [train[i] for i in batch_indices(state.step, len(train), config.batch_size, config.seed, lengths)]
         loss, _ = batch_loss(student, chosen, pad, support, config.weights, device, config.autocast)
         if keep and config.keep_weight > 0:
             count = min(KEEP_LINES, len(keep))
@@ -302,4 +320,4 @@ def _take_best(state: TrainState, params: dict[str, torch.Tensor], best: dict[st
         best[key] = param.detach().clone()
 
 
-__all__ = ["Checkpoints", "Evaluation", "TrainConfig", "TrainState", "batch_indices", "train_student"]
+__all__ = ["Checkpoints", "Evaluation", "TrainConfig", "TrainState", "batch_indices", "epoch_order", "train_student"]

@@ -31,6 +31,8 @@ class TeacherView:
         add_special_tokens: encode rendered prompts with the tokenizer's default special tokens.
         max_new_tokens / stops: where its continuations end (resolved from the options and the
             prompts' kind).
+        multiple_choice: the prompts are multiple-choice questions, answered in a few tokens (the
+            token cap is meant to cut them).
     """
 
     chat: bool
@@ -39,6 +41,7 @@ class TeacherView:
     add_special_tokens: bool
     max_new_tokens: int
     stops: list[str]
+    multiple_choice: bool = False
 
     def item(self, prompt: str, given: PromptSet | None = None, index: int | None = None) -> str:
         """The identity of a prompt as the student will render it: a conversation as JSON, or the text."""
@@ -79,7 +82,8 @@ def teacher_view(given: PromptSet, options: DistillOptions, tokenizer: Any) -> T
         raise TransferError("--source-chat-template / --target-chat-template apply to conversations: pass --chat "
                             "(plain prompts as the user's turn) or 'messages' prompts")  # fmt: skip
     eos = tokenizer.eos_token_id
-    return TeacherView(False, None, [] if eos is None else [int(eos)], True, max_new_tokens, stops)
+    ends = [] if eos is None else [int(eos)]
+    return TeacherView(False, None, ends, True, max_new_tokens, stops, given.kind == "arc")
 
 
 def student_view(

@@ -46,7 +46,7 @@ class GenerationConfig:
 
     real: str = "benchmarks/work/real"
     recipes: dict[str, LoraRecipe] = field(
-        default_factory=lambda: {task: LoraRecipe(steps=100, lr=2e-3, batch_size=16, warmup=10) for task in TASKS}
+        default_factory=lambda: {task: LoraRecipe(steps=60, lr=1e-3, batch_size=16, warmup=6) for task in TASKS}
     )
     task_seed: int = 0
     lora_seed: int = 0
