@@ -35,7 +35,7 @@ from .student import (
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, run_teacher, teacher_key
 from .timing import Phases
-from .train import TrainConfig, train_student
+from .train import TaskSamples, TrainConfig, train_student
 from .views import TeacherView, student_view, teacher_view
 
 log = logging.getLogger(__name__)
@@ -280,9 +280,10 @@ class Distiller:
         }  # fmt: skip
         run_dir = self.cache / f"run-{cache_key(run_key)}"
         with phase("student: train"):
+            task = TaskSamples("adapter", train, heldout, probe, support_rows)
             state = train_student(
-                student, params, train, heldout, probe, keep, pad, support_rows, self.device, config, run_dir,
-                self.progress,
+                student, params, [task], keep, pad, self.device, config, run_dir, self.progress,
+                keep_support=support_rows,
             )  # fmt: skip
         with phase("student: held-out check"):
             final = evaluate_samples(

@@ -57,6 +57,24 @@ class TrainConfig:
 
 
 @dataclass
+class TaskSamples:
+    """One teacher's share of the training: its texts on the student's tokens and its support.
+
+    Attributes:
+        name: what the report calls it (the adapter).
+        train / heldout / probe: training texts, held-out texts, a probe of the training texts.
+        support: the output head's rows of the support the teacher's distributions are over
+            (:func:`~loraport.distill.student.head_rows`), ``None`` for the whole vocabulary.
+    """
+
+    name: str
+    train: Sequence[StudentSample]
+    heldout: Sequence[StudentSample]
+    probe: Sequence[StudentSample]
+    support: torch.Tensor | None = None
+
+
+@dataclass
 class Evaluation:
     """One evaluation of the student (agreement: share of the teacher's continuation tokens it predicts)."""
 
@@ -67,6 +85,7 @@ class Evaluation:
     probe_kl: float
     train_loss: float | None
     seconds: float
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # per teacher, when there are several
 
 
 @dataclass
@@ -190,57 +209,93 @@ class Checkpoints:
 
 
 def _evaluate(
-    student: Any,
-    heldout: Sequence[StudentSample],
-    probe: Sequence[StudentSample],
-    pad: int,
-    support: torch.Tensor | None,
-    device: torch.device,
-    config: TrainConfig,
-) -> tuple[BatchStats, BatchStats]:
+    student: Any, tasks: Sequence[TaskSamples], pad: int, device: torch.device, config: TrainConfig
+) -> list[tuple[BatchStats, BatchStats]]:
+    """Each task's ``(held-out, probe)`` statistics."""
     student.eval()
-    held = evaluate_samples(student, heldout, pad, support, device, config.batch_size, config.autocast)
-    seen = evaluate_samples(student, probe, pad, support, device, config.batch_size, config.autocast)
+    out = []
+    for task in tasks:
+        held = evaluate_samples(student, task.heldout, pad, task.support, device, config.batch_size, config.autocast)
+        seen = evaluate_samples(student, task.probe, pad, task.support, device, config.batch_size, config.autocast)
+        out.append((held, seen))
     student.train()
-    return held, seen
+    return out
 
 
-def _record(state: TrainState, held: BatchStats, seen: BatchStats) -> bool:
-    """Append an evaluation; whether it improved on every earlier one (agreement or held-out KL)."""
+def _record(state: TrainState, tasks: Sequence[TaskSamples], stats: list[tuple[BatchStats, BatchStats]]) -> bool:
+    """Append an evaluation; whether it improved on every earlier one (agreement or held-out KL).
+
+    With several teachers the evaluation's agreements are the worst task's and its KLs the mean
+    over tasks (the fusion must keep every task), and each task's numbers are kept beside them.
+    """
+    held_agreement = min(held.agreement for held, _ in stats)
+    probe_agreement = min(seen.agreement for _, seen in stats)
+    held_kl = sum(held.mean_kl for held, _ in stats) / len(stats)
+    probe_kl = sum(seen.mean_kl for _, seen in stats) / len(stats)
+    details = (
+        [
+            {
+                "task": task.name,
+                "heldout_agreement": held.agreement,
+                "heldout_kl": held.mean_kl,
+                "probe_agreement": seen.agreement,
+            }
+            for task, (held, seen) in zip(tasks, stats, strict=True)
+        ]
+        if len(tasks) > 1
+        else []
+    )
     state.history.append(
         Evaluation(
-            state.step, held.agreement, held.mean_kl, seen.agreement, seen.mean_kl, state.running_loss,
-            round(state.seconds, 2),
+            state.step, held_agreement, held_kl, probe_agreement, probe_kl, state.running_loss,
+            round(state.seconds, 2), details,
         )
     )  # fmt: skip
     better = (
-        held.agreement > state.best_heldout + IMPROVEMENT
-        or seen.agreement > state.best_probe + IMPROVEMENT
-        or held.mean_kl < state.best_kl * (1 - KL_IMPROVEMENT)
+        held_agreement > state.best_heldout + IMPROVEMENT
+        or probe_agreement > state.best_probe + IMPROVEMENT
+        or held_kl < state.best_kl * (1 - KL_IMPROVEMENT)
     )
-    state.best_heldout = max(state.best_heldout, held.agreement)
-    state.best_probe = max(state.best_probe, seen.agreement)
-    state.best_kl = min(state.best_kl, held.mean_kl)
+    state.best_heldout = max(state.best_heldout, held_agreement)
+    state.best_probe = max(state.best_probe, probe_agreement)
+    state.best_kl = min(state.best_kl, held_kl)
     return better
+
+
+def _task_loss(
+    student: Any, tasks: Sequence[TaskSamples], step: int, pad: int, device: torch.device, config: TrainConfig,
+    lengths: list[list[int] | None],
+) -> torch.Tensor:  # fmt: skip
+    """The step's loss: each task's batch (``batch_size`` texts split evenly over the tasks), averaged."""
+    share = max(1, config.batch_size // len(tasks))
+    total: torch.Tensor | None = None
+    for index, task in enumerate(tasks):
+        size = config.batch_size if len(tasks) == 1 else share
+        picked = batch_indices(step, len(task.train), size, config.seed + index, lengths[index])
+        chosen = [task.train[i] for i in picked]
+        loss, _ = batch_loss(student, chosen, pad, task.support, config.weights, device, config.autocast)
+        total = loss if total is None else total + loss
+    assert total is not None
+    return total / len(tasks)
 
 
 def train_student(
     student: Any,
     params: dict[str, torch.Tensor],
-    train: Sequence[StudentSample],
-    heldout: Sequence[StudentSample],
-    probe: Sequence[StudentSample],
+    tasks: Sequence[TaskSamples],
     keep: Sequence[KeepSample],
     pad: int,
-    support: torch.Tensor | None,
     device: torch.device,
     config: TrainConfig,
     run_dir: Path,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    keep_support: torch.Tensor | None = None,
 ) -> TrainState:
-    """Train ``params`` (the student's LoRA factors) and leave the best of them in place.
+    """Train ``params`` (the student's LoRA factors) on one teacher's ``tasks`` or several (a fusion) and
+    leave the best of them in place.
 
+    ``keep``: generic text whose target-base predictions the student keeps (over ``keep_support``).
     ``on_step(step)`` is called after every step (tests interrupt a run with it).
     """
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0, foreach=False)
@@ -249,8 +304,7 @@ def train_student(
     state = checkpoints.load(params, optimizer, best)
     if state is None:
         state = TrainState()
-        held, seen = _evaluate(student, heldout, probe, pad, support, device, config)
-        _record(state, held, seen)
+        _record(state, tasks, _evaluate(student, tasks, pad, device, config))
         checkpoints.save(state, params, optimizer, best)
     bar = tqdm(
         total=config.max_steps,
@@ -262,7 +316,7 @@ def train_student(
         dynamic_ncols=True,
     )
     student.train()
-    lengths = [len(sample.ids) for sample in train] if config.bucket else None
+    lengths = [[len(sample.ids) for sample in task.train] if config.bucket else None for task in tasks]
     started = time.perf_counter() - state.seconds
     while not state.stopped:
         if state.step >= config.max_steps:
@@ -270,19 +324,18 @@ def train_student(
         elif config.max_seconds is not None and state.seconds >= config.max_seconds:
             state.stopped = f"time limit ({config.max_seconds:g} s)"
         if state.stopped:
-            if state.history[-1].step != state.step:
-                held, seen = _evaluate(student, heldout, probe, pad, support, device, config)
-                if _record(state, held, seen):
-                    _take_best(state, params, best)
+            if state.history[-1].step != state.step and _record(
+                state, tasks, _evaluate(student, tasks, pad, device, config)
+            ):
+                _take_best(state, params, best)
             break
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (state.step + 1) / (config.warmup + 1))
-        chosen = [train[i] for i in batch_indices(state.step, len(train), config.batch_size, config.seed, lengths)]
-        loss, _ = batch_loss(student, chosen, pad, support, config.weights, device, config.autocast)
+        loss = _task_loss(student, tasks, state.step, pad, device, config, lengths)
         if keep and config.keep_weight > 0:
             count = min(KEEP_LINES, len(keep))
             lines = [keep[(state.step * count + j) % len(keep)] for j in range(count)]
-            loss = loss + config.keep_weight * keep_loss(student, lines, pad, device, config.autocast, support)
+            loss = loss + config.keep_weight * keep_loss(student, lines, pad, device, config.autocast, keep_support)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
@@ -293,14 +346,16 @@ def train_student(
         state.seconds = time.perf_counter() - started
         bar.update(1)
         if state.step % config.eval_every == 0:
-            held, seen = _evaluate(student, heldout, probe, pad, support, device, config)
-            if _record(state, held, seen):
+            stats = _evaluate(student, tasks, pad, device, config)
+            if _record(state, tasks, stats):
                 _take_best(state, params, best)
             else:
                 state.bad_evals += 1
                 if state.bad_evals >= config.patience:
                     state.stopped = f"no improvement in {config.patience} evaluations"
-            bar.set_postfix(loss=f"{state.running_loss:.3f}", agree=f"{held.agreement:.2f}", kl=f"{held.mean_kl:.3f}")
+            latest = state.history[-1]
+            bar.set_postfix(loss=f"{state.running_loss:.3f}", agree=f"{latest.heldout_agreement:.2f}",
+                            kl=f"{latest.heldout_kl:.3f}")  # fmt: skip
             state.seconds = time.perf_counter() - started
             checkpoints.save(state, params, optimizer, best)
         if on_step is not None:
@@ -320,4 +375,13 @@ def _take_best(state: TrainState, params: dict[str, torch.Tensor], best: dict[st
         best[key] = param.detach().clone()
 
 
-__all__ = ["Checkpoints", "Evaluation", "TrainConfig", "TrainState", "batch_indices", "epoch_order", "train_student"]
+__all__ = [
+    "Checkpoints",
+    "Evaluation",
+    "TaskSamples",
+    "TrainConfig",
+    "TrainState",
+    "batch_indices",
+    "epoch_order",
+    "train_student",
+]
