@@ -12,14 +12,12 @@ from typing import Any
 import torch
 
 from ..adapters import LoraAdapter, LoraModule
-from ..alignment import shared_vocabulary
 from ..calibrate.options import CalibrationOptions
-from ..calibrate.text import read_calibration_lines, same_vocabulary
 from ..errors import TransferError
 from ..io import default_cache_dir
 from ..pairing import Pairing, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
-from .generic import mean_nll, stdlib_paragraphs, token_rows
+from .generic import generic_lines, mean_nll, token_rows
 from .options import DEFAULT_MAX_STEPS, DistillOptions, distill_summary
 from .prompts import read_prompts, split_heldout
 from .student import (
@@ -33,7 +31,7 @@ from .student import (
     student_samples,
 )
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
-from .teaching import GENERIC_TOKENS, digest, run_teacher, teacher_key
+from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
 from .timing import Phases
 from .train import TaskSamples, TrainConfig, train_student
 from .views import TeacherView, student_view, teacher_view
@@ -41,15 +39,9 @@ from .views import TeacherView, student_view, teacher_view
 log = logging.getLogger(__name__)
 
 Part = tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]
-MIN_SHARED_SHARE = 0.05  # of the smaller vocabulary: fewer shared tokens cannot compare two distributions
 PROBE_LIMIT = 64
 ENDED_AT_ONCE_SHARE = 0.5  # more of the prompts than this answered with nothing: the port would learn nothing
 SIDE_EFFECT_MARGIN = 0.05  # the port may change generic perplexity this much more than the adapter does its source's
-
-
-def _vocab_rows(config: dict[str, Any]) -> int | None:
-    value = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return int(value) if value else None
 
 
 class Distiller:
@@ -84,58 +76,12 @@ class Distiller:
         self.refusal: str | None = None  # why nothing is written, when the port learned nothing
 
     # -- teacher --------------------------------------------------------------------------------
-    def _support(self, tokenizer_s: Any, tokenizer_t: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if same_vocabulary(tokenizer_s, tokenizer_t):
-            self.info["support"] = "the whole vocabulary (same tokenizer)"
-            return None, None
-        ids_s, ids_t = shared_vocabulary(
-            tokenizer_s, tokenizer_t, _vocab_rows(self.pairing.src.config), _vocab_rows(self.pairing.tgt.config)
-        )
-        smaller = min(len(tokenizer_s.get_vocab()), len(tokenizer_t.get_vocab()))
-        if len(ids_s) < MIN_SHARED_SHARE * smaller:
-            raise TransferError(
-                f"distill: the two tokenizers spell only {len(ids_s)} tokens the same way (need "
-                f"{MIN_SHARED_SHARE:.0%} of the smaller vocabulary, {smaller}); their next-token distributions cannot "
-                "be compared"
-            )
-        self.info["support"] = f"{len(ids_s)} tokens both vocabularies spell the same way"
-        return ids_s, ids_t
-
-    def _positions(self, support_s: torch.Tensor | None) -> str:
-        """Where the KL is taken; ``auto``: every position with one tokenizer, the answer's across tokenizers.
-
-        Measured (benchmarks/results/distill_zoo.md, real.md): with one tokenizer (the zoo) the KL at
-        all positions beat the answer's in 11 of 12 target x task x seed cells (mean gain recovery
-        0.74 vs 0.55); from SmolLM2 to Gemma-3 (bins) it scored 0.838 vs 0.875 (within noise) and
-        cost the target's generic perplexity +46 % vs +25 %.
-        """
-        positions = self.options.positions
-        if positions == "auto":
-            positions = "all" if support_s is None else "answer"
-        self.info["positions"] = positions
-        return positions
-
-    def _generic_lines(self) -> tuple[list[str], list[str], str]:
-        """Lines of generic text: ``(keep lines, perplexity lines, name)``, disjoint.
-
-        ``--calibration`` text, else paragraphs of the standard library's docstrings: the first
-        ``generic_lines`` measure the perplexity change (of the port on the target, and of the
-        adapter on its source), the next ``4 * generic_lines`` are kept.
-        """
-        count = self.options.generic_lines
-        if self.generic_text is not None:
-            lines, name = read_calibration_lines(self.generic_text)
-            half = len(lines) // 2
-            measured = lines[half:][:count] if len(lines) > 1 else lines
-            return lines[:half][: 4 * count], measured, name
-        lines = stdlib_paragraphs(5 * count, self.options.seed)
-        return lines[count:], lines[:count], "standard-library docstrings"
-
     def _teacher(
         self, tokenizer_s: Any, support_s: torch.Tensor | None, ppl_lines: list[str]
     ) -> tuple[TeacherOutputs, TeacherView]:
         options = self.options
-        positions = self._positions(support_s)
+        positions = kl_positions(options.positions, support_s)
+        self.info["positions"] = positions
         given = read_prompts(options.prompts)  # type: ignore[arg-type]
         self.info["prompts"] = {"source": given.name, "kind": given.kind, "given": len(given.prompts),
                                 "duplicates_dropped": given.duplicates}  # fmt: skip
@@ -212,8 +158,8 @@ class Distiller:
         with phase("tokenizers"):
             tokenizer_s = require_tokenizer(self.pairing.src, "source")
             tokenizer_t = require_tokenizer(self.pairing.tgt, "target")
-            support_s, support_t = self._support(tokenizer_s, tokenizer_t)
-        keep_lines, ppl_lines, generic_name = self._generic_lines()
+            support_s, support_t, self.info["support"] = support_ids(self.pairing, tokenizer_s, tokenizer_t)
+        keep_lines, ppl_lines, generic_name = generic_lines(self.generic_text, options.generic_lines, options.seed)
         teacher, view = self._teacher(tokenizer_s, support_s, ppl_lines)
         refusal = self._ended_at_once(teacher, view)
         if refusal is not None and not options.force:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..alignment import right_pad
+from ..calibrate.text import read_calibration_lines
 
 MIN_CHARS, MAX_CHARS = 120, 600
 
@@ -39,6 +40,22 @@ def stdlib_paragraphs(count: int, seed: int = 0) -> list[str]:
     return found[:count]
 
 
+def generic_lines(text: str | None, count: int, seed: int) -> tuple[list[str], list[str], str]:
+    """Lines of generic text: ``(keep lines, perplexity lines, name)``, disjoint.
+
+    ``text`` (``--calibration``), else paragraphs of the standard library's docstrings: the first
+    ``count`` measure the perplexity change (of a port on its target, of the adapter on its source),
+    the next ``4 * count`` are kept (the student keeps the target's predictions on them).
+    """
+    if text is not None:
+        lines, name = read_calibration_lines(text)
+        half = len(lines) // 2
+        measured = lines[half:][:count] if len(lines) > 1 else lines
+        return lines[:half][: 4 * count], measured, name
+    lines = stdlib_paragraphs(5 * count, seed)
+    return lines[count:], lines[:count], "standard-library docstrings"
+
+
 @torch.no_grad()
 def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass."""
@@ -58,4 +75,4 @@ def token_rows(tokenizer: Any, lines: Sequence[str], max_tokens: int) -> list[li
     return [list(r) for r in rows if len(r) > 1]
 
 
-__all__ = ["mean_nll", "stdlib_paragraphs", "token_rows"]
+__all__ = ["generic_lines", "mean_nll", "stdlib_paragraphs", "token_rows"]
