@@ -120,9 +120,21 @@ def fuse(
     report_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    prompts: Sequence[Any] | None = None,
+    bases: Sequence[Any] | None = None,
+    target_base: Any = None,
+    synthesize: int | Sequence[int] = 0,
+    min_kept: float | None = None,
+    distill: Any = None,
+    generic_text: str | None = None,
     **overrides: Any,
 ) -> FusionResult:
     """Fuse ``N >= 2`` fine-tuned models, language-model LoRAs (PEFT, GGUF) or image-model LoRAs of one base.
+
+    LoRA adapters are fused by distillation (:func:`loraport.fusion.fuse_distilled`) with
+    ``method="distill"``, or ``method="auto"`` with ``prompts``: each adapter teaches its behaviour on
+    its own prompts (``prompts``, one per adapter) on its own base (``bases``: one for all or one per
+    adapter), and one LoRA on ``target_base`` (default: the shared base) learns them all.
 
     Args:
         model_a, model_b, more: model directories (or hub ids, open checkpoints); or PEFT
@@ -157,6 +169,24 @@ def fuse(
         >>> fuse("style.safetensors", "subject.safetensors", "both.safetensors")       # doctest: +SKIP
     """
     inputs = [model_a, model_b, *more]
+    method = overrides.get("method", options.method if options is not None else "auto")
+    if method == "distill" or (method == "auto" and prompts is not None):
+        from .fusion import fuse_distilled
+        from .fusion.distilled import DEFAULT_MIN_KEPT
+
+        if prompts is None:
+            raise FusionError("fuse --method distill needs --prompts: one file of the task's inputs per adapter")
+        given_bases = list(bases) if bases is not None else ([base] if base is not None else [])
+        if not given_bases:
+            raise FusionError("fuse --method distill needs the adapters' bases: --bases (one, or one per adapter)")
+        return fuse_distilled(
+            inputs, out, bases=given_bases, prompts=list(prompts), target_base=target_base, synthesize=synthesize,
+            rank=rank, method=method, min_kept=DEFAULT_MIN_KEPT if min_kept is None else min_kept, distill=distill,
+            generic_text=generic_text, out_format=out_format, report_path=report_path, overwrite=overwrite,
+            progress=progress,
+        )  # fmt: skip
+    if prompts is not None or bases is not None or target_base is not None:
+        raise FusionError("--prompts, --bases and --target-base are for --method distill (or auto with --prompts)")
     kinds = [input_kind(ref) for ref in inputs]
     if len(set(kinds)) > 1:
         first = kinds[0]

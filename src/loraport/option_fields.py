@@ -125,12 +125,60 @@ def check_choices(options: Any, only: tuple[str, ...] | None = None) -> None:
             raise TransferError(f"{spelled} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def add_option_argument(target: Any, field: dataclasses.Field[Any], spec: OptionSpec, dest: str) -> None:
+    """Add the command-line flag of one declared option to an ``argparse`` parser or group."""
+    flag = "--" + str(spec.flag).replace("_", "-")
+    default = default_of(field)
+    if spec.switch:
+        target.add_argument(flag, dest=dest, action="store_false" if default else "store_true", help=spec.help)
+        return
+    if spec.convert is not None:
+        default = None  # not given: the field keeps its default
+    elif spec.word is None and default is not None and not isinstance(default, str):
+        default = str(default)  # a word as written: its default is spelled as a word too
+    kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": spec.help}
+    if spec.word is not None:
+        kwargs["type"] = spec.word
+    if spec.allowed() is not None:
+        kwargs["choices"] = list(spec.allowed() or ())
+    if spec.metavar is not None:
+        kwargs["metavar"] = spec.metavar
+    target.add_argument(flag, **kwargs)
+
+
+def add_group_arguments(parser: Any, cls: type, title: str, skip: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Add the flags of every declared option of group ``cls`` (but ``skip``, by field name) under ``title``."""
+    group = parser.add_argument_group(title)
+    for field, spec in declared(cls):
+        if spec.flag is not None and field.name not in skip:
+            add_option_argument(group, field, spec, prefix + field.name)
+
+
+def group_from_args(args: Any, cls: type, skip: tuple[str, ...] = (), prefix: str = "") -> Any:
+    """An instance of group ``cls`` from parsed flags added by :func:`add_group_arguments`."""
+    options = cls()
+    for field, spec in declared(cls):
+        dest = prefix + field.name
+        if spec.flag is None or field.name in skip or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if spec.convert is not None:
+            if value is None:
+                continue
+            value = spec.convert(value)
+        setattr(options, field.name, value)
+    return options
+
+
 __all__ = [
     "OPTION",
     "OptionSpec",
+    "add_group_arguments",
+    "add_option_argument",
     "check_choices",
     "declared",
     "default_of",
+    "group_from_args",
     "keyword_fields",
     "option",
     "option_spec",

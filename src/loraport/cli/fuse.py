@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 
 from ..errors import LoraportError
-from . import register_command
+from . import quiet_loading, register_command
+
+# transfer's distillation flags fuse takes too; these are per adapter here (or named otherwise)
+DISTILL_SKIP = ("prompts", "synthesize", "rank")
 
 
 def _parse_size(text: str) -> int:
@@ -50,8 +53,10 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default=d.method,
-        choices=[AUTO, *FUSION_METHODS],
-        help=f"default {AUTO}: {chosen} (measured: benchmarks/results/fusion_real.md)",
+        choices=[AUTO, *FUSION_METHODS, "distill"],
+        help=f"default {AUTO}: {chosen} (measured: benchmarks/results/fusion_real.md); with --prompts, auto scores "
+        "weight-space merges by agreement with each adapter and distils when none keeps --min-kept; distill: "
+        "LoRA adapters fused by distillation (each adapter a teacher on its own prompts, any bases)",
     )
     p.add_argument(
         "--base",
@@ -86,6 +91,23 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the report (JSON + Markdown)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = p.add_argument_group("fusion by distillation (--method distill, or auto with --prompts)")
+    g.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
+                   help="each adapter's task inputs, no labels (one file per adapter, in --models order)")  # fmt: skip
+    g.add_argument("--bases", nargs="+", default=None, metavar="BASE",
+                   help="the base each adapter was trained on (one, or one per adapter; default --base)")  # fmt: skip
+    g.add_argument("--target-base", default=None, help="the fused adapter's base (default: the adapters' shared base)")
+    g.add_argument("--synthesize", nargs="+", type=int, default=[0], metavar="N",
+                   help="the teacher writes N more prompts (one count, or one per adapter)")  # fmt: skip
+    g.add_argument("--min-kept", type=float, default=None, metavar="AGREEMENT",
+                   help="auto: the worst task's held-out agreement a weight-space merge needs to be written without "
+                   "distilling (default 0.9)")  # fmt: skip
+    from ..distill.options import DistillOptions
+    from ..option_fields import add_group_arguments
+
+    add_group_arguments(p, DistillOptions, "distillation settings (as for transfer --method distill)", DISTILL_SKIP,
+                        "distill.")  # fmt: skip
 
     g = p.add_argument_group("rgsp")
     g.add_argument(
@@ -208,6 +230,27 @@ def _fuse(args: argparse.Namespace) -> int:
             "--base is for model fusion (regmean on adapters, GGUF LoRAs); adapters are fused on their shared "
             "base (C = 0)"
         )
+    distilled = args.method == "distill" or (args.method == "auto" and args.prompts is not None)
+    if args.quiet:
+        quiet_loading()
+    if not distilled and (args.prompts or args.bases or args.target_base):
+        raise LoraportError("--prompts, --bases and --target-base are for --method distill (or auto with --prompts)")
+    if distilled:
+        from ..distill.options import DistillOptions
+        from ..option_fields import group_from_args
+
+        synthesize = args.synthesize[0] if len(args.synthesize) == 1 else args.synthesize
+        result = fuse(
+            first, second, args.out, more=more, base=args.base, rank=args.rank, out_format=args.out_format,
+            method=args.method, report_path=args.report, overwrite=args.overwrite, progress=not args.quiet,
+            prompts=args.prompts, bases=args.bases, target_base=args.target_base, synthesize=synthesize,
+            min_kept=args.min_kept, distill=group_from_args(args, DistillOptions, DISTILL_SKIP, "distill."),
+            generic_text=args.calibration[0] if args.calibration else None,
+        )  # fmt: skip
+        print(result.report.summary())
+        print("\n".join(result.report.notes))
+        print(f"adapter written to {args.out}" + (f"; report {args.report}" if args.report else ""))
+        return 0
     result = fuse(
         first,
         second,

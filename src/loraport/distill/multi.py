@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import LoraAdapter, LoraModule
+from ..adapters import LoraAdapter, LoraModule, lora_scale
 from ..checkpoints import Checkpoint
 from ..errors import TransferError
 from ..io import default_cache_dir
@@ -40,6 +40,7 @@ from .student import (
     head_rows,
     keep_samples,
     lora_parameters,
+    set_factors,
     student_modules,
     student_samples,
 )
@@ -144,10 +145,18 @@ class MultiDistiller:
                     names.append(unit.target.module)
         return names
 
-    def run(self, init_modules: dict[str, LoraModule]) -> tuple[dict[str, LoraModule] | None, dict[str, Any]]:
+    def run(
+        self,
+        init_modules: dict[str, LoraModule],
+        candidates: dict[str, dict[str, LoraModule]] | None = None,
+        min_kept: float | None = None,
+    ) -> tuple[dict[str, LoraModule] | None, dict[str, Any]]:
         """The fused modules (``None`` when nothing should be written: the info says why) and the report's record.
 
         ``init_modules``: the start (a weight-space merge of the adapters on the target's base), or empty.
+        ``candidates``: weight-space merges by name, scored first by held-out agreement with each teacher
+        (no training): the best by the worst task is returned as it is when that agreement is at least
+        ``min_kept``, else it is the start of the distillation.
         """
         started = time.perf_counter()
         options, phase = self.options, self.phases
@@ -191,6 +200,18 @@ class MultiDistiller:
             with student.disable_adapter():
                 base_nll = mean_nll(student, ppl_rows, self.device)
             start_nll = mean_nll(student, ppl_rows, self.device) if init_modules else base_nll
+        if candidates:
+            with phase("candidates: score"):
+                best, table = self._score_candidates(student, tasks, pad, candidates)
+            self.info["candidates"] = {"table": table, "best": best, "min_kept": min_kept}
+            init_modules = candidates[best]
+            set_factors(student, init_modules, self.rank, lora_scale(self.alpha, self.rank, self.use_rslora))
+            if min_kept is not None and table[best]["worst"] >= min_kept:
+                seconds = round(time.perf_counter() - started, 1)
+                self.info.update({"chosen": f"weight-space merge ({best})", "timings": phase.rounded(),
+                                  "teachers": [item.info for item in prepared], "seconds": seconds,
+                                  "peak_rss_mb": round(peak_rss_mb())})  # fmt: skip
+                return init_modules, self.info
         weights = {"seq+kl": (1.0, 1.0), "kl": (0.0, 1.0), "seq": (1.0, 0.0)}[options.loss]
         max_steps = options.steps or DEFAULT_MAX_STEPS
         config = TrainConfig(
@@ -268,6 +289,23 @@ class MultiDistiller:
                 "nothing written (--distill-force writes it anyway)"
             )
         return (fused if distilled_wins else (init_modules or None)), self.info
+
+    def _score_candidates(
+        self, student: Any, tasks: Sequence[TaskSamples], pad: int, candidates: dict[str, dict[str, LoraModule]]
+    ) -> tuple[str, dict[str, dict[str, Any]]]:
+        """Each candidate's held-out agreement with each teacher; the best by the worst task (ties: listed first)."""
+        table: dict[str, dict[str, Any]] = {}
+        scale = lora_scale(self.alpha, self.rank, self.use_rslora)
+        for name, modules in candidates.items():
+            set_factors(student, modules, self.rank, scale)
+            agreements = {
+                task.name: evaluate_samples(student, task.heldout, pad, task.support, self.device,
+                                            self.options.batch_size, self.autocast).agreement
+                for task in tasks
+            }  # fmt: skip
+            table[name] = {"agreement": agreements, "worst": min(agreements.values())}
+        best = max(table, key=lambda name: table[name]["worst"])  # max keeps the first of equals
+        return best, table
 
 
 def _change(generic: dict[str, Any]) -> float | None:

@@ -197,10 +197,21 @@ def build_student(
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         student = get_peft_model(model, config)
-    scale = lora_scale(alpha, rank, use_rslora)
+    return student, set_factors(student, init, rank, lora_scale(alpha, rank, use_rslora))
+
+
+def set_factors(student: Any, modules: dict[str, LoraModule], rank: int, scale: float) -> dict[str, str]:
+    """Set the student's LoRA to ``modules`` (every other module's update to zero); notes per module.
+
+    A module of lower rank fills the first rows / columns (the rest of ``A`` as it was, ``B``
+    zero: no change); one of higher rank is cut to ``rank`` by its SVD.
+    """
     notes: dict[str, str] = {}
     layers = lora_layers(student)
-    for name, start in init.items():
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B["default"].weight.zero_()
+    for name, start in modules.items():
         layer = layers.get(name)
         if layer is None:
             continue
@@ -216,9 +227,8 @@ def build_student(
         r0 = B0.shape[1]
         with torch.no_grad():
             A_w[:r0] = A0.to(A_w)
-            B_w.zero_()
             B_w[:, :r0] = B0.to(B_w)
-    return student, notes
+    return notes
 
 
 def lora_layers(student: Any) -> dict[str, Any]:
@@ -493,6 +503,7 @@ __all__ = [
     "keep_samples",
     "lora_layers",
     "lora_parameters",
+    "set_factors",
     "sparse_kl",
     "student_modules",
     "student_samples",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from .baselines import average, dare, task_arithmetic, ties
 from .core_space import CoreSpace
+from .distilled import fuse_distilled
 from .lora import fuse_adapters
 from .methods import merge_task_matrices
 from .models import FusionResult, fuse
@@ -64,6 +65,7 @@ __all__ = [
     "dare",
     "fuse",
     "fuse_adapters",
+    "fuse_distilled",
     "iso_c",
     "iso_cts",
     "merge_task_matrices",

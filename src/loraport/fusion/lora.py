@@ -272,26 +272,38 @@ def fuse_adapters(
     leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
     fused.config = adapter_config_for(fused, bases[0], leaves, bool(adapters[0].config.get("fan_in_fan_out", False)))
     finish_report(report, grams, started)
-    written: Path | None = None
     provenance = {"fusion_method": options.method, "inputs": ", ".join(names_in)}
-    if out is not None and single_file:
-        assert gguf_base is not None
-        report.output = str(Path(out))
-        with atomic_file(out, overwrite=overwrite) as tmp:
-            write_gguf_lora(fused, tmp, gguf_base, provenance=provenance)
-        written = Path(out)
-    elif out is not None:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            if gguf_base is not None:
-                write_gguf_lora(fused, tmp / GGUF_LORA_NAME, gguf_base, provenance=provenance)
-            else:
-                save_adapter(fused, tmp, config=fused.config)
-            report.output = str(Path(out))
-            report.save(tmp / ADAPTER_REPORT_NAME)
-        written = Path(out)
+    written = write_fused_adapter(fused, out, overwrite, gguf_base, report, provenance)
     if report_path is not None:
         report.save(report_path)
     return FusionResult(written, report, fused)
+
+
+def write_fused_adapter(
+    fused: LoraAdapter,
+    out: str | os.PathLike[str] | None,
+    overwrite: bool,
+    gguf_base: Any,
+    report: FusionReport,
+    provenance: dict[str, str],
+) -> Path | None:
+    """Write a fused adapter atomically: a ``.gguf`` file (``out`` ending in ``.gguf``), or a directory holding the
+    adapter (PEFT, or ``adapter.gguf`` with a GGUF base) and the report; ``None`` when ``out`` is."""
+    if out is None:
+        return None
+    report.output = str(Path(out))
+    if str(out).endswith(".gguf"):
+        assert gguf_base is not None
+        with atomic_file(out, overwrite=overwrite) as tmp:
+            write_gguf_lora(fused, tmp, gguf_base, provenance=provenance)
+        return Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        if gguf_base is not None:
+            write_gguf_lora(fused, tmp / GGUF_LORA_NAME, gguf_base, provenance=provenance)
+        else:
+            save_adapter(fused, tmp, config=fused.config)
+        report.save(tmp / ADAPTER_REPORT_NAME)
+    return Path(out)
 
 
 def merge_adapters(

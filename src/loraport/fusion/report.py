@@ -77,6 +77,7 @@ class FusionReport:
     peak_rss_mb: float | None = None
     output: str | None = None
     calibration: dict[str, Any] | None = None
+    distill: dict[str, Any] | None = None  # fusion by distillation: teachers, tasks, student, perplexity, timings
 
     def extrapolation_notes(self) -> list[str]:
         """A plain statement when the fused tensors lie past B on the A -> B line (rgsp's gamma > 0.5)."""
@@ -178,6 +179,7 @@ class FusionReport:
                 "totals": self.totals(),
                 "notes": self.notes,
                 "calibration": self.calibration,
+                "distill": self.distill,
                 "layers": self.layers(),
                 "tensors": [asdict(r) for r in self.records],
             }

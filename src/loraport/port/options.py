@@ -25,7 +25,7 @@ from ..calibrate import CALIBRATED, FLAG_FIELDS, CalibrationOptions
 from ..distill.options import DISTILL, DISTILL_FIELDS, DistillOptions
 from ..errors import LoraportError, TransferError
 from ..methods import METHODS, get_method
-from ..option_fields import OptionSpec, check_choices, declared, default_of, option
+from ..option_fields import OptionSpec, add_option_argument, check_choices, declared, option
 
 DEFAULT_METHOD = "auto"
 DEFAULT_SUBSPACE_RANK = 64
@@ -312,24 +312,7 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             title = GROUP_TITLES.get(spec.group or "")
         target = parser if title is None else sections.setdefault(title, parser.add_argument_group(title))
-        default = default_of(f)
-        dest = _dest(group, f.name)
-        if spec.switch:
-            action = "store_false" if default else "store_true"
-            target.add_argument(_flag(spec.flag), dest=dest, action=action, help=spec.help)
-            continue
-        if spec.convert is not None:
-            default = None  # not given: the field keeps its default
-        elif spec.word is None and default is not None and not isinstance(default, str):
-            default = str(default)  # a word as written: its default is spelled as a word too
-        kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": spec.help}
-        if spec.word is not None:
-            kwargs["type"] = spec.word
-        if spec.allowed() is not None:
-            kwargs["choices"] = list(spec.allowed() or ())
-        if spec.metavar is not None:
-            kwargs["metavar"] = spec.metavar
-        target.add_argument(_flag(spec.flag), **kwargs)
+        add_option_argument(target, f, spec, _dest(group, f.name))
 
 
 def options_from_args(args: argparse.Namespace) -> TransferOptions:
