@@ -67,6 +67,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "distill_synth_filter": "effect",
     },
     "distill, 5 seed prompts": {"method": "distill", "prompts": "seeds5"},
+    # this round's speed and side-effect variants (benchmarks/results/real.md says which became defaults)
+    "distill, bfloat16": {"method": "distill", "prompts": "train", "distill_precision": "bfloat16"},
+    "distill, float32": {"method": "distill", "prompts": "train", "distill_precision": "float32"},
+    "distill, lr 5e-3": {"method": "distill", "prompts": "train", "distill_lr": 5e-3},
+    "distill, upper layers": {"method": "distill", "prompts": "train", "distill_layers": "upper"},
+    "distill, batch 32": {"method": "distill", "prompts": "train", "distill_batch_size": 32},
+    "distill, keep weight 2": {"method": "distill", "prompts": "train", "distill_keep_weight": 2.0},
+    "distill, token selection": {"method": "distill", "prompts": "train", "distill_tokens": "effect"},
 }
 SEEDS = 5
 SOURCE = "smollm2"

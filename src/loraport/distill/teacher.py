@@ -35,6 +35,7 @@ from ..alignment import token_ends
 from ..checkpoints import Checkpoint
 from ..errors import TransferError
 from ..generation import Generated, generate, left_padded, pad_id
+from .heads import base_model, final_hidden, head_logits, head_rows
 from .prompts import candidate_from, few_shot_text, prompt_template
 
 OUTPUTS = "teacher.safetensors"
@@ -296,58 +297,56 @@ def score_texts(
     """
     pad = pad_id(tokenizer)
     encoded = [text_ends(tokenizer, p + c, add_special_tokens) for p, c in zip(prompts, continuations, strict=True)]
+    lm = base_model(model)
+    rows_of_support = None if support is None else head_rows(lm, support)
     out = Scored()
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         ids, mask = left_padded([e[0] for e in chunk], pad, device)
         positions_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_ids).logits.float()
-        base_logits = None
+        # The head only where a target is taken: a 262k-row head over every position of a batch costs more
+        # than the rest of a small model (and hundreds of MB of logits).
+        hidden = final_hidden(model, ids, mask, positions_ids)
+        base_hidden = None
         if measure_effect or measure_tokens:
             with model.disable_adapter():
-                base_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_ids).logits.float()
+                base_hidden = final_hidden(model, ids, mask, positions_ids)
         width = ids.shape[1]
         for row, (token_ids, ends) in enumerate(chunk):
             index = start + row
             offset = width - len(token_ids)
             prompt_chars = len(prompts[index])
             chosen = loss_positions(ends, prompt_chars, positions_mode)
-            rows = logits[row, [offset + i for i in chosen]]
-            if support is not None:
-                rows = rows[:, support.to(rows.device)]
-            logprobs = torch.log_softmax(rows, dim=-1)
+            at = [offset + i for i in chosen]
+            logprobs = torch.log_softmax(head_logits(lm, hidden[row, at].float(), rows_of_support), dim=-1)
             k = min(top_k, logprobs.shape[-1])
             top = torch.topk(logprobs, k, dim=-1)
             out.ends.append(torch.tensor(ends, dtype=torch.long))
             out.positions.append(torch.tensor(chosen, dtype=torch.long))
             out.top_ids.append(top.indices.cpu())
             out.top_logprobs.append(top.values.cpu())
-            if base_logits is not None and measure_effect:
-                at = offset + _prompt_end(ends, prompt_chars)
-                p = torch.log_softmax(logits[row, at], dim=-1)
-                q = torch.log_softmax(base_logits[row, at], dim=-1)
+            if base_hidden is not None and measure_effect:
+                end_at = offset + _prompt_end(ends, prompt_chars)
+                p = torch.log_softmax(head_logits(lm, hidden[row, end_at][None].float())[0], dim=-1)
+                q = torch.log_softmax(head_logits(lm, base_hidden[row, end_at][None].float())[0], dim=-1)
                 out.effect.append(float(torch.sum(p.exp() * (p - q))))
-            if base_logits is not None and measure_tokens:
+            if base_hidden is not None and measure_tokens:
                 end = end_tokens[index] if end_tokens is not None else None
-                out.token_effect.append(
-                    _token_effect(logits[row, offset:], base_logits[row, offset:], token_ids, chosen, end)
-                )
+                teacher_lp = torch.log_softmax(head_logits(lm, hidden[row, at].float()), dim=-1)
+                base_lp = torch.log_softmax(head_logits(lm, base_hidden[row, at].float()), dim=-1)
+                out.token_effect.append(_token_effect(teacher_lp, base_lp, token_ids, chosen, end))
     return out
 
 
 def _token_effect(
-    logits: torch.Tensor, base: torch.Tensor, token_ids: Sequence[int], chosen: Sequence[int], end: int | None
+    teacher: torch.Tensor, base: torch.Tensor, token_ids: Sequence[int], chosen: Sequence[int], end: int | None
 ) -> torch.Tensor:
-    """At each chosen position, ``log p_teacher - log p_base`` of the token that follows (0 where none does)."""
+    """At each chosen position (row ``i`` of the ``(P, V)`` log-probabilities), ``log p_teacher - log p_base``
+    of the token that follows (0 where none does)."""
     values = []
-    for pos in chosen:
+    for i, pos in enumerate(chosen):
         nxt = token_ids[pos + 1] if pos + 1 < len(token_ids) else end
-        if nxt is None:
-            values.append(0.0)
-            continue
-        teacher = torch.log_softmax(logits[pos], dim=-1)[nxt]
-        source = torch.log_softmax(base[pos], dim=-1)[nxt]
-        values.append(float(teacher - source))
+        values.append(0.0 if nxt is None else float(teacher[i, nxt] - base[i, nxt]))
     return torch.tensor(values, dtype=torch.float32)
 
 
