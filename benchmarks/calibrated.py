@@ -165,14 +165,14 @@ def distill_summary(info: dict[str, Any] | None) -> dict[str, Any] | None:
         "best_step": student["best_step"],
         "stopped": student["stopped"],
         "train_seconds": student["train_seconds"],
-        "student_seconds": student["seconds"],
+        "student_seconds": student.get("seconds"),
         "teacher": info.get("teacher"),
         "synthesized": info.get("synthesized"),
         "aligned_positions": student["aligned_positions"],
         "target_positions": student["target_positions"],
         "texts": [student["train_texts"], student["heldout_texts"]],
-        "seconds": info["seconds"],
-        "peak_rss_mb": info["peak_rss_mb"],
+        "seconds": info.get("seconds"),
+        "peak_rss_mb": info.get("peak_rss_mb"),
         "history": [{k: e[k] for k in ("step", "heldout_agreement", "heldout_kl", "probe_agreement")}
                     for e in student["history"]],
     }  # fmt: skip

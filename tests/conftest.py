@@ -22,6 +22,13 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("LORAPORT_CACHE", str(tmp_path_factory.mktemp("subspace-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _float32_distillation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--distill-precision auto`` is bfloat16 on CPUs with bfloat16 instructions: the tests
+    see float32 on every machine (tests/test_distill.py checks the rule itself)."""
+    monkeypatch.setattr("loraport.distill.train.cpu_has_native_bf16", lambda: False)
+
+
 class Zoo:
     """Lazily built tiny models and adapters under one session directory."""
 

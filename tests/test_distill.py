@@ -446,3 +446,15 @@ def test_upper_layers_only_adapt_the_upper_half(bases, tmp_path: Path) -> None:
     )  # fmt: skip
     layers = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in result.adapter.modules})
     assert layers and min(layers) >= 2 and result.report.distill["student"]["modules"] == 14  # 4 layers: 2 and 3
+
+
+def test_precision_auto_is_bfloat16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraport.distill import train
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.autocast_dtype("auto", cpu) is None  # conftest: a CPU without bfloat16 instructions
+    assert train.autocast_dtype("auto", cuda) is torch.bfloat16
+    assert train.autocast_dtype("float32", cuda) is None
+    assert train.autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.autocast_dtype("auto", cpu) is torch.bfloat16

@@ -33,7 +33,7 @@ from .student import (
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
 from .timing import Phases
-from .train import TaskSamples, TrainConfig, train_student
+from .train import TaskSamples, TrainConfig, autocast_dtype, train_student
 from .views import TeacherView, student_view, teacher_view
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,7 @@ class Distiller:
         self.init_name = calibration.init
         self.report, self.progress = report, progress
         self.device = torch.device(device)
-        precision = options.precision
-        if precision == "auto":
-            precision = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.autocast = torch.bfloat16 if precision == "bfloat16" else None
+        self.autocast = autocast_dtype(options.precision, self.device)
         self.cache = Path(options.cache) if options.cache else default_cache_dir().parent / "distill"
         first = next(iter(adapter.modules.values()))
         self.alpha, self.use_rslora = first.alpha, first.use_rslora

@@ -47,7 +47,7 @@ from .student import (
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
 from .timing import Phases
-from .train import TaskSamples, TrainConfig, train_student
+from .train import TaskSamples, TrainConfig, autocast_dtype, train_student
 from .views import student_view, teacher_view
 
 PROBE_LIMIT = 64
@@ -112,9 +112,7 @@ class MultiDistiller:
         first = next(iter(teachers[0].adapter.modules.values()))
         self.alpha = first.scale * self.rank  # the first adapter's scale, at the student's rank
         self.use_rslora = False
-        self.autocast = torch.bfloat16 if options.precision == "bfloat16" or (
-            options.precision == "auto" and self.device.type == "cuda"
-        ) else None  # fmt: skip
+        self.autocast = autocast_dtype(options.precision, self.device)
         self.cache = Path(options.cache) if options.cache else default_cache_dir().parent / "distill"
         self.phases = Phases()
         self.info: dict[str, Any] = {"teachers": [], "rank": self.rank}

@@ -109,7 +109,8 @@ class DistillOptions:
         seed: data order, held-out split, synthesis and LoRA initialisation.
         cache: teacher outputs and training checkpoints (default ``~/.cache/loraport/distill``);
             a killed run resumes from its last checkpoint.
-        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on CPU), ``float32``, ``bfloat16``.
+        precision: ``auto`` (bfloat16 autocast on CUDA and on CPUs with bfloat16 instructions, else
+            float32), ``float32``, ``bfloat16``.
     """
 
     TITLE: ClassVar[str] = "distillation (--method distill)"
@@ -307,7 +308,7 @@ class DistillOptions:
         name="distill_precision",
         flag="distill_precision",
         choices=PRECISIONS,
-        help="auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16",
+        help="auto (bfloat16 autocast on CUDA and on CPUs with bfloat16 instructions, else float32), float32, bfloat16",
     )
 
     def validate(self) -> None:
