@@ -159,6 +159,7 @@ def distill_summary(info: dict[str, Any] | None) -> dict[str, Any] | None:
         "source_perplexity_change": info["generic"].get("source_perplexity_change"),
         "generic_text": info["generic"]["text"],
         "timings": info.get("timings"),
+        "peak_rss_by_phase_mb": info.get("peak_rss_by_phase_mb"),
         "chat": info.get("chat"),
         "steps_per_second": student.get("steps_per_second"),
         "steps": student["steps"],

@@ -169,6 +169,36 @@ def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
             f"{_pct(src['generic_perplexity_change'])} / {_pct(port_ppl)} | {ended_cell} | {row['seconds']:.0f} | "
             f"{_f(row.get('peak_rss_mb'), '.0f')} |"
         )
+    lines += ["", "## Where each port's time went", "",
+              "held-out agreement: the share of the teacher's answer tokens the target predicts greedily on the "
+              "held-out 10 % of the prompts, bare target -> written port. *within bound*: the port's generic "
+              "perplexity change is at most the adapter's own change on its source + 5 points.", "",
+              "| direction | task | variant | held-out agreement | steps (stopped) | steps/s | teacher: generate / "
+              "score / generic (s) | student: keep + perplexity before / train / checks (s) | within bound |",
+              "|---|---|---|---|---|---:|---|---|---|"]  # fmt: skip
+    for row in sorted(rows, key=lambda r: (r["direction"], TASKS.index(r["task"]), list(VARIANTS).index(r["label"]))):
+        distill = row.get("distill") or {}
+        if not distill:
+            continue
+        source, _ = DIRECTIONS[row["direction"]]
+        own = stage(work, f"lora-{source}-{row['task']}")["generic_perplexity_change"]
+        held = distill["heldout"]
+        t = distill.get("timings") or {}
+        checks = t.get("student: held-out check", 0) + t.get("student: perplexity after", 0)
+        port_ppl = distill.get("perplexity_change")
+        cached = "cached" in (distill.get("teacher") or {})
+        teacher_cell = "from the cache (an earlier run's)" if cached else (
+            f"{t.get('teacher: generate', 0):.0f} / {t.get('teacher: score', 0):.0f} / "
+            f"{t.get('teacher: generic text', 0):.0f}"
+        )  # fmt: skip
+        bound = "-" if port_ppl is None else ("yes" if port_ppl <= max(own, 0.0) + 0.05 else "**no**")
+        lines.append(
+            f"| {row['direction']} | {row['task']} | {row['label']} | {held['start']['agreement']:.3f} -> "
+            f"{held['distilled']['agreement']:.3f} ({distill['chosen']}) | {distill['steps']} ({distill['stopped']}) | "
+            f"{_f(distill.get('steps_per_second'), '.3f')} | {teacher_cell} | "
+            f"{t.get('student: keep targets and perplexity before', 0):.0f} / {t.get('student: train', 0):.0f} / "
+            f"{checks:.0f} | {bound} |"
+        )
     lines += ["", "## The adapters", "", "| base | task | base rate | with its LoRA | generic perplexity | train (s) |",
               "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for base in ("smollm2", "gemma3"):

@@ -309,6 +309,7 @@ class Distiller:
 
     def _finish(self, started: float) -> None:
         self.info["timings"] = self.phases.rounded()
+        self.info["peak_rss_by_phase_mb"] = dict(self.phases.peak_mb)
         self.info["seconds"] = round(time.perf_counter() - started + self.phases.seconds.get("start port", 0.0), 1)
         self.info["peak_rss_mb"] = round(peak_rss_mb())
         self.report.distill = self.info

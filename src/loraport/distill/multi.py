@@ -278,6 +278,7 @@ class MultiDistiller:
                             item.teacher.name: _change(item.outputs.info.get("generic", {})) for item in prepared
                         }},
             "timings": phase.rounded(),
+            "peak_rss_by_phase_mb": dict(phase.peak_mb),
             "seconds": round(time.perf_counter() - started, 1),
             "peak_rss_mb": round(peak_rss_mb()),
         })  # fmt: skip
@@ -312,8 +313,11 @@ def _change(generic: dict[str, Any]) -> float | None:
     return float(torch.tensor(generic["adapter_nll"] - generic["base_nll"]).exp() - 1)
 
 
-def check_teacher_counts(models: int, bases: int, prompts: int) -> None:
-    """One-line errors for mismatched counts of adapters, bases and prompt files."""
+def check_teacher_counts(models: int, bases: int, prompts: int, synthesize: int | Sequence[int] = 0) -> list[int]:
+    """One-line errors for mismatched counts of adapters, bases, prompt files and ``synthesize`` counts.
+
+    Returns the number of prompts each teacher writes (``synthesize`` given once for all, or per adapter).
+    """
     if models < 2:
         raise TransferError(f"fuse --method distill needs at least two adapters, got {models}")
     if bases not in (1, models):
@@ -322,6 +326,10 @@ def check_teacher_counts(models: int, bases: int, prompts: int) -> None:
         raise TransferError(
             f"--prompts: {prompts} prompt file(s) for {models} adapters (one per adapter, in --models order)"
         )
+    counts = [synthesize] * models if isinstance(synthesize, int) else list(synthesize)
+    if len(counts) != models or any(c < 0 for c in counts):
+        raise TransferError(f"--synthesize: give one count >= 0 for all adapters or one per adapter, got {counts}")
+    return counts
 
 
 __all__ = ["MultiDistiller", "Teacher", "check_teacher_counts"]

@@ -1,4 +1,5 @@
-"""Where a distilled port's time goes: named phases, timed (the report's breakdown, ``--verbose`` lines)."""
+"""Where a distilled port's time and memory go: named phases, timed, with the process's peak RSS
+at the end of each (the report's breakdown, ``--verbose`` lines)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ..report import peak_rss_mb
+
 log = logging.getLogger(__name__)
 
 
 class Phases:
     """Wall time per named phase, in the order first seen; a phase entered twice adds up.
+
+    ``peak_mb`` holds the process's peak RSS when each phase last ended: the phase where it
+    jumps is the one that holds the memory.
 
     Example::
 
@@ -24,6 +30,7 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -33,7 +40,8 @@ class Phases:
         finally:
             spent = time.perf_counter() - started
             self.seconds[name] = self.seconds.get(name, 0.0) + spent
-            log.info("distill: %s %.1f s", name, spent)
+            self.peak_mb[name] = round(peak_rss_mb())
+            log.info("distill: %s %.1f s (peak RSS %d MB)", name, spent, self.peak_mb[name])
 
     def rounded(self) -> dict[str, float]:
         return {name: round(value, 2) for name, value in self.seconds.items()}
