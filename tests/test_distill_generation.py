@@ -286,3 +286,23 @@ def test_auto_token_cap_depends_on_the_prompts_kind() -> None:
     options.chat = True
     assert options.resolved_generation("arc") == (AUTO_OPEN_TOKENS, [])
     assert torch.tensor(AUTO_OPEN_TOKENS) > AUTO_MC_TOKENS
+
+
+def test_a_fusion_takes_the_chat_templates_only_for_its_conversation_teachers(setup, tmp_path: Path) -> None:
+    """One teacher on conversations (through the template file), one on plain prompts (verbatim): both fuse."""
+    from loraport import fuse
+    from loraport.distill import DistillOptions
+    from loraport.zoo.tiny import make_random_adapter
+
+    other = make_random_adapter(setup["S"], tmp_path / "random", r=4, alpha=32, seed=3)
+    options = DistillOptions(cache=str(tmp_path / "cache"), eval_every=5, batch_size=8, heldout=0.2, max_new_tokens=4,
+                             steps=5, force=True, source_chat_template=str(setup["s_template"]),
+                             target_chat_template=str(setup["t_template"]))  # fmt: skip
+    result = fuse(
+        setup["lora"], other, tmp_path / "out", method="distill", bases=[setup["S"]], target_base=setup["T"],
+        prompts=[setup["chat"], setup["plain"]], distill=options, progress=False,
+    )  # fmt: skip
+    teachers = result.report.distill["teachers"]
+    assert teachers[0]["chat_template"].startswith("template file")
+    assert teachers[1]["chat_template"].startswith("none")  # plain prompts, read verbatim
+    assert (tmp_path / "out" / "adapter_config.json").is_file()

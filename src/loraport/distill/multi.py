@@ -48,7 +48,7 @@ from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_diges
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
 from .timing import Phases
 from .train import TaskSamples, TrainConfig, autocast_dtype, train_student
-from .views import student_view, teacher_view
+from .views import student_view, teacher_view, wants_chat
 
 PROBE_LIMIT = 64
 
@@ -125,6 +125,10 @@ class MultiDistiller:
         positions = kl_positions(options.positions, support_s)
         given = read_prompts(teacher.prompts)
         own = DistillOptions(**{**vars(options), "prompts": teacher.prompts, "synthesize": teacher.synthesize})
+        if not wants_chat(given, own):  # the chat templates are for the teachers whose prompts are conversations
+            own = DistillOptions(**{**vars(own), "source_chat_template": None, "target_chat_template": None})
+        elif getattr(tokenizer_s, "chat_template", None):  # and the source file for bases without their own
+            own = DistillOptions(**{**vars(own), "source_chat_template": None})
         view = teacher_view(given, own, tokenizer_s)
         key = teacher_key(teacher.source, teacher.adapter, given, own, view, positions, support_s, ppl_lines)
         outputs, info = run_teacher(
