@@ -4,11 +4,15 @@ Language-model adapters (PEFT) go to :mod:`loraport.llm`, image-model LoRAs (koh
 per-component PEFT) to :mod:`loraport.diffusion`; both build on the port core
 (:mod:`loraport.port`). :func:`fuse` sends fine-tuned models and PEFT adapters to
 :mod:`loraport.fusion`, image-model LoRAs to :func:`loraport.diffusion.fuse.fuse_diffusion`.
+:func:`fuse_from_args` runs a parsed ``fuse`` command line (``loraport fuse``, and the
+``fuse:`` jobs of ``loraport batch``, which check theirs up front with :func:`check_fuse_args`).
 Nothing below this module imports a front.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -17,6 +21,7 @@ from typing import Any
 
 from .adapters import CONFIG_NAME, LoraAdapter, is_gguf_lora
 from .checkpoints import Checkpoint
+from .errors import LoraportError
 from .fusion import FuseOptions, FusionError, FusionResult
 from .port import TransferOptions, TransferResult
 
@@ -107,6 +112,32 @@ def input_kind(ref: Any) -> str:
     return "image" if detect_format(path) is not None else "model"
 
 
+DISTILL_ONLY = "--prompts, --bases and --target-base are for --method distill (or auto with --prompts)"
+
+
+def _distill_bases(prompts: Sequence[Any] | None, bases: Sequence[Any] | None, base: Any) -> list[Any]:
+    """The bases of fusion by distillation (``bases``, else ``[base]``); one-line errors for what is missing."""
+    if prompts is None:
+        raise FusionError("fuse --method distill needs --prompts: one file of the task's inputs per adapter")
+    given = list(bases) if bases is not None else ([base] if base is not None else [])
+    if not given:
+        raise FusionError("fuse --method distill needs the adapters' bases: --bases (one, or one per adapter)")
+    return given
+
+
+def _one_kind(inputs: Sequence[Any]) -> str:
+    """The kind (:func:`input_kind`) all ``inputs`` share; a one-line error when they do not."""
+    kinds = [input_kind(ref) for ref in inputs]
+    first = kinds[0]
+    if len(set(kinds)) > 1:
+        other = next(i for i, kind in enumerate(kinds) if kind != first)
+        words = {"adapter": "a PEFT adapter", "image": "an image-model LoRA", "model": "a model"}
+        raise FusionError(
+            f"{inputs[0]} is {words[first]} but {inputs[other]} is {words[kinds[other]]}: fuse inputs of one kind"
+        )
+    return first
+
+
 def fuse(
     model_a: Any,
     model_b: Any,
@@ -174,11 +205,7 @@ def fuse(
         from .fusion import fuse_distilled
         from .fusion.distilled import DEFAULT_MIN_KEPT
 
-        if prompts is None:
-            raise FusionError("fuse --method distill needs --prompts: one file of the task's inputs per adapter")
-        given_bases = list(bases) if bases is not None else ([base] if base is not None else [])
-        if not given_bases:
-            raise FusionError("fuse --method distill needs the adapters' bases: --bases (one, or one per adapter)")
+        given_bases = _distill_bases(prompts, bases, base)
         return fuse_distilled(
             inputs, out, bases=given_bases, prompts=list(prompts), target_base=target_base, synthesize=synthesize,
             rank=rank, method=method, min_kept=DEFAULT_MIN_KEPT if min_kept is None else min_kept, distill=distill,
@@ -186,26 +213,19 @@ def fuse(
             progress=progress,
         )  # fmt: skip
     if prompts is not None or bases is not None or target_base is not None:
-        raise FusionError("--prompts, --bases and --target-base are for --method distill (or auto with --prompts)")
-    kinds = [input_kind(ref) for ref in inputs]
-    if len(set(kinds)) > 1:
-        first = kinds[0]
-        other = next(i for i, kind in enumerate(kinds) if kind != first)
-        words = {"adapter": "a PEFT adapter", "image": "an image-model LoRA", "model": "a model"}
-        raise FusionError(
-            f"{inputs[0]} is {words[first]} but {inputs[other]} is {words[kinds[other]]}: fuse inputs of one kind"
-        )
+        raise FusionError(DISTILL_ONLY)
+    kind = _one_kind(inputs)
     common: dict[str, Any] = dict(
         options=options, report_path=report_path, overwrite=overwrite, progress=progress, **overrides
     )
-    if kinds[0] == "image":
+    if kind == "image":
         from .diffusion.fuse import fuse_diffusion
 
         return fuse_diffusion(inputs, out, base=base, rank=rank, out_format=out_format, **common)
     from .fusion import fuse as fuse_models
     from .fusion import fuse_adapters
 
-    if kinds[0] == "adapter":
+    if kind == "adapter":
         return fuse_adapters(model_a, model_b, out, more=more, rank=rank, base=base, out_format=out_format, **common)
     if out_format is not None:
         raise FusionError("--out-format is for fusing adapters; fused models are written as safetensors")
@@ -216,4 +236,86 @@ def fuse(
     return fuse_models(model_a, model_b, out, more=more, base=base, **common)
 
 
-__all__ = ["fuse", "input_kind", "transfer"]
+def check_fuse_args(args: argparse.Namespace) -> str:
+    """Every check of a parsed ``fuse`` command line (:func:`loraport.fusion.arguments.add_fuse_arguments`)
+    that needs no work: input counts, kinds and flags that go together, the method's settings (distillation:
+    each prompt file is read once). ``loraport fuse`` runs it first; ``loraport batch`` runs it for every
+    ``fuse:`` job before any job starts.
+
+    Returns the inputs' kind (``adapter``, ``image`` or ``model``, as :func:`input_kind`).
+
+    Raises:
+        LoraportError: the first problem, in one line naming the flag.
+    """
+    from .adapters import is_gguf_lora
+    from .distill.multi import check_teacher_counts
+    from .distill.options import DistillOptions
+    from .fusion.arguments import DISTILL_SKIP, distilled, fuse_options_from_args
+    from .fusion.options import check_calibration_count, resolve_options
+    from .option_fields import group_from_args
+
+    models = list(args.models)
+    if len(models) < 2:
+        raise LoraportError(f"--models needs at least two inputs, got {len(models)}")
+    kinds = [input_kind(m) for m in models]
+    if "adapter" in kinds and "model" in kinds:
+        which, other = models[kinds.index("adapter")], models[kinds.index("model")]
+        raise LoraportError(
+            f"{which} is a LoRA adapter but the other input is not ({other}): pass only models or only adapters"
+        )
+    kind = _one_kind(models)
+    gguf = args.out_format == "gguf" or str(args.out).endswith(".gguf") or any(is_gguf_lora(m) for m in models)
+    if kind == "adapter" and args.base and args.method != "regmean" and not gguf:
+        raise LoraportError(
+            "--base is for model fusion (regmean on adapters, GGUF LoRAs); adapters are fused on their shared "
+            "base (C = 0)"
+        )
+    if not distilled(args):
+        if args.prompts or args.bases or args.target_base:
+            raise LoraportError(DISTILL_ONLY)
+        if args.calibration:
+            check_calibration_count(len(args.calibration), len(models))
+        resolve_options(fuse_options_from_args(args), {}, kind)
+        return kind
+    bases = _distill_bases(args.prompts, args.bases, args.base)
+    check_teacher_counts(len(models), len(bases), len(args.prompts), _synthesize(args))
+    settings = group_from_args(args, DistillOptions, DISTILL_SKIP, "distill.")
+    for given in args.prompts:
+        dataclasses.replace(settings, prompts=given).validate()
+    return kind
+
+
+def _synthesize(args: argparse.Namespace) -> int | list[int]:
+    """``--synthesize``: one count for every adapter, or one per adapter."""
+    return int(args.synthesize[0]) if len(args.synthesize) == 1 else list(args.synthesize)
+
+
+def fuse_from_args(args: argparse.Namespace, *, progress: bool = True) -> FusionResult:
+    """Run a parsed ``fuse`` command line: :func:`check_fuse_args`, then :func:`fuse` with its settings.
+
+    The one place the ``fuse`` flags become a fusion: ``loraport fuse`` and the ``fuse:`` jobs
+    of ``loraport batch`` both call it (``args.out``, ``args.overwrite`` and ``args.report`` as
+    parsed; ``progress``: progress bars on stderr).
+    """
+    from .distill.options import DistillOptions
+    from .fusion.arguments import DISTILL_SKIP, distilled, fuse_options_from_args
+    from .option_fields import group_from_args
+
+    kind = check_fuse_args(args)
+    first, second, *more = args.models
+    common: dict[str, Any] = dict(
+        more=more, base=args.base, out_format=args.out_format, report_path=args.report, overwrite=args.overwrite,
+        progress=progress,
+    )  # fmt: skip
+    if distilled(args):
+        return fuse(
+            first, second, args.out, rank=args.rank, method=args.method, prompts=args.prompts, bases=args.bases,
+            target_base=args.target_base, synthesize=_synthesize(args), min_kept=args.min_kept,
+            distill=group_from_args(args, DistillOptions, DISTILL_SKIP, "distill."),
+            generic_text=args.calibration[0] if args.calibration else None, **common,
+        )  # fmt: skip
+    rank = args.rank if kind != "model" else None
+    return fuse(first, second, args.out, rank=rank, options=fuse_options_from_args(args), **common)
+
+
+__all__ = ["check_fuse_args", "fuse", "fuse_from_args", "input_kind", "transfer"]

@@ -104,10 +104,7 @@ def fuse_distilled(
     options = dataclasses.replace(distill) if distill is not None else DistillOptions()
     if method not in ("distill", "auto"):
         raise FusionError(f"fuse_distilled: method must be distill or auto, got {method!r}")
-    check_teacher_counts(len(adapters), len(bases), len(prompts))
-    counts = [synthesize] * len(adapters) if isinstance(synthesize, int) else list(synthesize)
-    if len(counts) != len(adapters) or any(c < 0 for c in counts):
-        raise TransferError(f"--synthesize: give one count >= 0 for all adapters or one per adapter, got {counts}")
+    counts = check_teacher_counts(len(adapters), len(bases), len(prompts), synthesize)
     if out is not None:
         (check_output_file if str(out).endswith(".gguf") else check_output_dir)(out, overwrite)
     fmt = output_format(out_format, adapters[0], out)

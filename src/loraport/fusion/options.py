@@ -62,6 +62,11 @@ class FusionError(LoraportError):
     """The fusion cannot proceed: mismatched models, bad options, non-finite results."""
 
 
+def check_calibration_count(texts: int, models: int) -> None:
+    """regmean: one calibration text for every model, or one per model."""
+    _check(texts in (1, models), f"{texts} calibration texts for {models} models (give one per model)")
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise FusionError(message)
@@ -335,5 +340,6 @@ __all__ = [
     "RegMeanOptions",
     "RgspOptions",
     "TiesOptions",
+    "check_calibration_count",
     "resolve_options",
 ]
