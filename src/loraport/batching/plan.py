@@ -7,7 +7,8 @@ adapter). A job is up to date when its output, report and identical record exist
 Every pending job is paired and planned with the same code as a single port
 (:func:`~loraport.port.plan_units`); the distinct subspace requests over all jobs, minus
 those already in the cache, are split into :class:`SubspaceTask` s of about equal cost, which
-the workers compute into the shared cache before the ports run.
+the workers compute into the shared cache before the ports run. A fusion job (``fuse:``) has
+a record too (its parsed flags and fingerprints of every input) but no subspaces.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from ..adapters import CONFIG_NAME, GGUF_LORA_NAME, load_adapter
 from ..calibrate import CALIBRATED
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
+from ..fusion.models import REPORT_NAME as FUSION_REPORT_NAME
 from ..pairing import Pairing, linear_shape
 from ..port import plan_units, port_method
 from ..subspace import SubspaceCache
-from .manifest import Job, Problem
+from .manifest import BatchJob, FuseJob, Job, Problem
 
 JOB_RECORD = "loraport_job.json"
 REPORT_NAME = "loraport_report.json"  # written by transfer() into every output directory
@@ -91,7 +93,30 @@ def job_record(job: Job, source: Checkpoint, target: Checkpoint) -> dict[str, An
     return json.loads(json.dumps(record, sort_keys=True, default=str))
 
 
-def job_state(job: Job, record: dict[str, Any]) -> str:
+def _files(root: Path) -> list[Path]:
+    """``root`` itself if a file, else every file under it but hidden ones, sorted."""
+    if root.is_file():
+        return [root]
+    files = (p for p in root.rglob("*") if p.is_file())
+    return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def input_fingerprint(path: str | os.PathLike[str]) -> str:
+    """Changes whenever a file of an input may have changed: a file, or every file under a directory
+    (a model, an adapter, a diffusers folder; hidden files left out)."""
+    return _digest([_stamp(p) for p in _files(Path(path))])
+
+
+def fuse_record(job: FuseJob) -> dict[str, Any]:
+    """What must be unchanged for a finished fusion job to count as done: its parsed ``fuse`` flags
+    (but ``quiet``, ``overwrite``) and fingerprints of its local inputs (a hub id is recorded by name)."""
+    flags = {k: v for k, v in vars(job.args).items() if k not in ("quiet", "overwrite")}
+    inputs = {path: input_fingerprint(path) for path in job.inputs if Path(path).exists()}
+    record = {"loraport_job": RECORD_VERSION, "command": "fuse", "flags": flags, "inputs": inputs}
+    return json.loads(json.dumps(record, sort_keys=True, default=str))
+
+
+def job_state(job: BatchJob, record: dict[str, Any]) -> str:
     """``new`` (no output), ``done`` (complete, same record), ``stale`` (an older batch output) or
     ``foreign`` (a directory no batch wrote)."""
     out = Path(job.out)
@@ -104,7 +129,11 @@ def job_state(job: Job, record: dict[str, Any]) -> str:
         previous = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return "stale"
-    complete = (out / REPORT_NAME).is_file() and ((out / CONFIG_NAME).is_file() or (out / GGUF_LORA_NAME).is_file())
+    if isinstance(job, FuseJob):
+        complete = (out / FUSION_REPORT_NAME).is_file()
+    else:
+        adapter = (out / CONFIG_NAME).is_file() or (out / GGUF_LORA_NAME).is_file()
+        complete = (out / REPORT_NAME).is_file() and adapter
     return "done" if complete and previous == record else "stale"
 
 
@@ -134,8 +163,8 @@ class SubspaceTask:
 class BatchPlan:
     """The outcome of planning: what to run, what is up to date, and the subspace work."""
 
-    pending: list[Job] = field(default_factory=list)
-    done: list[Job] = field(default_factory=list)
+    pending: list[BatchJob] = field(default_factory=list)
+    done: list[BatchJob] = field(default_factory=list)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     job_memory_mb: dict[int, float] = field(default_factory=dict)
     # (base, svd settings, device) -> (architecture, [(request, cost)] in first-use order), not yet cached
@@ -158,11 +187,45 @@ def _part_shape(ckpt: Checkpoint, transposed: bool, key: str, rows: tuple[int, i
     return (rows[1] - rows[0], n) if rows is not None else (m, n)
 
 
-def plan_batch(jobs: list[Job], cache_dir: str | os.PathLike[str], overwrite: bool = False) -> BatchPlan:
+def _fuse_memory_mb(job: FuseJob, open_base: Any) -> float:
+    """A fusion job's peak estimate: three float32 copies of each adapter input (read whole), or of
+    each model's largest tensor (models are read tensor by tensor); regmean and distillation run the
+    models too."""
+    total = 0
+    for ref in [*job.args.models, *([job.args.base] if job.args.base else [])]:
+        path = Path(ref)
+        if not path.exists():
+            continue  # a hub id: not sized here
+        if job.kind == "model":
+            total += _largest_tensor_bytes(open_base(str(ref)))
+        else:
+            total += sum(p.stat().st_size for p in _files(path))
+    memory = BASE_JOB_MB + 3 * total / 2**20
+    if job.args.method in ("regmean", "distill") or job.args.prompts is not None:
+        memory += CALIBRATED_EXTRA_MB
+    return memory
+
+
+def _plan_fuse(plan: BatchPlan, job: FuseJob, overwrite: bool, open_base: Any) -> None:
+    """A fusion job: done, or pending with its record and memory estimate (no subspaces)."""
+    record = fuse_record(job)
+    state = job_state(job, record)
+    if state == "done":
+        plan.done.append(job)
+        return
+    if state == "foreign" and not overwrite:
+        raise LoraportError(f"{job.out} exists and was not written by loraport batch (pass --overwrite to replace it)")
+    plan.job_memory_mb[job.index] = _fuse_memory_mb(job, open_base)
+    plan.pending.append(job)
+    plan.records[job.index] = record
+
+
+def plan_batch(jobs: list[BatchJob], cache_dir: str | os.PathLike[str], overwrite: bool = False) -> BatchPlan:
     """Check every job against its inputs and outputs and plan the subspace work (no computing).
 
     Problems (missing adapter or base, an adapter that does not fit its base, an output no
     batch wrote without ``overwrite``) are collected in ``plan.problems``, one line each.
+    Fusion jobs get their record and state here; they need no subspaces.
     """
     plan = BatchPlan()
     cache = SubspaceCache(cache_dir)
@@ -176,6 +239,12 @@ def plan_batch(jobs: list[Job], cache_dir: str | os.PathLike[str], overwrite: bo
 
     try:
         for job in jobs:
+            if isinstance(job, FuseJob):
+                try:
+                    _plan_fuse(plan, job, overwrite, open_base)
+                except (LoraportError, OSError) as exc:
+                    plan.problems.append((job.index, f"{job.label}: {exc}"))
+                continue
             try:
                 src, tgt = open_base(job.source_base), open_base(job.target_base)
                 if job.out.endswith(".gguf"):
@@ -254,6 +323,8 @@ __all__ = [
     "SubspaceTask",
     "adapter_fingerprint",
     "checkpoint_fingerprint",
+    "fuse_record",
+    "input_fingerprint",
     "job_record",
     "job_state",
     "plan_batch",

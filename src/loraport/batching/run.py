@@ -2,7 +2,8 @@
 
 Phases: read and check every job (all problems at once, before any work); plan every
 pending port's subspaces and compute each distinct one once, in parallel, into the shared
-cache; run the ports (each reads its subspaces from the cache); write the summary.
+cache; run the ports (each reads its subspaces from the cache) and the fusions (``fuse:``
+jobs, no subspaces); write the summary.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from tqdm.auto import tqdm
 from ..errors import LoraportError
 from ..io import atomic_write_text, default_cache_dir
 from ..report import finite_json, peak_rss_mb
-from .manifest import Job, ManifestError, load_jobs
-from .plan import REPORT_NAME, BatchPlan, job_state, plan_batch, subspace_tasks
+from .manifest import BatchJob, FuseJob, ManifestError, load_jobs
+from .plan import FUSION_REPORT_NAME, REPORT_NAME, BatchPlan, job_state, plan_batch, subspace_tasks
 from .pools import LocalPool, RayPool, TreeRss, size_local_pool
-from .workers import JobOutcome, SubspaceOutcome, compute_subspaces, one_line, run_job
+from .workers import JobOutcome, SubspaceOutcome, compute_subspaces, one_line, run_fuse_job, run_job
 
 
 @dataclass
@@ -119,7 +120,7 @@ class BatchResult:
         )
 
 
-def _clean_stale_temporaries(jobs: list[Job]) -> None:
+def _clean_stale_temporaries(jobs: list[BatchJob]) -> None:
     """Remove temporary output directories an earlier, killed batch left beside these outputs."""
     for job in jobs:
         out = Path(job.out)
@@ -128,10 +129,14 @@ def _clean_stale_temporaries(jobs: list[Job]) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _up_to_date(job: Job) -> JobOutcome:
+def _up_to_date(job: BatchJob) -> JobOutcome:
     """A skipped job's line, with the figures of the report its earlier run wrote."""
-    outcome = JobOutcome(job.index, job.name, job.out, "up to date", job.options.method)
+    outcome = JobOutcome(job.index, job.name, job.out, "up to date", job.method)
     try:
+        if isinstance(job, FuseJob):
+            report = json.loads((Path(job.out) / FUSION_REPORT_NAME).read_text())
+            outcome.method, outcome.modules = report["method"], report["totals"]["tensors"]
+            return outcome
         totals = json.loads((Path(job.out) / REPORT_NAME).read_text())["totals"]
         outcome.modules, outcome.units = totals["output_modules"], totals["units"]
         outcome.mean_kept_energy = totals["mean_kept_energy"]
@@ -140,16 +145,16 @@ def _up_to_date(job: Job) -> JobOutcome:
     return outcome
 
 
-def _failed(job: Job, error: BaseException) -> JobOutcome:
+def _failed(job: BatchJob, error: BaseException) -> JobOutcome:
     message = f"worker process died ({one_line(error)})"
-    return JobOutcome(job.index, job.name, job.out, "failed", job.options.method, error=message)
+    return JobOutcome(job.index, job.name, job.out, "failed", job.method, error=message)
 
 
-def _stopped(job: Job, record: dict[str, Any]) -> JobOutcome:
+def _stopped(job: BatchJob, record: dict[str, Any]) -> JobOutcome:
     """A job whose result never came back because the batch was interrupted: ``ok`` if its worker
     finished writing it before stopping, else ``interrupted`` (no output: it runs on the next try)."""
     status = "ok" if job_state(job, record) == "done" else "interrupted"
-    return JobOutcome(job.index, job.name, job.out, status, job.options.method)
+    return JobOutcome(job.index, job.name, job.out, status, job.method)
 
 
 def batch(
@@ -160,12 +165,14 @@ def batch(
     progress: bool = True,
     **overrides: Any,
 ) -> BatchResult:
-    """Port every job of a manifest; resumable; a failed job does not stop the others.
+    """Port (or fuse) every job of a manifest; resumable; a failed job does not stop the others.
 
     Args:
         manifest: a YAML or JSON file, or the parsed mapping: ``defaults`` (optional) and
             ``jobs``, each job with ``adapter``, ``out``, ``source_base``, ``target_base`` and any
-            ``transfer`` option spelled like its flag with underscores (``subspace_rank: 32``).
+            ``transfer`` option spelled like its flag with underscores (``subspace_rank: 32``);
+            or a fusion job, ``{fuse: {models: [a, b], out: ..., method: ties}}``: any ``fuse``
+            flag with underscores, ``defaults.fuse`` under it (see :mod:`loraport.batching.manifest`).
         options: a :class:`BatchOptions`; keyword ``overrides`` set its fields (``workers=2``).
         summary_path: the JSON summary (default: ``<manifest>.summary.json`` beside a manifest
             file; none for a mapping).
@@ -176,7 +183,7 @@ def batch(
 
     Raises:
         ManifestError: every problem of the manifest at once (missing field, unknown key or
-            method, missing adapter or base, ...), before any work starts.
+            method, missing adapter or base, mismatched fusion inputs, ...), before any work starts.
 
     Example::
 
@@ -184,7 +191,8 @@ def batch(
         >>> print(result.table())                            # doctest: +SKIP
 
     Outputs are written atomically with a record of the job (``loraport_job.json``); a
-    job whose output, report and record match is skipped on the next run. Local pools use
+    job whose output, report and record match is skipped on the next run. Fusion jobs skip the
+    subspace phase; their line in the table gives the method run and the tensors (modules) fused. Local pools use
     ``spawn`` processes: call ``batch`` from a script under ``if __name__ == "__main__":``.
     """
     started = time.perf_counter()
@@ -315,13 +323,15 @@ def _run_ports(
                 bar.write(f"loraport batch: {job.label} failed: {outcome.error}", file=sys.stderr)
 
 
-def _run_item(item: tuple[Job, dict[str, Any]], threads: int) -> JobOutcome:
+def _run_item(item: tuple[BatchJob, dict[str, Any]], threads: int) -> JobOutcome:
     job, record = item
+    if isinstance(job, FuseJob):
+        return run_fuse_job(job, record, threads)
     return run_job(job, record, threads)
 
 
 def _result(
-    jobs: list[Job],
+    jobs: list[BatchJob],
     outcomes: dict[int, JobOutcome],
     subspaces: dict[str, Any],
     executor: dict[str, Any],

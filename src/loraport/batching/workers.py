@@ -1,4 +1,4 @@
-"""What runs in a batch worker (a pool process, a Ray task, or the driver itself): subspace tasks and ports.
+"""What runs in a batch worker (a pool process, a Ray task, or the driver itself): subspace tasks, ports, fusions.
 
 Both functions take and return plain picklable records and never raise for a bad job: a
 failed port comes back as a :class:`JobOutcome` with its one-line error, so the others go on.
@@ -8,6 +8,7 @@ Each sets its torch thread count: results depend on it in the last bits, so a fi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -21,10 +22,12 @@ import torch
 
 from ..checkpoints import Checkpoint
 from ..errors import LoraportError
+from ..fusion.models import REPORT_NAME as FUSION_REPORT_NAME
+from ..io import atomic_directory
 from ..report import peak_rss_mb
 from ..store import SubspaceStore
 from ..subspace import SubspaceCache
-from .manifest import Job
+from .manifest import FuseJob, Job
 from .plan import JOB_RECORD, SubspaceTask
 
 
@@ -44,7 +47,8 @@ class JobOutcome:
 
     ``status`` is ``ok``, ``up to date`` (skipped: output, report and record matched), ``failed``
     (``error`` holds the one-line message) or ``interrupted`` (the batch was stopped before it
-    finished; nothing was written); ``modules`` counts the target modules written.
+    finished; nothing was written); ``modules`` counts the target modules written (a fusion job:
+    the tensors or modules of its report, ``method`` the method it ran; no kept energy or cache counts).
     """
 
     index: int
@@ -165,4 +169,48 @@ def run_job(job: Job, record: dict[str, Any], threads: int) -> JobOutcome:
     return outcome
 
 
-__all__ = ["JobOutcome", "SubspaceOutcome", "compute_subspaces", "init_pool_worker", "run_job", "torch_threads"]
+def run_fuse_job(job: FuseJob, record: dict[str, Any], threads: int) -> JobOutcome:
+    """Fuse one job into its ``out`` (atomically, with its record); errors become a failed outcome.
+
+    The fusion is written into a directory inside the job's temporary output (so its own
+    temporaries go with it), moved up beside the record, and the whole replaces ``out`` in one rename.
+    """
+    from ..api import fuse_from_args
+
+    started = time.perf_counter()
+    outcome = JobOutcome(job.index, job.name, job.out, "failed", job.method, version=_version())
+    try:
+        with _working(), torch_threads(threads), atomic_directory(job.out, overwrite=True) as tmp:
+            staged = tmp / "fused"
+            args = argparse.Namespace(**{**vars(job.args), "out": str(staged), "overwrite": False})
+            result = fuse_from_args(args, progress=False)
+            for entry in staged.iterdir():
+                os.replace(entry, tmp / entry.name)
+            staged.rmdir()
+            result.report.output = job.out  # not the temporary directory it was written in
+            result.report.save(tmp / FUSION_REPORT_NAME)
+            if job.report is not None:
+                result.report.save(job.report)
+            (tmp / JOB_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    except Exception as exc:  # a failed job is reported and the others go on
+        outcome.error = one_line(exc)
+        outcome.seconds = time.perf_counter() - started
+        outcome.peak_rss_mb = peak_rss_mb()
+        return outcome
+    outcome.status = "ok"
+    outcome.method = result.report.method
+    outcome.modules = result.report.totals()["tensors"]
+    outcome.seconds = time.perf_counter() - started
+    outcome.peak_rss_mb = peak_rss_mb()
+    return outcome
+
+
+__all__ = [
+    "JobOutcome",
+    "SubspaceOutcome",
+    "compute_subspaces",
+    "init_pool_worker",
+    "run_fuse_job",
+    "run_job",
+    "torch_threads",
+]

@@ -1,4 +1,4 @@
-"""``loraport batch``: port every adapter of a manifest, on a local process pool or a Ray cluster."""
+"""``loraport batch``: port (or fuse) every job of a manifest, on a local process pool or a Ray cluster."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
         "manifest",
         metavar="MANIFEST",
         help="YAML or JSON: 'defaults' and 'jobs'; a job has adapter, out, source_base, target_base and any "
-        "transfer flag with underscores (subspace_rank: 32)",
+        "transfer flag with underscores (subspace_rank: 32), or is {fuse: {models: [A, B], out: DIR, ...}} with "
+        "any fuse flag with underscores (defaults.fuse: their defaults)",
     )
     p.add_argument(
         "--cache-dir",
@@ -107,4 +108,6 @@ def _batch(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-register_command("batch", "port many adapters from a manifest (local process pool or Ray)", _batch_args, _batch)
+register_command(
+    "batch", "port (or fuse) many adapters from a manifest (local process pool or Ray)", _batch_args, _batch
+)
