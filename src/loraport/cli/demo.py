@@ -9,7 +9,7 @@ from . import register_command
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from ..demo import DEFAULT_DEMO_RANK, DEFAULT_METHODS
+    from ..demo import DEFAULT_DEMO_RANK, DEFAULT_METHODS, DEMO_DISTILL, DEMO_DISTILL_STEPS
 
     p.add_argument("--out", default=None, metavar="DIR", help="adapters, reports, results (default: a new temp dir)")
     p.add_argument(
@@ -22,6 +22,14 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--subspace-rank", type=int, default=DEFAULT_DEMO_RANK, metavar="K", help="k (default 64)")
     p.add_argument("--targets", nargs="+", default=None, metavar="NAME", help="shipped targets (default: all)")
+    p.add_argument(
+        "--distill-steps",
+        type=int,
+        default=DEMO_DISTILL_STEPS,
+        metavar="N",
+        help=f"steps of the distill row on the targets unrelated to the source (default {DEMO_DISTILL_STEPS}, "
+        f"batch {DEMO_DISTILL['distill_batch_size']}, lr {DEMO_DISTILL['distill_lr']:g}; 0: leave it out)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the results table and where they went")
     real = p.add_argument_group("real models (--real)")
     real.add_argument(
@@ -52,7 +60,11 @@ def _demo(args: argparse.Namespace) -> int:
         print(format_real_table(real_rows))
         print(f"\nadapters, reports and results.md in {out} ({time.perf_counter() - started:.0f} s)")
         return 0
-    rows = run_demo(out, args.methods, args.subspace_rank, args.targets, say=say)
+    from ..errors import LoraportError
+
+    if args.distill_steps < 0:
+        raise LoraportError(f"--distill-steps must be >= 0, got {args.distill_steps}")
+    rows = run_demo(out, args.methods, args.subspace_rank, args.targets, say=say, distill_steps=args.distill_steps)
     print(format_table(rows))
     print(f"\nadapters, reports and results.md in {out} ({time.perf_counter() - started:.0f} s)")
     return 0
