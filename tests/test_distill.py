@@ -458,3 +458,28 @@ def test_precision_auto_is_bfloat16_only_where_the_device_has_it(monkeypatch: py
     assert train.autocast_dtype("bfloat16", cpu) is torch.bfloat16
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     assert train.autocast_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_the_head_in_pieces_gives_the_same_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output head taken a few positions at a time under checkpointing: the same numbers, values and gradients."""
+    from loraport.distill import heads
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8, dtype=torch.float64)
+    targets = torch.randint(0, 50, (11,))
+
+    def piece(rows: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = rows @ weight.T
+        return torch.nn.functional.cross_entropy(logits, wanted, reduction="none"), logits.argmax(-1) == wanted
+
+    grads, values = [], []
+    for chunk in (3, 1000):
+        monkeypatch.setattr(heads, "HEAD_CHUNK", chunk)
+        hidden = torch.randn(11, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        nll, agreed = heads.by_pieces(piece, hidden * 2.0, targets)
+        nll.mean().backward()
+        grads.append(hidden.grad)
+        values.append((nll.detach(), agreed))
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(values[0][0], values[1][0])
+    assert torch.equal(values[0][1], values[1][1])

@@ -21,7 +21,7 @@ import torch
 from ..adapters import LoraModule, lora_scale
 from ..alignment import right_pad
 from ..lowrank import balanced_factors
-from .heads import base_model, final_hidden, head_logits, head_rows
+from .heads import base_model, by_pieces, final_hidden, head_logits, head_rows
 from .teacher import TeacherOutputs, text_ends
 
 PEFT_PREFIX = "base_model.model."
@@ -361,20 +361,28 @@ def batch_loss(
     w_seq, w_kl = weights
     seq_index = where("seq_positions")
     if seq_index.numel():
-        logits = head_logits(lm, flat[seq_index])
         targets = torch.cat([s.seq_ids for s in samples]).to(device)
-        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        stats.agreed = int((logits.detach().argmax(-1) == targets).sum())
+
+        def seq_piece(rows: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = head_logits(lm, rows)
+            nll = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+            return nll, logits.detach().argmax(-1) == wanted
+
+        nll, agreed = by_pieces(seq_piece, flat[seq_index], targets)
+        stats.agreed = int(agreed.sum())
         stats.seq_tokens = int(targets.numel())
         stats.seq_nll = float(nll.detach().sum())
         if w_seq > 0:
             loss = loss + w_seq * nll.mean()
     kl_index = where("kl_positions")
     if kl_index.numel():
-        logits = head_logits(lm, flat[kl_index], support)
         top_ids = torch.cat([s.kl_ids for s in samples]).to(device)
         top_logprobs = torch.cat([s.kl_logprobs for s in samples]).to(device)
-        kl = sparse_kl(torch.log_softmax(logits, dim=-1), top_ids, top_logprobs)
+
+        def kl_piece(rows: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor]:
+            return (sparse_kl(torch.log_softmax(head_logits(lm, rows, support), dim=-1), ids, logprobs),)
+
+        (kl,) = by_pieces(kl_piece, flat[kl_index], top_ids, top_logprobs)
         stats.kl = float(kl.detach().sum())
         stats.kl_positions = int(kl.numel())
         if w_kl > 0:
