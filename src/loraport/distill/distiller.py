@@ -18,7 +18,7 @@ from ..io import default_cache_dir
 from ..pairing import Pairing, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
 from .generic import generic_lines, mean_nll, token_rows
-from .options import DEFAULT_MAX_STEPS, DistillOptions, distill_summary
+from .options import DistillOptions, distill_summary
 from .prompts import read_prompts, split_heldout
 from .student import (
     base_model,
@@ -33,7 +33,7 @@ from .student import (
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
 from .timing import Phases
-from .train import TaskSamples, TrainConfig, autocast_dtype, train_student
+from .train import TaskSamples, autocast_dtype, train_config, train_student
 from .views import TeacherView, student_view, teacher_view
 
 log = logging.getLogger(__name__)
@@ -202,12 +202,8 @@ class Distiller:
                 base_nll = mean_nll(student, ppl_rows, self.device)
             start_nll = mean_nll(student, ppl_rows, self.device) if init_modules else base_nll
 
-        weights = {"seq+kl": (1.0, 1.0), "kl": (0.0, 1.0), "seq": (1.0, 0.0)}[options.loss]
-        max_steps = options.steps or DEFAULT_MAX_STEPS
-        config = TrainConfig(
-            max_steps, options.time, options.lr, options.warmup, options.batch_size, options.eval_every,
-            options.patience, weights, options.keep_weight if keep else 0.0, options.seed, self.autocast,
-        )  # fmt: skip
+        config = train_config(options, self.autocast, bool(keep))
+        max_steps = config.max_steps
         run_key = {
             "teacher": self.teacher_key,  # every setting of the teacher's outputs (positions, top-K, ...)
             "target": checkpoint_digest(self.pairing.tgt),

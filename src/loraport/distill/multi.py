@@ -31,7 +31,7 @@ from ..io import default_cache_dir
 from ..pairing import Pairing
 from ..report import peak_rss_mb
 from .generic import generic_lines, mean_nll, token_rows
-from .options import DEFAULT_MAX_STEPS, DistillOptions
+from .options import DistillOptions
 from .prompts import read_prompts, split_heldout
 from .student import (
     base_model,
@@ -47,7 +47,7 @@ from .student import (
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
 from .timing import Phases
-from .train import TaskSamples, TrainConfig, autocast_dtype, train_student
+from .train import TaskSamples, autocast_dtype, train_config, train_student
 from .views import student_view, teacher_view, wants_chat
 
 PROBE_LIMIT = 64
@@ -214,12 +214,8 @@ class MultiDistiller:
                                   "teachers": [item.info for item in prepared], "seconds": seconds,
                                   "peak_rss_mb": round(peak_rss_mb())})  # fmt: skip
                 return init_modules, self.info
-        weights = {"seq+kl": (1.0, 1.0), "kl": (0.0, 1.0), "seq": (1.0, 0.0)}[options.loss]
-        max_steps = options.steps or DEFAULT_MAX_STEPS
-        config = TrainConfig(
-            max_steps, options.time, options.lr, options.warmup, options.batch_size, options.eval_every,
-            options.patience, weights, options.keep_weight if keep else 0.0, options.seed, self.autocast,
-        )  # fmt: skip
+        config = train_config(options, self.autocast, bool(keep))
+        max_steps = config.max_steps
         run_key = {
             "teachers": [item.info["key"] for item in prepared],
             "target": checkpoint_digest(self.target),

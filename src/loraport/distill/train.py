@@ -61,6 +61,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bfloat16" else None
 
 
+LOSS_WEIGHTS = {"seq+kl": (1.0, 1.0), "kl": (0.0, 1.0), "seq": (1.0, 0.0)}  # --distill-loss: (sequence, KL)
+
+
+def train_config(options: Any, autocast: torch.dtype | None, keep: bool) -> TrainConfig:
+    """The training settings of a :class:`~loraport.distill.DistillOptions` (``keep``: generic lines exist)."""
+    from .options import DEFAULT_MAX_STEPS
+
+    return TrainConfig(
+        options.steps or DEFAULT_MAX_STEPS, options.time, options.lr, options.warmup, options.batch_size,
+        options.eval_every, options.patience, LOSS_WEIGHTS[options.loss], options.keep_weight if keep else 0.0,
+        options.seed, autocast,
+    )  # fmt: skip
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX); elsewhere autocast only emulates them."""
     try:
