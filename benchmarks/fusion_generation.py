@@ -54,14 +54,15 @@ def fuse_isolated(kwargs: dict[str, Any], threads: int) -> dict[str, Any]:
     return out
 
 
-def fuse_kwargs(work: Path, real: Path, target: str, out: Path) -> dict[str, Any]:
+def fuse_kwargs(work: Path, real: Path, target: str, out: Path, seconds: float | None) -> dict[str, Any]:
     from loraport.distill import DistillOptions
 
     chat_teacher = next(base for base, task in TEACHERS if task != "json")
     options = DistillOptions(
-        cache=str(work / "fusion" / "distill-cache"),
+        cache=str(work / "distill-cache"),  # shared with the single ports: a teacher they computed is reused
         source_chat_template=TEMPLATES[chat_teacher],
         target_chat_template=TEMPLATES[target],
+        time=seconds,
     )
     return {
         "model_a": str(work / "loras" / f"{TEACHERS[0][0]}-{TEACHERS[0][1]}"),
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", default="benchmarks/work/real", help="the real benchmark's directory (models)")
     parser.add_argument("--targets", nargs="*", default=["gemma3", "smollm2"], choices=["gemma3", "smollm2"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--distill-time", type=float, default=None, help="the student's training-time limit (s)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
     parser.add_argument("--out", default="benchmarks/results/fusion_generation.md")
     args = parser.parse_args(argv)
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out = work / "fusion" / target
         print(f"[{time.strftime('%H:%M:%S')}] fuse onto {target} ...", flush=True)
-        row = fuse_isolated(fuse_kwargs(work, real, target, out), args.threads)
+        row = fuse_isolated(fuse_kwargs(work, real, target, out, args.distill_time), args.threads)
         if not row.get("error"):
             row["score"] = score(work, real, target, out, args.threads)
         rows[target] = row
