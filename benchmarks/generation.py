@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                        args.threads, args.distill_time)  # fmt: skip
                 print(f"[{time.strftime('%H:%M:%S')}] {key} ...", flush=True)
                 result = port(dict(options), isolated=True)
-                row = {"direction": direction, "task": task, "label": label, **result,
+                row = {"direction": direction, "task": task, "label": label, "command": args.command, **result,
                        "options": {k: v for k, v in options.items() if k not in ("progress", "overwrite")}}  # fmt: skip
                 if not result.get("error"):
                     row["score"] = score_port(work, real, target, task, out, args.threads)
@@ -199,6 +199,9 @@ def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
             f"{t.get('student: keep targets and perplexity before', 0):.0f} / {t.get('student: train', 0):.0f} / "
             f"{checks:.0f} | {bound} |"
         )
+    commands = sorted({row["command"] for row in rows if row.get("command")})
+    lines += ["", "The rows were computed (each once, then cached in `WORK/ports/rows.json`) by:", ""]
+    lines += [f"- `{c}`" for c in commands]
     lines += ["", "## The adapters", "", "| base | task | base rate | with its LoRA | generic perplexity | train (s) |",
               "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for base in ("smollm2", "gemma3"):
@@ -224,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached-only", action="store_true", help="only render the cached rows")
     parser.add_argument("--out", default="benchmarks/results/generation.md", help="Markdown results")
     args = parser.parse_args(argv)
-    rows = run(args)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/generation.py", *(argv or sys.argv[1:])])
+    args.command = command
+    rows = run(args)
     Path(args.out).write_text(markdown(Path(args.work), rows, command))
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"results: {os.path.relpath(args.out)}")
