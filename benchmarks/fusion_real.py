@@ -84,7 +84,7 @@ def clone_command(command: str, root: Path = ROOT) -> str:
 
 
 def lora_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from fusion_real_lora import PeftMerger, Scorer, pairs_and_all, run_merges
+    from fusion_real_lora import DistillInputs, PeftMerger, Scorer, pairs_and_all, run_merges
 
     from loraport.adapters import load_adapter
     from loraport.evaluate import load_arc_jsonl
@@ -108,7 +108,13 @@ def lora_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     peft = PeftMerger(model_dir, {t: loras[t] for t in needed})
     calib = {t: work / "calibration" / f"{t}.txt" for t in needed}
     rows_path = work / f"lora_rows-{args.dev_n}-{args.eval_n}.json"
-    result = run_merges(scorer, adapters, peft, merges, model_dir, calib, rows_path, args.methods)
+    distill = DistillInputs(
+        loras={t: loras[t] for t in needed},
+        prompts={t: work / "tasks" / t / "train.jsonl" for t in needed},
+        out=work / "distilled",
+        seconds=args.distill_time,
+    )
+    result = run_merges(scorer, adapters, peft, merges, model_dir, calib, rows_path, args.methods, distill)
     result["relative_update"] = {t: relative_update(adapters[t], model_dir) for t in needed}
     result["subsets"] = {f"{t}|{split}": len(r) for (t, split), r in records.items()}
     result["sizes"] = {"dev": args.dev_n, "eval": args.eval_n}
@@ -127,8 +133,11 @@ def relative_update(adapter: Any, model_dir: Path) -> float:
     return (num / den) ** 0.5
 
 
-def collect_results(work: Path) -> dict[str, Any]:
+def collect_results(work: Path, committed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every cached part: ``results-<part>.json``; the LoRA runs as one part per subset size.
+
+    ``committed`` (the results file as committed) fills in what this work directory lacks: a
+    part, a row, a reference accuracy, a command (a fresh clone reruns only new rows).
 
     A LoRA part holds every merge in that size's row cache (``lora_rows-<dev>-<eval>.json``,
     whichever run scored it) with the base and LoRA accuracies from its score cache; the
@@ -160,7 +169,27 @@ def collect_results(work: Path) -> dict[str, Any]:
         rows = json.loads((work / "models_rows.json").read_text())
         results["models"] = {**files.get("models", {}), **models_summary(work, rows)}
     results["assets"] = {p.stem: json.loads(p.read_text()) for p in sorted((work / "stages").glob("*.json"))}
-    return results
+    return with_committed(results, committed or {})
+
+
+def with_committed(results: dict[str, Any], committed: dict[str, Any]) -> dict[str, Any]:
+    """``results`` over ``committed``: parts, and within LoRA parts rows, references and commands, merged."""
+    merged = {**committed, **results}
+    for name, part in results.items():
+        old = committed.get(name)
+        if (not name.startswith("lora-") and name != "assets") or not isinstance(old, dict):
+            continue
+        if name == "assets":
+            merged[name] = {**old, **part}
+            continue
+        merged[name] = {
+            **part,
+            "rows": {**old.get("rows", {}), **part["rows"]},
+            "references": {**old.get("references", {}), **part["references"]},
+            "relative_update": {**old.get("relative_update", {}), **part["relative_update"]},
+            "commands": list(dict.fromkeys([*old.get("commands", []), *part["commands"]])),
+        }
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-n", type=int, default=16, help="dev questions per task (default 16)")
     parser.add_argument("--eval-n", type=int, default=80, help="evaluation questions per task (default 80)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--distill-time", type=float, default=None, help="the distill row: the student's training-time limit (s)"
+    )
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "fusion_real.md"))
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the cached results")
     parser.add_argument("--no-build", action="store_true", help="use the inputs built so far (another runner builds)")
@@ -214,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             data.update(commands=commands, seconds=time.perf_counter() - t0)
             atomic_write_text(path, json.dumps(data, indent=1))
         print(f"ran {', '.join(args.parts)} in {time.perf_counter() - started:.0f} s")
-    results = collect_results(work)
+    committed = Path(args.results).with_suffix(".json")
+    results = collect_results(work, json.loads(committed.read_text()) if committed.exists() else None)
     from fusion_real_report import markdown
 
     atomic_write_text(args.results, markdown(results))

@@ -68,6 +68,7 @@ class Fused:
     rank: int  # largest module rank
     params: int  # factor entries stored
     note: str = ""
+    details: dict[str, Any] | None = None  # a distilled fusion's report: per-task agreement, perplexity, timings
 
 
 def gain_kept(merged: list[float], base: list[float], specialist: list[float]) -> tuple[float, float]:
@@ -183,6 +184,47 @@ def fuse_ours(adapters: list[Any], method: str, settings: dict[str, Any], base: 
     return Fused(factors, seconds, rank, params)
 
 
+@dataclass
+class DistillInputs:
+    """What a fusion by distillation (row ``distill``) needs beyond the loaded adapters."""
+
+    loras: dict[str, Path]  # task -> its LoRA's directory
+    prompts: dict[str, Path]  # task -> its training questions (ARC JSONL: the answers are never read)
+    out: Path  # the fused adapters and the teachers' cache go under it
+    seconds: float | None = None  # the student's training-time limit
+
+
+def fuse_distill(tasks: tuple[str, ...], merge: str, base: Path, inputs: DistillInputs) -> Fused:
+    """``loraport.fuse(method="distill")`` with default settings: each LoRA a teacher on its training questions."""
+    from loraport import fuse
+    from loraport.distill import DistillOptions
+
+    out = inputs.out / merge.replace("+", "-").replace(" ", "-")
+    paths = [str(inputs.loras[t]) for t in tasks]
+    options = DistillOptions(cache=str(inputs.out / "teachers"), time=inputs.seconds)
+    started = time.perf_counter()
+    result = fuse(paths[0], paths[1], str(out), more=paths[2:], method="distill", bases=[str(base)],
+                  prompts=[str(inputs.prompts[t]) for t in tasks], distill=options, overwrite=True,
+                  progress=False)  # fmt: skip
+    seconds = time.perf_counter() - started
+    factors = adapter_factors(result.adapter)
+    rank, params = stats(factors)
+    info = result.report.distill or {}
+    details = {
+        "chosen": info.get("chosen"),
+        "agreement": {  # held-out agreement with each teacher: [start merge, distilled]
+            t: [found["start"]["agreement"], found["distilled"]["agreement"]]
+            for t, found in zip(tasks, info.get("tasks", []), strict=False)
+        },
+        "generic": info.get("generic"),
+        "student": {k: v for k, v in (info.get("student") or {}).items() if k != "modules"},
+        "timings": info.get("timings"),
+        "peak_rss_mb": result.report.peak_rss_mb,
+        "notes": result.report.notes,
+    }
+    return Fused(factors, seconds, rank, params, f"chosen: {info.get('chosen')}", details)
+
+
 class PeftMerger:
     """PEFT's ``add_weighted_adapter`` on a model holding the four LoRAs (loaded once)."""
 
@@ -262,8 +304,12 @@ def run_merges(
     calib: dict[str, Path],
     rows_path: Path,
     methods: list[str] | None = None,
+    distill: DistillInputs | None = None,
 ) -> dict[str, Any]:
-    """Every method on every merge: dev search, evaluation, cost; rows cached in ``rows_path``."""
+    """Every method on every merge: dev search, evaluation, cost; rows cached in ``rows_path``.
+
+    The ``distill`` row (a fusion by distillation, minutes each) runs only when ``methods`` names it.
+    """
     rows: dict[str, Any] = json.loads(rows_path.read_text()) if rows_path.exists() else {}
     tasks_all = sorted({t for m in merges.values() for t in m})
     reference = {
@@ -276,8 +322,10 @@ def run_merges(
     }
     for merge, tasks in merges.items():
         fused_ta: Fused | None = None
-        for row, kind, *spec in [(r, "ours", m, s) for r, m, s in OURS] + [(r, "peft", c, d) for r, c, d in PEFT]:
-            if methods is not None and row not in methods:
+        candidates = [(r, "ours", m, s) for r, m, s in OURS] + [(r, "peft", c, d) for r, c, d in PEFT]
+        candidates.append(("distill", "distill", None, None))
+        for row, kind, *spec in candidates:
+            if (methods is None and kind == "distill") or (methods is not None and row not in methods):
                 continue
             key = f"{merge}|{row}"
             if rows_path.exists():  # another process may have done it meanwhile
@@ -285,7 +333,11 @@ def run_merges(
             if key in rows:
                 continue
             say(f"{merge}: {row} ...")
-            if kind == "ours":
+            if kind == "distill":
+                if distill is None:
+                    raise ValueError("the distill row needs its inputs (DistillInputs)")
+                fused = fuse_distill(tasks, merge, base_dir, distill)
+            elif kind == "ours":
                 method, settings = spec
                 fused = fuse_ours([adapters[t] for t in tasks], method, settings, base_dir, [calib[t] for t in tasks])
             else:
@@ -310,7 +362,7 @@ def run_merges(
                 ]
                 return min(kept), sum(kept) / len(kept)
 
-            scalable = not (kind == "ours" and spec[0] == "regmean")
+            scalable = kind == "peft" or (kind == "ours" and spec[0] != "regmean")  # a student is used as trained
             scaling, tried = choose_scaling(dev) if scalable else (1.0, [(1.0, dev(1.0))])
             evaluated = {}
             for t in tasks:
@@ -328,6 +380,7 @@ def run_merges(
                 "rank": fused.rank,
                 "params": fused.params,
                 "note": fused.note,
+                **({"details": fused.details} if fused.details else {}),
             }
             merge_json(rows_path, rows)
             worst = min(v["gain_kept"] for v in evaluated.values())

@@ -109,19 +109,58 @@ def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
                              f"{value['specialist']:.3f} |")  # fmt: skip
         lines.append("")
     summary = ["| merge | dev / eval questions per task | best of ours (worst task %) | best PEFT type (worst task %) |"
-               " ours >= PEFT? |", "|---|---|---|---|---|"]  # fmt: skip
+               " ours >= PEFT? | by distillation (worst task %) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for merge, rows in merges.items():
-        ours, peft = best(rows, "ours"), best(rows, "peft")
-        facts["merges"][merge] = {"ours": ours, "peft": peft, "rows": rows}
+        ours, peft, distilled = best(rows, "ours"), best(rows, "peft"), best(rows, "distill")
+        facts["merges"][merge] = {"ours": ours, "peft": peft, "distill": distilled, "rows": rows}
         verdict = against_peft(ours, peft) if ours and peft else "-"
         summary.append(
             f"| {merge} | {sizes[merge]} | {ours['row'] if ours else '-'} ({pct(worst(ours)) if ours else '-'}) | "
-            f"{peft['row'] if peft else '-'} ({pct(worst(peft)) if peft else '-'}) | {verdict} |"
+            f"{peft['row'] if peft else '-'} ({pct(worst(peft)) if peft else '-'}) | {verdict} | "
+            f"{pct(worst(distilled)) if distilled else 'not run'} |"
         )
     lines += ["### Summary: each merge's best method by its worst task", "", *summary, ""]
+    lines += distill_section(facts["merges"])
     for merge, rows in merges.items():
         lines += [f"### {merge} ({sizes[merge]} dev / eval questions per task)", "", *merge_table(merge, rows), ""]
     return lines, facts
+
+
+def distill_section(merges: dict[str, Any]) -> list[str]:
+    """The fusions by distillation (``loraport fuse --method distill``): kept gain, agreement, side effects, cost."""
+    found = {m: f for m, f in merges.items() if f["distill"]}
+    if not found:
+        return []
+    lines = [
+        "### Fusion by distillation (`loraport fuse --method distill`, issue 28)",
+        "",
+        "Each LoRA is a teacher on its own training questions (no answers), SmolLM2 its base; one student LoRA "
+        "on SmolLM2, started from the weight-space merge Iso-C x1.5, learns them all (default settings; the "
+        "student is scored as trained, scaling 1). *Agreement*: held-out agreement with each teacher, start "
+        "merge -> distilled. *Perplexity*: generic text (standard-library docstrings), the fused adapter's change "
+        "of SmolLM2's and each LoRA's own. Time: the whole fusion (teachers, training, checks, writing), 2 threads.",
+        "",
+        "| merge | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
+        "| perplexity change: fused (each LoRA's own) | steps (stop) | fuse s | peak RSS MB |",
+        "|---|---|---:|---:|---|---|---|---|---:|---:|",
+    ]
+    for merge, f in found.items():
+        row = f["distill"]
+        details = row.get("details") or {}
+        kept = ", ".join(f"{t} {pct(v['gain_kept'], v['se'])}" for t, v in row["eval"].items())
+        agreement = ", ".join(f"{t} {a:.2f} -> {b:.2f}" for t, (a, b) in details.get("agreement", {}).items())
+        generic = details.get("generic") or {}
+        own = ", ".join(f"{v:+.0%}" for v in (generic.get("source_perplexity_changes") or {}).values() if v is not None)
+        change = generic.get("perplexity_change")
+        ppl = f"{change:+.0%} ({own})" if change is not None else "-"
+        student = details.get("student") or {}
+        top = max((r for r in f["rows"] if r["kind"] != "distill"), key=worst, default=None)
+        lines.append(
+            f"| {merge} | {kept} | {pct(worst(row))} | {top['row'] + ' ' + pct(worst(top)) if top else '-'} | "
+            f"{agreement or '-'} | {details.get('chosen', '-')} | {ppl} | {student.get('steps', '-')} "
+            f"({student.get('stopped', '-')}) | {row['fuse_seconds']:.0f} | {details.get('peak_rss_mb') or 0:.0f} |"
+        )
+    return [*lines, ""]
 
 
 def models_section(part: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
@@ -252,6 +291,12 @@ def targets(facts: dict[str, Any]) -> list[str]:
         verdict = "met" if value >= TARGET_ALL else "not met"
         lines.append(f"* All-four merge, the best method keeps >= 90% of every gain: **{row['row']}** keeps "
                      f"{pct(value)}% of the worst task's gain: {verdict}.")  # fmt: skip
+    distilled = {m: f["distill"] for m, f in merges.items() if f.get("distill")}
+    if distilled:
+        checks = "; ".join(f"{m}: {pct(worst(row))}" for m, row in distilled.items())
+        met = all(worst(row) >= TARGET_ALL for row in distilled.values())
+        lines.append(f"* Fusion by distillation keeps >= 90% of every task's gain (issue 28; merges run: "
+                     f"{len(distilled)}): worst task per merge {checks}: {'met' if met else 'not met'}.")  # fmt: skip
     if merges:
         lines += adapter_limit(merges)
     compared = [(m, f) for m, f in merges.items() if f["ours"] and f["peft"]]

@@ -51,3 +51,25 @@ def test_fusion_real_rewrites_the_absolute_commands_older_caches_hold(fusion_rea
         "python benchmarks/fusion_real.py --real benchmarks/work/real --work benchmarks/work/fusion_real "
         "--parts image --no-build --results benchmarks/results/fusion_real.md"
     )
+
+
+def test_fusion_real_keeps_the_committed_rows_a_fresh_work_directory_lacks(fusion_real: ModuleType) -> None:
+    """A rerun in a fresh clone scores only new rows: the committed rows, references and commands stay."""
+    row = {"merge": "all four", "row": "TSV", "kind": "ours", "eval": {"json": {"gain_kept": 0.03, "se": 0.01}}}
+    committed = {
+        "image": {"rows": {"x": 1}},
+        "lora-16-80": {"rows": {"all four|TSV": row}, "references": {"json|eval": {"base": 0.0}},
+                       "relative_update": {"json": 0.017}, "commands": ["python old"]},
+    }  # fmt: skip
+    new = {**row, "row": "distill", "kind": "distill"}
+    results = {
+        "lora-16-80": {"rows": {"all four|distill": new}, "references": {"json|eval": {"base": 0.5}},
+                       "relative_update": {}, "commands": ["python new"]},
+        "assets": {},
+    }  # fmt: skip
+    merged = fusion_real.with_committed(results, committed)
+    assert merged["image"] == {"rows": {"x": 1}}
+    assert set(merged["lora-16-80"]["rows"]) == {"all four|TSV", "all four|distill"}
+    assert merged["lora-16-80"]["references"]["json|eval"] == {"base": 0.5}  # what this run scored wins
+    assert merged["lora-16-80"]["relative_update"] == {"json": 0.017}
+    assert merged["lora-16-80"]["commands"] == ["python old", "python new"]
