@@ -73,3 +73,27 @@ def test_fusion_real_keeps_the_committed_rows_a_fresh_work_directory_lacks(fusio
     assert merged["lora-16-80"]["references"]["json|eval"] == {"base": 0.5}  # what this run scored wins
     assert merged["lora-16-80"]["relative_update"] == {"json": 0.017}
     assert merged["lora-16-80"]["commands"] == ["python old", "python new"]
+
+
+def test_fusion_real_reports_a_distilled_fusion_beside_the_weight_space_rows() -> None:
+    """The distill row is its own column and section; the weight-space verdicts stay as they were."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from fusion_real_report import markdown
+
+    def row(name: str, kind: str, json_kept: float, **extra: object) -> dict:
+        kept = {"facts": {"gain_kept": 0.95, "se": 0.02}, "json": {"gain_kept": json_kept, "se": 0.05}}
+        return {"merge": "facts+json", "row": name, "kind": kind, "scaling": 1.0, "eval": kept, "fuse_seconds": 9.0,
+                "rank": 32, "params": 1000, **extra}  # fmt: skip
+
+    details = {"chosen": "distilled", "agreement": {"facts": [0.4, 0.9], "json": [0.1, 0.95]},
+               "generic": {"perplexity_change": 0.12, "source_perplexity_changes": {"a": 0.3, "b": 0.2}},
+               "student": {"steps": 80, "stopped": "saturated"}, "peak_rss_mb": 2100.0}  # fmt: skip
+    rows = {"a": row("TSV", "ours", 0.19), "b": row("PEFT cat", "peft", 0.04),
+            "c": row("distill", "distill", 0.92, details=details)}  # fmt: skip
+    part = {"rows": rows, "references": {}, "sizes": {"dev": 12, "eval": 48}}
+    text = markdown({"lora-12-48": part})
+    assert "| facts+json | 12/48 | TSV (19) | PEFT cat (4) | yes | 92 |" in text
+    assert "json 0.10 -> 0.95" in text and "+12% (+30%, +20%)" in text and "80 (saturated)" in text
+    assert "worst task per merge facts+json: 92: met" in text
