@@ -172,6 +172,22 @@ def collect_results(work: Path, committed: dict[str, Any] | None = None) -> dict
     return with_committed(results, committed or {})
 
 
+def earlier_build(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old``'s rows, each that fused a LoRA whose own accuracy differs in ``new``'s references (the LoRA was
+    rebuilt since) marked with ``earlier_build``: which LoRAs, and their accuracy then and now."""
+    changed = {
+        key.split("|")[0]: (ref["specialist"], new["references"][key]["specialist"])
+        for key, ref in old.get("references", {}).items()
+        if key.endswith("|eval") and key in new.get("references", {})
+        and abs(ref["specialist"] - new["references"][key]["specialist"]) > 1e-9
+    }  # fmt: skip
+    rows = {}
+    for key, row in old.get("rows", {}).items():
+        hit = {t: v for t, v in changed.items() if t in row["eval"]}
+        rows[key] = {**row, "earlier_build": hit} if hit else row
+    return rows
+
+
 def with_committed(results: dict[str, Any], committed: dict[str, Any]) -> dict[str, Any]:
     """``results`` over ``committed``: parts, and within LoRA parts rows, references and commands, merged."""
     merged = {**committed, **results}
@@ -184,7 +200,7 @@ def with_committed(results: dict[str, Any], committed: dict[str, Any]) -> dict[s
             continue
         merged[name] = {
             **part,
-            "rows": {**old.get("rows", {}), **part["rows"]},
+            "rows": {**earlier_build(old, part), **part["rows"]},
             "references": {**old.get("references", {}), **part["references"]},
             "relative_update": {**old.get("relative_update", {}), **part["relative_update"]},
             "commands": list(dict.fromkeys([*old.get("commands", []), *part["commands"]])),

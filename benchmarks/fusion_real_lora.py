@@ -50,6 +50,11 @@ PEFT: list[tuple[str, str, float | None]] = [
     ("PEFT dare_ties d=0.5", "dare_ties", 0.5),
     ("PEFT magnitude_prune d=0.2", "magnitude_prune", 0.2),
 ]
+# Fusion by distillation: (row name, DistillOptions settings beside the defaults); run only when named.
+DISTILLED: list[tuple[str, dict[str, Any]]] = [
+    ("distill", {}),
+    ("distill, patience 12", {"patience": 12}),  # memorised facts: held-out agreement cannot rise, the loss can
+]
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (scale * B, A), float32
 
 
@@ -194,14 +199,17 @@ class DistillInputs:
     seconds: float | None = None  # the student's training-time limit
 
 
-def fuse_distill(tasks: tuple[str, ...], merge: str, base: Path, inputs: DistillInputs) -> Fused:
-    """``loraport.fuse(method="distill")`` with default settings: each LoRA a teacher on its training questions."""
+def fuse_distill(
+    tasks: tuple[str, ...], merge: str, base: Path, inputs: DistillInputs, row: str = "distill", **settings: Any
+) -> Fused:
+    """``loraport.fuse(method="distill")`` (default settings but ``settings``): each LoRA a teacher on its
+    training questions; the fused adapter under ``inputs.out/<merge>/<row>``."""
     from loraport import fuse
     from loraport.distill import DistillOptions
 
-    out = inputs.out / merge.replace("+", "-").replace(" ", "-")
+    out = inputs.out / merge.replace("+", "-").replace(" ", "-") / row.replace(", ", "-").replace(" ", "-")
     paths = [str(inputs.loras[t]) for t in tasks]
-    options = DistillOptions(cache=str(inputs.out / "teachers"), time=inputs.seconds)
+    options = DistillOptions(cache=str(inputs.out / "teachers"), time=inputs.seconds, **settings)
     started = time.perf_counter()
     result = fuse(paths[0], paths[1], str(out), more=paths[2:], method="distill", bases=[str(base)],
                   prompts=[str(inputs.prompts[t]) for t in tasks], distill=options, overwrite=True,
@@ -323,7 +331,7 @@ def run_merges(
     for merge, tasks in merges.items():
         fused_ta: Fused | None = None
         candidates = [(r, "ours", m, s) for r, m, s in OURS] + [(r, "peft", c, d) for r, c, d in PEFT]
-        candidates.append(("distill", "distill", None, None))
+        candidates += [(r, "distill", None, settings) for r, settings in DISTILLED]
         for row, kind, *spec in candidates:
             if (methods is None and kind == "distill") or (methods is not None and row not in methods):
                 continue
@@ -336,7 +344,7 @@ def run_merges(
             if kind == "distill":
                 if distill is None:
                     raise ValueError("the distill row needs its inputs (DistillInputs)")
-                fused = fuse_distill(tasks, merge, base_dir, distill)
+                fused = fuse_distill(tasks, merge, base_dir, distill, row, **spec[1])
             elif kind == "ours":
                 method, settings = spec
                 fused = fuse_ours([adapters[t] for t in tasks], method, settings, base_dir, [calib[t] for t in tasks])

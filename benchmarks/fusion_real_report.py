@@ -63,6 +63,8 @@ def merge_table(merge: str, rows: list[dict]) -> list[str]:
         cells = " | ".join(pct(row["eval"][t]["gain_kept"], row["eval"][t]["se"]) for t in tasks)
         difference = re.search(r"difference ([0-9.e+-]+)", row.get("note") or "")
         note = f" (= task arithmetic: max relative difference {difference.group(1)})" if difference else ""
+        if row.get("earlier_build"):
+            note += " †"
         lines.append(
             f"| {row['row']}{note} | {row['scaling']:g} | {cells} | {pct(worst(row))} | {row['fuse_seconds']:.1f} | "
             f"{row['rank']} | {4 * row['params'] / 1e6:.1f} |"
@@ -123,6 +125,14 @@ def lora_section(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     lines += distill_section(facts["merges"])
     for merge, rows in merges.items():
         lines += [f"### {merge} ({sizes[merge]} dev / eval questions per task)", "", *merge_table(merge, rows), ""]
+        earlier = {t: v for row in rows for t, v in row.get("earlier_build", {}).items()}
+        if earlier:
+            which = ", ".join(
+                f"{t} LoRA (its own accuracy {then:.3f} on these questions; the rebuilt one's {now:.3f}, which the "
+                "references above and the rows without † use)"
+                for t, (then, now) in earlier.items()
+            )
+            lines += [f"† scored with an earlier build of the {which}.", ""]
     return lines, facts
 
 
@@ -140,12 +150,11 @@ def distill_section(merges: dict[str, Any]) -> list[str]:
         "merge -> distilled. *Perplexity*: generic text (standard-library docstrings), the fused adapter's change "
         "of SmolLM2's and each LoRA's own. Time: the whole fusion (teachers, training, checks, writing), 2 threads.",
         "",
-        "| merge | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
+        "| merge | row | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
         "| perplexity change: fused (each LoRA's own) | steps (stop) | fuse s | peak RSS MB |",
-        "|---|---|---:|---:|---|---|---|---|---:|---:|",
+        "|---|---|---|---:|---:|---|---|---|---|---:|---:|",
     ]
-    for merge, f in found.items():
-        row = f["distill"]
+    for merge, found_merge, row in [(m, f, r) for m, f in found.items() for r in f["rows"] if r["kind"] == "distill"]:
         details = row.get("details") or {}
         kept = ", ".join(f"{t} {pct(v['gain_kept'], v['se'])}" for t, v in row["eval"].items())
         agreement = ", ".join(f"{t} {a:.2f} -> {b:.2f}" for t, (a, b) in details.get("agreement", {}).items())
@@ -154,9 +163,10 @@ def distill_section(merges: dict[str, Any]) -> list[str]:
         change = generic.get("perplexity_change")
         ppl = f"{change:+.0%} ({own})" if change is not None else "-"
         student = details.get("student") or {}
-        top = max((r for r in f["rows"] if r["kind"] != "distill"), key=worst, default=None)
+        top = max((r for r in found_merge["rows"] if r["kind"] != "distill"), key=worst, default=None)
+        weight_space = f"{top['row']} {pct(worst(top))}" if top else "-"
         lines.append(
-            f"| {merge} | {kept} | {pct(worst(row))} | {top['row'] + ' ' + pct(worst(top)) if top else '-'} | "
+            f"| {merge} | {row['row']} | {kept} | {pct(worst(row))} | {weight_space} | "
             f"{agreement or '-'} | {details.get('chosen', '-')} | {ppl} | {student.get('steps', '-')} "
             f"({student.get('stopped', '-')}) | {row['fuse_seconds']:.0f} | {details.get('peak_rss_mb') or 0:.0f} |"
         )

@@ -95,5 +95,6 @@ def test_fusion_real_reports_a_distilled_fusion_beside_the_weight_space_rows() -
     part = {"rows": rows, "references": {}, "sizes": {"dev": 12, "eval": 48}}
     text = markdown({"lora-12-48": part})
     assert "| facts+json | 12/48 | TSV (19) | PEFT cat (4) | yes | 92 |" in text
+    assert "| facts+json | distill | facts 95 ± 2, json 92 ± 5 | 92 | TSV 19 |" in text
     assert "json 0.10 -> 0.95" in text and "+12% (+30%, +20%)" in text and "80 (saturated)" in text
     assert "worst task per merge facts+json: 92: met" in text
