@@ -108,6 +108,44 @@ def single_ports(work: Path) -> dict[str, Any]:
     return found
 
 
+def targets(work: Path, rows: dict[str, Any], singles: dict[tuple[str, str], Any]) -> list[str]:
+    """Issue 28's targets per target base: >= 90% of each adapter's gain, fuse time <= the single distills' sum,
+    generic perplexity change <= the worst single port's (a native adapter: its own change on its base)."""
+    lines = ["", "## Targets", ""]
+    for target, row in rows.items():
+        if row.get("error"):
+            lines.append(f"- {target}: the fusion failed ({row['error'][:120]})")
+            continue
+        kept, single_seconds, single_ppl, missing = [], 0.0, [], []
+        for base, task in TEACHERS:
+            own = stage(work, f"lora-{base}-{task}")
+            gain = own["score"]["rate"] - own["base_score"]["rate"]
+            base_rate = stage(work, f"lora-{target}-{task}")["base_score"]["rate"]
+            kept.append((task, (row["score"]["tasks"][task]["rate"] - base_rate) / gain if gain else None))
+            if base == target:
+                single_ppl.append(own["generic_perplexity_change"])
+            elif (single := singles.get((target, task))) is not None:
+                single_seconds += single["seconds"]
+                single_ppl.append((single.get("distill") or {}).get("perplexity_change"))
+            else:
+                missing.append(task)
+        cells = ", ".join(f"{task} {100 * k:.0f}%" if k is not None else f"{task} -" for task, k in kept)
+        met = all(k is not None and k >= 0.9 for _, k in kept)
+        lines.append(f"- {target}: kept {cells} (goal >= 90% each): {'met' if met else 'not met'}.")
+        if missing:
+            lines.append(f"- {target}: no single port of {', '.join(missing)} to compare the time and perplexity with.")
+            continue
+        change = (row.get("distill") or {}).get("generic", {}).get("perplexity_change")
+        lines.append(f"- {target}: fuse time {row['seconds']:.0f} s against the single distilled ports' "
+                     f"{single_seconds:.0f} s (their teachers came from the cache; goal: no more): "
+                     f"{'met' if row['seconds'] <= single_seconds else 'not met'}.")  # fmt: skip
+        if change is not None and all(v is not None for v in single_ppl):
+            worst = max(single_ppl)
+            lines.append(f"- {target}: generic perplexity change {change:+.1%} against the worst single port's "
+                         f"{worst:+.1%} (goal: no more): {'met' if change <= worst else 'not met'}.")  # fmt: skip
+    return lines
+
+
 def markdown(work: Path, rows: dict[str, Any], command: str) -> str:
     singles = single_ports(work)
     lines = [
@@ -145,6 +183,9 @@ def markdown(work: Path, rows: dict[str, Any], command: str) -> str:
                 f"| {single_cell} | {fused_cell} | {kept} | {row['seconds']:.0f} | {single_time} | "
                 f"{row.get('peak_rss_mb') or 0:.0f} |"
             )
+    lines += ["", "Each fusion row was computed (then cached in `WORK/fusion/rows.json`) by:", ""]
+    lines += [f"- {target}: `{row.get('command', '-')}`" for target, row in rows.items()]
+    lines += targets(work, rows, singles)
     lines += ["", "## The fusions' reports", ""]
     for target, row in rows.items():
         distill = row.get("distill") or {}
@@ -171,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work, real = Path(args.work), Path(args.real)
     cache = work / "fusion" / "rows.json"
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/fusion_generation.py", *(argv or sys.argv[1:])])
     rows: dict[str, Any] = {} if args.fresh or not cache.exists() else json.loads(cache.read_text())
     for target in args.targets:
         if target in rows and not rows[target].get("error"):
@@ -180,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         row = fuse_isolated(fuse_kwargs(work, real, target, out, args.distill_time), args.threads)
         if not row.get("error"):
             row["score"] = score(work, real, target, out, args.threads)
+        row["command"] = command
         rows[target] = row
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(rows, indent=1, default=str))
         print(f"    {row.get('score', {}).get('tasks')}, {row['seconds']:.0f} s, error {row.get('error')}", flush=True)
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/fusion_generation.py", *(argv or sys.argv[1:])])
     Path(args.out).write_text(markdown(work, {t: rows[t] for t in args.targets if t in rows}, command))
     print(f"results: {os.path.relpath(args.out)}")
     return 0
