@@ -121,6 +121,7 @@ def test_bad_prompts_on_the_command_line_write_nothing(bases, tmp_path: Path, ca
         (["--prompts", str(tmp_path / "bad.jsonl")], "no 'prompt', 'messages' or 'question' field"),
         (["--prompts", str(tmp_path / "none.txt")], "prompts file not found"),
         (["--prompts", str(bases["prompts"]), "--distill-heldout", "1.5"], "--distill-heldout must be in (0, 1)"),
+        (["--prompts", str(bases["prompts"]), "--distill-patience", "0"], "--distill-patience must be >= 1, got 0"),
     ):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
@@ -483,3 +484,20 @@ def test_the_head_in_pieces_gives_the_same_loss_and_gradients(monkeypatch: pytes
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(values[0][0], values[1][0])
     assert torch.equal(values[0][1], values[1][1])
+
+
+def test_the_patience_flag_reaches_the_distillation_settings() -> None:
+    """``--distill-patience`` (how many held-out checks without progress end training) is a fuse and transfer flag."""
+    from loraport.cli import build_parser
+    from loraport.distill.options import DistillOptions
+    from loraport.fusion.arguments import DISTILL_SKIP
+    from loraport.option_fields import group_from_args
+
+    parser = build_parser()
+    fuse = parser.parse_args(["fuse", "--models", "a", "b", "--out", "o", "--method", "distill",
+                              "--distill-patience", "12"])  # fmt: skip
+    assert group_from_args(fuse, DistillOptions, DISTILL_SKIP, "distill.").patience == 12
+    transfer = parser.parse_args(["transfer", "--adapter", "a", "--source-base", "s", "--target-base", "t",
+                                  "--out", "o"])  # fmt: skip
+    settings = group_from_args(transfer, DistillOptions, DISTILL_SKIP, "distill.")
+    assert settings.patience == DistillOptions().patience == 4

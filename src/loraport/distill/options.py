@@ -284,7 +284,15 @@ class DistillOptions:
     )
     top_k: int = option(64, name="distill_top_k")
     eval_every: int = option(10, name="distill_eval_every")
-    patience: int = option(4, name="distill_patience")
+    patience: int = option(
+        4,
+        name="distill_patience",
+        flag="distill_patience",
+        word=int,
+        metavar="N",
+        help="stop after N held-out checks without progress (default 4; a larger N trains longer, e.g. for "
+        "memorised facts, which held-out prompts cannot show)",
+    )
     keep_weight: float = option(
         0.5,
         name="distill_keep_weight",
@@ -336,7 +344,8 @@ class DistillOptions:
             (self.samples >= 0, f"--distill-samples must be >= 0, got {self.samples}"),
             (self.temperature > 0, f"--distill-temperature must be > 0, got {self.temperature}"),
             (0 < self.token_share <= 1, f"--distill-token-share must be in (0, 1], got {self.token_share}"),
-            (self.top_k >= 1 and self.eval_every >= 1 and self.patience >= 1, "top_k, eval_every, patience >= 1"),
+            (self.patience >= 1, f"--distill-patience must be >= 1, got {self.patience}"),
+            (self.top_k >= 1 and self.eval_every >= 1, "top_k and eval_every must be >= 1"),
             (self.keep_weight >= 0, f"--distill-keep-weight must be >= 0, got {self.keep_weight}"),
             (self.warmup >= 0 and self.generic_lines >= 0, "warmup and generic_lines must be >= 0"),
         ]
