@@ -78,3 +78,18 @@ def benchmark_script(name: str) -> Iterator[ModuleType]:
     torch.set_num_threads(1)
     yield module
     torch.set_num_threads(before)
+
+
+def fast_distill(tmp_path: Path, max_new_tokens: int = 4, **extra: object) -> dict[str, object]:
+    """``transfer()`` settings of a quick distilled port on the tiny models (a cache under ``tmp_path``)."""
+    options: dict[str, object] = {
+        "method": "distill",
+        "progress": False,
+        "distill_cache": str(tmp_path / "cache"),
+        "distill_eval_every": 5,
+        "distill_max_new_tokens": max_new_tokens,
+        "distill_batch_size": 8,
+        "distill_heldout": 0.2,
+    }
+    options.update(extra)
+    return options

@@ -13,6 +13,7 @@ from loraport.cli import main
 from loraport.distill.prompts import candidate_from, prompt_template, read_prompts, split_heldout
 from loraport.distill.student import sparse_kl
 from loraport.errors import LoraportError
+from tests.helpers import fast_distill
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -52,17 +53,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _fast(tmp_path: Path, **extra: object) -> dict[str, object]:
-    options: dict[str, object] = {
-        "method": "distill",
-        "progress": False,
-        "distill_cache": str(tmp_path / "cache"),
-        "distill_eval_every": 5,
-        "distill_max_new_tokens": 4,
-        "distill_batch_size": 8,
-        "distill_heldout": 0.2,
-    }
-    options.update(extra)
-    return options
+    return fast_distill(tmp_path, 4, **extra)
 
 
 # -- prompts ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from loraport import transfer
 from loraport.cli import main
+from tests.helpers import fast_distill
 from tests.test_generation import S_TEMPLATE
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -56,17 +57,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _fast(tmp_path: Path, **extra: object) -> dict[str, object]:
-    options: dict[str, object] = {
-        "method": "distill",
-        "progress": False,
-        "distill_cache": str(tmp_path / "cache"),
-        "distill_eval_every": 5,
-        "distill_batch_size": 8,
-        "distill_heldout": 0.2,
-        "distill_max_new_tokens": 6,
-    }
-    options.update(extra)
-    return options
+    return fast_distill(tmp_path, 6, **extra)
 
 
 def _teacher(cache: Path) -> dict[str, object]:
