@@ -58,19 +58,23 @@ def test_fusion_real_keeps_the_committed_rows_a_fresh_work_directory_lacks(fusio
     row = {"merge": "all four", "row": "TSV", "kind": "ours", "eval": {"json": {"gain_kept": 0.03, "se": 0.01}}}
     committed = {
         "image": {"rows": {"x": 1}},
-        "lora-16-80": {"rows": {"all four|TSV": row}, "references": {"json|eval": {"base": 0.0}},
+        "lora-16-80": {"rows": {"all four|TSV": row}, "references": {"json|eval": {"base": 0.0, "specialist": 0.98}},
                        "relative_update": {"json": 0.017}, "commands": ["python old"]},
     }  # fmt: skip
     new = {**row, "row": "distill", "kind": "distill"}
     results = {
-        "lora-16-80": {"rows": {"all four|distill": new}, "references": {"json|eval": {"base": 0.5}},
+        "lora-16-80": {"rows": {"all four|distill": new},
+                       "references": {"json|eval": {"base": 0.5, "specialist": 0.99}},
                        "relative_update": {}, "commands": ["python new"]},
         "assets": {},
     }  # fmt: skip
     merged = fusion_real.with_committed(results, committed)
     assert merged["image"] == {"rows": {"x": 1}}
     assert set(merged["lora-16-80"]["rows"]) == {"all four|TSV", "all four|distill"}
-    assert merged["lora-16-80"]["references"]["json|eval"] == {"base": 0.5}  # what this run scored wins
+    assert merged["lora-16-80"]["references"]["json|eval"] == {"base": 0.5, "specialist": 0.99}  # this run's
+    # the committed row fused a json LoRA whose own accuracy has changed since (rebuilt): marked
+    assert merged["lora-16-80"]["rows"]["all four|TSV"]["earlier_build"] == {"json": (0.98, 0.99)}
+    assert "earlier_build" not in merged["lora-16-80"]["rows"]["all four|distill"]
     assert merged["lora-16-80"]["relative_update"] == {"json": 0.017}
     assert merged["lora-16-80"]["commands"] == ["python old", "python new"]
 
