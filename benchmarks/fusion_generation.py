@@ -108,6 +108,14 @@ def single_ports(work: Path) -> dict[str, Any]:
     return found
 
 
+def kept(work: Path, row: dict[str, Any], target: str, base: str, task: str) -> float | None:
+    """(fused - target base) / (adapter on its own base - that base's rate): the share of the gain the fusion keeps."""
+    own = stage(work, f"lora-{base}-{task}")
+    gain = own["score"]["rate"] - own["base_score"]["rate"]
+    target_base = stage(work, f"lora-{target}-{task}")["base_score"]["rate"]
+    return (row["score"]["tasks"][task]["rate"] - target_base) / gain if gain else None
+
+
 def targets(work: Path, rows: dict[str, Any], singles: dict[tuple[str, str], Any]) -> list[str]:
     """Issue 28's targets per target base: >= 90% of each adapter's gain, fuse time <= the single distills' sum,
     generic perplexity change <= the worst single port's (a native adapter: its own change on its base)."""
@@ -116,21 +124,18 @@ def targets(work: Path, rows: dict[str, Any], singles: dict[tuple[str, str], Any
         if row.get("error"):
             lines.append(f"- {target}: the fusion failed ({row['error'][:120]})")
             continue
-        kept, single_seconds, single_ppl, missing = [], 0.0, [], []
+        shares, single_seconds, single_ppl, missing = [], 0.0, [], []
         for base, task in TEACHERS:
-            own = stage(work, f"lora-{base}-{task}")
-            gain = own["score"]["rate"] - own["base_score"]["rate"]
-            base_rate = stage(work, f"lora-{target}-{task}")["base_score"]["rate"]
-            kept.append((task, (row["score"]["tasks"][task]["rate"] - base_rate) / gain if gain else None))
+            shares.append((task, kept(work, row, target, base, task)))
             if base == target:
-                single_ppl.append(own["generic_perplexity_change"])
+                single_ppl.append(stage(work, f"lora-{base}-{task}")["generic_perplexity_change"])
             elif (single := singles.get((target, task))) is not None:
                 single_seconds += single["seconds"]
                 single_ppl.append((single.get("distill") or {}).get("perplexity_change"))
             else:
                 missing.append(task)
-        cells = ", ".join(f"{task} {100 * k:.0f}%" if k is not None else f"{task} -" for task, k in kept)
-        met = all(k is not None and k >= 0.9 for _, k in kept)
+        cells = ", ".join(f"{task} {100 * k:.0f}%" if k is not None else f"{task} -" for task, k in shares)
+        met = all(k is not None and k >= 0.9 for _, k in shares)
         lines.append(f"- {target}: kept {cells} (goal >= 90% each): {'met' if met else 'not met'}.")
         if missing:
             lines.append(f"- {target}: no single port of {', '.join(missing)} to compare the time and perplexity with.")
@@ -171,16 +176,16 @@ def markdown(work: Path, rows: dict[str, Any], command: str) -> str:
                                                                f"{single['score']['rate']:.3f}")  # fmt: skip
             single_time = "0 (native)" if base == target else ("-" if single is None else f"{single['seconds']:.0f}")
             if row.get("error"):
-                fused_cell, kept = f"error: {row['error'][:80]}", "-"
+                fused_cell, kept_cell = f"error: {row['error'][:80]}", "-"
             else:
                 result = row["score"]["tasks"][task]
                 fused_cell = f"{result['rate']:.3f} ± {result['stderr'] or 0:.3f}"
-                gain = own["score"]["rate"] - own["base_score"]["rate"]
-                kept = f"{100 * (result['rate'] - target_base) / gain:.0f}" if gain else "-"
+                share = kept(work, row, target, base, task)
+                kept_cell = "-" if share is None else f"{100 * share:.0f}"
             lines.append(
                 f"| {target} | {task} | {target_base:.3f} | {own['score']['rate']:.3f} "
                 f"({own['base_score']['rate']:.3f}) "
-                f"| {single_cell} | {fused_cell} | {kept} | {row['seconds']:.0f} | {single_time} | "
+                f"| {single_cell} | {fused_cell} | {kept_cell} | {row['seconds']:.0f} | {single_time} | "
                 f"{row.get('peak_rss_mb') or 0:.0f} |"
             )
     lines += ["", "Each fusion row was computed (then cached in `WORK/fusion/rows.json`) by:", ""]

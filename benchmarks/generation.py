@@ -32,8 +32,9 @@ from calibrated import port
 DIRECTIONS = {"smollm2->gemma3": ("smollm2", "gemma3"), "gemma3->smollm2": ("gemma3", "smollm2")}
 TASKS = ("json", "caps", "bullets")
 TEMPLATES = {"smollm2": None, "gemma3": "gemma"}
-# label -> transfer() options beside the defaults (the prompts and templates are the task's)
 TARGET_SHARE = 0.90  # the issue's goal: the port keeps this share of the adapter's gain on its own base
+PPL_MARGIN = 0.05  # the issue's bound: the port's generic perplexity change <= the adapter's own + 5 points
+# label -> transfer() options beside the defaults (the prompts and templates are the task's)
 VARIANTS: dict[str, dict[str, Any]] = {
     "distill": {},
     "distill, 8 tokens to the first newline (the old default)": {"distill_max_new_tokens": 8, "distill_stop": "\\n"},
@@ -129,24 +130,35 @@ def _f(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def share(work: Path, row: dict[str, Any]) -> float | None:
+    """(ported - target base) / (source + adapter - source base): the share of the adapter's gain the port keeps."""
+    source, target = DIRECTIONS[row["direction"]]
+    src, tgt = stage(work, f"lora-{source}-{row['task']}"), stage(work, f"lora-{target}-{row['task']}")
+    gain = src["score"]["rate"] - src["base_score"]["rate"]
+    return (row["score"]["rate"] - tgt["base_score"]["rate"]) / gain if gain else None
+
+
+def ppl_bound(work: Path, row: dict[str, Any]) -> float:
+    """The largest generic perplexity change the port may make: the adapter's own on its source + 5 points."""
+    source, _ = DIRECTIONS[row["direction"]]
+    return max(stage(work, f"lora-{source}-{row['task']}")["generic_perplexity_change"], 0.0) + PPL_MARGIN
+
+
 def targets(work: Path, rows: list[dict[str, Any]]) -> list[str]:
     """The issue's targets for the default variant: share >= :data:`TARGET_SHARE` on every (direction, task), and
     the port's generic perplexity change within the adapter's own + 5 points; a row not run says so."""
     lines = ["", "## Targets (default variant)", "", "| direction | task | share >= 0.90 | perplexity within bound |",
              "|---|---|---|---|"]  # fmt: skip
     found = {(r["direction"], r["task"]): r for r in rows if r["label"] == "distill" and not r.get("error")}
-    for direction, (source, target) in DIRECTIONS.items():
+    for direction in DIRECTIONS:
         for task in TASKS:
             row = found.get((direction, task))
             if row is None:
                 lines.append(f"| {direction} | {task} | not run | not run |")
                 continue
-            src, tgt = stage(work, f"lora-{source}-{task}"), stage(work, f"lora-{target}-{task}")
-            gain = src["score"]["rate"] - src["base_score"]["rate"]
-            share = (row["score"]["rate"] - tgt["base_score"]["rate"]) / gain if gain else None
+            kept, bound = share(work, row), ppl_bound(work, row)
             change = (row.get("distill") or {}).get("perplexity_change")
-            bound = max(src["generic_perplexity_change"], 0.0) + 0.05
-            met = "-" if share is None else f"{share:.2f}: {'met' if share >= TARGET_SHARE else 'not met'}"
+            met = "-" if kept is None else f"{kept:.2f}: {'met' if kept >= TARGET_SHARE else 'not met'}"
             within = (
                 "-" if change is None else f"{change:+.0%} vs {bound:+.0%}: {'met' if change <= bound else 'not met'}"
             )
@@ -178,12 +190,12 @@ def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
         base, oracle = tgt["base_score"]["rate"], tgt["score"]["rate"]
         with_adapter, source_base = src["score"]["rate"], src["base_score"]["rate"]
         if row.get("error"):
-            ported_cell, share, recovery, port_ppl = f"error: {row['error'][:80]}", None, None, None
+            ported_cell, kept, recovery, port_ppl = f"error: {row['error'][:80]}", None, None, None
         else:
             score = row["score"]
             ported = score["rate"]
             ported_cell = f"{ported:.3f} ± {score['stderr'] or 0:.3f}"
-            share = (ported - base) / (with_adapter - source_base) if with_adapter != source_base else None
+            kept = share(work, row)
             recovery = (ported - base) / (oracle - base) if oracle != base else None
             port_ppl = (row.get("distill") or {}).get("perplexity_change")
         distill = row.get("distill") or {}
@@ -191,7 +203,7 @@ def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
         ended_cell = f"{ended.get('end', '-')} / {ended.get('stop', '-')} / {ended.get('length', '-')}"
         lines.append(
             f"| {row['direction']} | {row['task']} | {row['label']} | {base:.3f} | {with_adapter:.3f} "
-            f"({source_base:.3f}) | {oracle:.3f} | {ported_cell} | {_f(share, '.2f')} | {_f(recovery, '.2f')} | "
+            f"({source_base:.3f}) | {oracle:.3f} | {ported_cell} | {_f(kept, '.2f')} | {_f(recovery, '.2f')} | "
             f"{_pct(src['generic_perplexity_change'])} / {_pct(port_ppl)} | {ended_cell} | {row['seconds']:.0f} | "
             f"{_f(row.get('peak_rss_mb'), '.0f')} |"
         )
@@ -206,8 +218,6 @@ def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
         distill = row.get("distill") or {}
         if not distill:
             continue
-        source, _ = DIRECTIONS[row["direction"]]
-        own = stage(work, f"lora-{source}-{row['task']}")["generic_perplexity_change"]
         held = distill["heldout"]
         t = distill.get("timings") or {}
         checks = t.get("student: held-out check", 0) + t.get("student: perplexity after", 0)
@@ -217,7 +227,7 @@ def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
             f"{t.get('teacher: generate', 0):.0f} / {t.get('teacher: score', 0):.0f} / "
             f"{t.get('teacher: generic text', 0):.0f}"
         )  # fmt: skip
-        bound = "-" if port_ppl is None else ("yes" if port_ppl <= max(own, 0.0) + 0.05 else "**no**")
+        bound = "-" if port_ppl is None else ("yes" if port_ppl <= ppl_bound(work, row) else "**no**")
         lines.append(
             f"| {row['direction']} | {row['task']} | {row['label']} | {held['start']['agreement']:.3f} -> "
             f"{held['distilled']['agreement']:.3f} ({distill['chosen']}) | {distill['steps']} ({distill['stopped']}) | "
