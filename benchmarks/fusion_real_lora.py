@@ -54,6 +54,7 @@ PEFT: list[tuple[str, str, float | None]] = [
 DISTILLED: list[tuple[str, dict[str, Any]]] = [
     ("distill", {}),
     ("distill, patience 12", {"patience": 12}),  # memorised facts: held-out agreement cannot rise, the loss can
+    ("distill, coefficients", {"learn": "coefficients"}),  # one weight per LoRA and layer (AdaMerging style)
 ]
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (scale * B, A), float32
 

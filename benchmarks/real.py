@@ -68,7 +68,11 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "distill, 5 seed prompts": {"method": "distill", "prompts": "seeds5"},
     # this round's speed and side-effect variants (benchmarks/results/real.md says which became defaults)
-    "distill, bfloat16": {"method": "distill", "prompts": "train", "distill_precision": "bfloat16"},
+    "distill, bfloat16 weights": {"method": "distill", "prompts": "train", "distill_precision": "bfloat16"},
+    "distill, mixed precision": {"method": "distill", "prompts": "train", "distill_precision": "mixed"},
+    # The defaults at the end of 2026-12-07: bfloat16 weights on this CPU, the generic perplexity and the
+    # keep term's head in pieces, the best checkpoint by agreement (then KL) rather than any record
+    "distill, bfloat16 weights, best by agreement": {"method": "distill", "prompts": "train"},
     "distill, float32": {"method": "distill", "prompts": "train", "distill_precision": "float32"},
     "distill, lr 5e-3": {"method": "distill", "prompts": "train", "distill_lr": 5e-3},
     "distill, upper layers": {"method": "distill", "prompts": "train", "distill_layers": "upper"},
@@ -326,7 +330,8 @@ def render(rows: list[dict[str, Any]], extra: dict[str, Any], command: str, seco
         "# Real pretrained models: SmolLM2-135M LoRAs to its derivatives and to Gemma-3-270M",
         "",
         f"Produced by `{command}` ({seconds:.0f} s this run; rows cached) on {os.cpu_count()} shared cores, one torch "
-        f"thread per port (two for the 2026-12-07 rows), load average {min(loads):.1f}-{max(loads):.1f}. Inputs from "
+        f"thread per port (two for the 2026-12-07 rows and after), load average {min(loads):.1f}-{max(loads):.1f}. "
+        "Inputs from "
         "[real_assets.md](real_assets.md) (`benchmarks/real_assets.py`): the recipes, seeds, training times and "
         "drifts are there. Source: SmolLM2-135M-Instruct read from its GGUF file (Q4_1); targets: two SmolLM2 "
         "derivatives (continued full fine-tuning on Python sources, safetensors) and Gemma-3-270M read from its "

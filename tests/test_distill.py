@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -391,6 +392,16 @@ def test_the_written_adapter_is_the_better_by_agreement_then_by_kl() -> None:
     assert not distilled_is_better((0.875, 0.15), (0.890, 0.38), tol)  # within one s.e. counts as a tie
 
 
+def test_the_best_checkpoint_is_the_one_that_agrees_most_then_the_lowest_kl() -> None:
+    from loraport.distill.train import is_better_checkpoint
+
+    assert is_better_checkpoint(0.10, 9.0, None)  # the first is kept
+    assert not is_better_checkpoint(0.73, 0.61, (0.82, 1.05))  # a lower KL does not buy back agreement
+    assert is_better_checkpoint(0.83, 2.00, (0.82, 1.05))  # more agreement wins whatever the KL
+    assert is_better_checkpoint(0.82, 1.00, (0.82, 1.05))  # the same agreement, a lower KL
+    assert not is_better_checkpoint(0.82, 1.10, (0.82, 1.05))
+
+
 def test_no_closed_form_port_is_computed_where_distill_does_not_start_from_it(bases, tmp_path, monkeypatch) -> None:
     """Across shapes the start is the bare target: no unit is ported (no subspace), and the report says so."""
     import loraport.llm.port as llm_port
@@ -448,8 +459,41 @@ def test_precision_auto_is_bfloat16_only_where_the_device_has_it(monkeypatch: py
     assert train.autocast_dtype("auto", cuda) is torch.bfloat16
     assert train.autocast_dtype("float32", cuda) is None
     assert train.autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert train.autocast_dtype("mixed", cpu) is torch.bfloat16
+    assert train.weights_dtype("auto", cpu) is torch.float32
+    assert train.weights_dtype("auto", cuda) is torch.bfloat16
+    assert train.weights_dtype("mixed", cuda) is torch.float32  # float32 weights under bfloat16 autocast
+    assert train.weights_dtype("bfloat16", cpu) is torch.bfloat16
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     assert train.autocast_dtype("auto", cpu) is torch.bfloat16
+    assert train.weights_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_a_bfloat16_head_gives_float32_logits_close_to_the_float32_head() -> None:
+    from loraport.distill.heads import head_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    lm = SimpleNamespace(get_output_embeddings=lambda: head, config=SimpleNamespace())
+    hidden = torch.randn(5, 16)
+    exact = head_logits(lm, hidden)
+    head.weight.data = head.weight.data.to(torch.bfloat16)
+    narrow = head_logits(lm, hidden)
+    assert narrow.dtype == torch.float32 and torch.allclose(narrow, exact, atol=0.05)
+    rows = head.weight.detach()[:40]
+    assert torch.allclose(head_logits(lm, hidden, rows), narrow[:, :40])
+
+
+def test_a_student_with_bfloat16_weights_learns_and_keeps_float32_factors(bases, tmp_path: Path) -> None:
+    """``--distill-precision bfloat16``: the base held in bfloat16, the LoRA trained (and written) in float32."""
+    result = transfer(
+        bases["lora"], bases["S"], bases["S"], tmp_path / "out", prompts=str(bases["prompts"]), init="zero",
+        distill_steps=60, distill_positions="all", distill_loss="kl", distill_lr=3e-3, distill_precision="bfloat16",
+        **_fast(tmp_path),
+    )  # fmt: skip
+    start, distilled = result.report.distill["heldout"]["start"], result.report.distill["heldout"]["distilled"]
+    assert distilled["kl"] < 0.25 * start["kl"], result.report.distill["student"]["history"]
+    assert {m.A.dtype for m in result.adapter.modules.values()} == {torch.float32}
 
 
 def test_the_head_in_pieces_gives_the_same_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -492,3 +536,22 @@ def test_the_patience_flag_reaches_the_distillation_settings() -> None:
                                   "--out", "o"])  # fmt: skip
     settings = group_from_args(transfer, DistillOptions, DISTILL_SKIP, "distill.")
     assert settings.patience == DistillOptions().patience == 4
+
+
+def test_the_generic_perplexity_in_pieces_is_the_whole_logits_one(bases, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mean_nll`` applies the head a few positions at a time: the same number as the model's own logits."""
+    from transformers import AutoModelForCausalLM
+
+    from loraport.alignment import right_pad
+    from loraport.distill import heads
+    from loraport.distill.generic import mean_nll
+
+    model = AutoModelForCausalLM.from_pretrained(bases["T"]).eval()
+    rows = [[5, 9, 14, 3, 7, 22, 8], [4, 6], [11, 12, 13, 14, 15]]
+    ids, mask = right_pad(rows, 0, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    whole = float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets))
+    monkeypatch.setattr(heads, "HEAD_CHUNK", 2)  # several pieces per batch
+    assert mean_nll(model, rows, torch.device("cpu"), batch_size=2) == pytest.approx(whole, rel=1e-5)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraport import fuse
 from loraport.cli import main
@@ -143,3 +144,51 @@ def test_bad_fusion_inputs_are_one_line_errors_and_write_nothing(zoo, tmp_path: 
                  "--prompts", str(zoo["facts_prompts"]), str(zoo["text_prompts"]), "--method", "ties",
                  "--quiet"]) == 2  # fmt: skip
     assert "are for --method distill" in capsys.readouterr().err
+
+
+def test_learnt_coefficients_weight_each_adapter_per_layer(zoo, tmp_path: Path) -> None:
+    """``--distill-learn coefficients``: one LoRA twice (two teachers that want the same update) starts at twice
+    the update; the learnt coefficients move toward summing to 1, and the written adapter is exactly the
+    adapters side by side, each layer's block of adapter i times the report's coefficient."""
+    import shutil
+
+    from loraport.adapters import load_adapter
+    from loraport.distill.coefficients import layer_group
+
+    twin = Path(shutil.copytree(zoo["facts"], tmp_path / "facts-twin"))
+    result = fuse(
+        zoo["facts"], twin, tmp_path / "out", method="distill", bases=[zoo["S"]],
+        prompts=[zoo["facts_prompts"], zoo["facts_prompts"]],
+        **_fast(tmp_path, steps=30, learn="coefficients", positions="all"),
+    )  # fmt: skip
+    info = result.report.distill
+    assert info["chosen"] == "distilled", info["tasks"]
+    table = info["coefficients"]
+    assert set(table) == {layer_group(name) for name in result.adapter.modules}
+    sums = [sum(row.values()) for row in table.values()]
+    assert sum(sums) / len(sums) < 1.8, table  # from 2 (the start) toward 1
+    names = [str(zoo["facts"]), str(twin)]
+    sources = [load_adapter(path, base=zoo["S"]) for path in (zoo["facts"], twin)]
+    for name, module in result.adapter.modules.items():
+        expected = sum(
+            table[layer_group(name)][n] * s.modules[name].delta() for n, s in zip(names, sources, strict=True)
+        )
+        assert torch.allclose(module.delta(), expected, atol=1e-3 * float(expected.abs().max())), name
+        assert module.rank == 2 * sources[0].modules[name].rank
+    assert "only the coefficients are learnt" in " ".join(result.report.notes)
+
+
+def test_coefficients_need_adapters_of_the_target_base(zoo, tmp_path: Path, capsys) -> None:
+    args = ["fuse", "--models", str(zoo["facts"]), str(zoo["g_lora"]), "--out", str(tmp_path / "out"),
+            "--method", "distill", "--quiet", "--distill-cache", str(tmp_path / "cache"), "--distill-learn",
+            "coefficients", "--bases", str(zoo["S"]), str(zoo["G"]), "--target-base", str(zoo["S"]),
+            "--prompts", str(zoo["facts_prompts"]), str(zoo["g_prompts"])]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "every adapter must be of the target's base" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert main(["transfer", "--adapter", str(zoo["facts"]), "--source-base", str(zoo["S"]), "--target-base",
+                 str(zoo["S"]), "--out", str(tmp_path / "t"), "--method", "distill", "--prompts",
+                 str(zoo["facts_prompts"]), "--distill-learn", "coefficients", "--quiet"]) == 2  # fmt: skip
+    assert "is for fuse --method distill" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -215,3 +215,28 @@ def test_cli_inspect(zoo, capsys) -> None:
     assert main(["inspect", str(zoo.llama_adapter), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data) == 21 and data[0]["rank"] == 8
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_a_model_read_in_another_type_is_converted_block_by_block(zoo, name, monkeypatch) -> None:
+    """float32 files loaded as bfloat16: filled a few rows at a time, the same model as ``from_pretrained``'s
+    (a tied head stays tied); names the model does not have go to ``transformers``."""
+    from transformers import AutoModelForCausalLM
+
+    from loraport.checkpoints import meta
+
+    monkeypatch.setattr(meta, "BLOCK_BYTES", 64)  # several blocks per matrix
+    path = getattr(zoo, name)
+    with monkeypatch.context() as patch:
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # the converted path only
+        model = Checkpoint.open(path).load_causal_lm(torch.bfloat16)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert (head.weight is embedding.weight) == (reference.get_output_embeddings().weight is
+                                                  reference.get_input_embeddings().weight)  # fmt: skip
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)

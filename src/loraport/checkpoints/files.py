@@ -96,6 +96,9 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][1]
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
     def get_tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read a tensor, or only rows ``[start, stop)`` of a matrix (contiguous bytes)."""
         dtype, shape, offset, length = self._entries[key]
@@ -128,6 +131,9 @@ class BinFile:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._state[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._state[key].dtype
 
     def get_tensor(self, key: str) -> torch.Tensor:
         return self._state[key]

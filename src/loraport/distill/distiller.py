@@ -32,8 +32,8 @@ from .student import (
 )
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
-from .timing import Phases
-from .train import TaskSamples, autocast_dtype, train_config, train_student
+from .timing import Phases, release_memory
+from .train import TaskSamples, autocast_dtype, train_config, train_student, weights_dtype
 from .views import TeacherView, student_view, teacher_view
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Distiller:
         self.report, self.progress = report, progress
         self.device = torch.device(device)
         self.autocast = autocast_dtype(options.precision, self.device)
+        self.weights = weights_dtype(options.precision, self.device)
         self.cache = Path(options.cache) if options.cache else default_cache_dir().parent / "distill"
         first = next(iter(adapter.modules.values()))
         self.alpha, self.use_rslora = first.alpha, first.use_rslora
@@ -173,7 +174,7 @@ class Distiller:
         self.info["chat"] = {"source": view.describe(), "target": target_template} if view.chat else None
 
         with phase("student: load"):
-            model = self.pairing.tgt.load_causal_lm(torch.float32).to(self.device)
+            model = self.pairing.tgt.load_causal_lm(self.weights).to(self.device)
             modules = self._modules()
             student, notes = build_student(
                 model, modules, self.rank, self.alpha, self.use_rslora, init_modules, options.seed,
@@ -192,6 +193,7 @@ class Distiller:
             raise TransferError("distill: no teacher position lines up with a student position (character ends)")
         keep_rows = token_rows(tokenizer_t, keep_lines, GENERIC_TOKENS)
         ppl_rows = token_rows(tokenizer_t, ppl_lines, GENERIC_TOKENS)
+        del tokenizer_s, tokenizer_t  # Gemma-3's holds 0.45 GB; everything after works on token ids
         with phase("student: keep targets and perplexity before"):
             keep = (
                 keep_samples(student, keep_rows, pad, options.top_k, self.device, support_rows)
@@ -214,10 +216,11 @@ class Distiller:
             "rank": self.rank,
             "config": [max_steps, options.lr, options.warmup, options.batch_size, options.eval_every,
                        options.patience, options.loss, options.keep_weight if keep else 0.0, options.seed,
-                       options.heldout, str(self.autocast)],
+                       options.heldout, str(self.autocast), str(self.weights)],
             "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
         run_dir = self.cache / f"run-{cache_key(run_key)}"
+        release_memory()  # what loading and the checks before training freed
         with phase("student: train"):
             task = TaskSamples("adapter", train, heldout, probe, support_rows)
             state = train_student(

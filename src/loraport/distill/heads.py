@@ -24,10 +24,17 @@ HEAD_CHUNK = 64
 
 def head_logits(lm: Any, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The output head on final hidden states ``(N, d)``: ``(N, V)`` logits, or with ``weight`` (some of
-    the head's rows, :func:`head_rows`) those rows' logits only; the model's final logit soft-capping
-    applied, as its forward pass does. The head's bias, if any, must be folded in by the caller."""
+    the head's rows, :func:`head_rows`) those rows' logits only, in the type of ``hidden`` (a head held
+    in a narrower type multiplies in that type); the model's final logit soft-capping applied, as its
+    forward pass does. The head's bias, if any, must be folded in by the caller."""
     head = lm.get_output_embeddings()
-    logits = hidden @ (head.weight if weight is None else weight).mT.to(hidden.dtype)
+    rows = head.weight if weight is None else weight
+    if rows.dtype.itemsize < hidden.dtype.itemsize:
+        # A head held in bfloat16 multiplies in bfloat16 (a float32 copy of Gemma-3's head would be
+        # 0.67 GB on every call); the logits come back in the hidden states' type.
+        logits = (hidden.to(rows.dtype) @ rows.mT).to(hidden.dtype)
+    else:
+        logits = hidden @ rows.mT.to(hidden.dtype)
     bias = getattr(head, "bias", None)
     if bias is not None and weight is None:
         logits = logits + bias.to(hidden.dtype)

@@ -14,6 +14,7 @@ better of the two by the worst task.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -30,6 +31,7 @@ from ..errors import TransferError
 from ..io import default_cache_dir
 from ..pairing import Pairing
 from ..report import peak_rss_mb
+from .coefficients import COEFFICIENT_LR_SCALE, coefficient_table, fold_coefficients, learn_coefficients
 from .generic import generic_lines, mean_nll, token_rows
 from .options import DistillOptions
 from .prompts import read_prompts, split_heldout
@@ -46,8 +48,8 @@ from .student import (
 )
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
-from .timing import Phases
-from .train import TaskSamples, autocast_dtype, train_config, train_student
+from .timing import Phases, release_memory
+from .train import TaskSamples, autocast_dtype, train_config, train_student, weights_dtype
 from .views import student_view, teacher_view, wants_chat
 
 PROBE_LIMIT = 64
@@ -113,6 +115,7 @@ class MultiDistiller:
         self.alpha = first.scale * self.rank  # the first adapter's scale, at the student's rank
         self.use_rslora = False
         self.autocast = autocast_dtype(options.precision, self.device)
+        self.weights = weights_dtype(options.precision, self.device)
         self.cache = Path(options.cache) if options.cache else default_cache_dir().parent / "distill"
         self.phases = Phases()
         self.info: dict[str, Any] = {"teachers": [], "rank": self.rank}
@@ -166,7 +169,7 @@ class MultiDistiller:
         keep_lines, ppl_lines, generic_name = generic_lines(self.generic_text, options.generic_lines, options.seed)
         prepared = [self._prepare(t, tokenizer_t, ppl_lines) for t in self.teachers]
         with phase("student: load"):
-            model = self.target.load_causal_lm(torch.float32).to(self.device)
+            model = self.target.load_causal_lm(self.weights).to(self.device)
             modules = self._modules(prepared)
             student, notes = build_student(model, modules, self.rank, self.alpha, self.use_rslora, init_modules,
                                            options.seed)  # fmt: skip
@@ -201,13 +204,13 @@ class MultiDistiller:
             ) else []  # fmt: skip
             with student.disable_adapter():
                 base_nll = mean_nll(student, ppl_rows, self.device)
-            start_nll = mean_nll(student, ppl_rows, self.device) if init_modules else base_nll
+        scale = lora_scale(self.alpha, self.rank, self.use_rslora)
         if candidates:
             with phase("candidates: score"):
                 best, table = self._score_candidates(student, tasks, pad, candidates)
             self.info["candidates"] = {"table": table, "best": best, "min_kept": min_kept}
             init_modules = candidates[best]
-            set_factors(student, init_modules, self.rank, lora_scale(self.alpha, self.rank, self.use_rslora))
+            set_factors(student, init_modules, self.rank, scale)
             if min_kept is not None and table[best]["worst"] >= min_kept:
                 seconds = round(time.perf_counter() - started, 1)
                 self.info.update({"chosen": f"weight-space merge ({best})", "timings": phase.rounded(),
@@ -215,6 +218,12 @@ class MultiDistiller:
                                   "peak_rss_mb": round(peak_rss_mb())})  # fmt: skip
                 return init_modules, self.info
         config = train_config(options, self.autocast, bool(keep))
+        if options.learn == "coefficients":  # the adapters side by side, one weight each per layer
+            params = learn_coefficients(student, [t.adapter for t in self.teachers], scale)
+            init_modules = student_modules(student, self.alpha, self.use_rslora)
+            config = dataclasses.replace(config, lr=config.lr * COEFFICIENT_LR_SCALE)
+        with phase("student: perplexity of the start"):
+            start_nll = mean_nll(student, ppl_rows, self.device) if init_modules else base_nll
         max_steps = config.max_steps
         run_key = {
             "teachers": [item.info["key"] for item in prepared],
@@ -224,9 +233,10 @@ class MultiDistiller:
             "rank": self.rank,
             "config": [max_steps, options.lr, options.warmup, options.batch_size, options.eval_every,
                        options.patience, options.loss, config.keep_weight, options.seed, options.heldout,
-                       str(self.autocast), options.tokens, options.token_share],
+                       str(self.autocast), str(self.weights), options.tokens, options.token_share, options.learn],
             "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
+        release_memory()  # what loading and the checks before training freed
         with phase("student: train"):
             state = train_student(
                 student, params, tasks, keep, pad, self.device, config, self.cache / f"fuse-{cache_key(run_key)}",
@@ -260,6 +270,9 @@ class MultiDistiller:
             distilled_wins = any(t["learned"] for t in per_task) or options.force
         with phase("student: perplexity after"):
             written_nll = mean_nll(student, ppl_rows, self.device) if distilled_wins else start_nll
+        if options.learn == "coefficients":
+            self.info["coefficients"] = coefficient_table(params, [t.name for t in self.teachers])
+            fold_coefficients(student)
         fused = student_modules(student, self.alpha, self.use_rslora) if distilled_wins else None
         del student, model
         gc.collect()

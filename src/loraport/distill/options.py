@@ -15,9 +15,10 @@ from ..option_fields import check_choices, keyword_fields, option
 DISTILL = "distill"
 LOSSES = ("seq+kl", "kl", "seq")
 POSITIONS = ("auto", "answer", "all")
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "mixed")
 TOKEN_CHOICES = ("all", "effect")
 LAYER_CHOICES = ("all", "upper")
+LEARN_CHOICES = ("lora", "coefficients")
 # --distill-max-new-tokens auto: multiple-choice (ARC) prompts are answered in a few tokens on one line
 # (8, cut at the first newline: the rows of benchmarks/results/real.md); every other prompt runs to the
 # end of the teacher's turn, capped here (see benchmarks/results/generation.md for where teachers stop).
@@ -95,6 +96,9 @@ class DistillOptions:
             ``gemma``, ``chatml``) for a base whose tokenizer has none, or to override it.
         layers: ``all`` adapted layers of the target get the student's LoRA, or the ``upper`` half only
             (the backward pass then stops half-way down).
+        learn: what the student learns: ``lora`` (a LoRA of its own), or ``coefficients`` (fuse only, adapters
+            of the target's base: one weight per adapter and layer over the adapters' own factors,
+            :mod:`~loraport.distill.coefficients`).
         tokens: token selection: ``all`` (default) or ``effect`` (train on the continuation
             targets where the adapter raises the next token's log-probability over the source
             base most, a ``token_share`` of them: TiTok).
@@ -109,8 +113,10 @@ class DistillOptions:
         seed: data order, held-out split, synthesis and LoRA initialisation.
         cache: teacher outputs and training checkpoints (default ``~/.cache/loraport/distill``);
             a killed run resumes from its last checkpoint.
-        precision: ``auto`` (bfloat16 autocast on CUDA and on CPUs with bfloat16 instructions, else
-            float32), ``float32``, ``bfloat16``.
+        precision: the student's arithmetic: ``auto`` (``bfloat16`` on CUDA and on CPUs with bfloat16
+            instructions, else ``float32``), ``float32``, ``bfloat16`` (the frozen base weights held in
+            bfloat16, steps under bfloat16 autocast; the LoRA factors float32), ``mixed`` (float32 base
+            weights under bfloat16 autocast: more memory, the earlier default).
     """
 
     TITLE: ClassVar[str] = "distillation (--method distill)"
@@ -259,6 +265,14 @@ class DistillOptions:
         help="where the student's LoRA goes: all (default) the adapted layers, or upper: the upper half of the "
         "target's layers (the backward pass stops there: faster steps)",
     )
+    learn: str = option(
+        "lora",
+        name="distill_learn",
+        flag="distill_learn",
+        choices=LEARN_CHOICES,
+        help="what the student learns: lora (default), or coefficients (fuse only, adapters of the target's base: "
+        "one weight per adapter and layer over the adapters' own factors, AdaMerging style)",
+    )
     tokens: str = option(
         "all",
         name="distill_tokens",
@@ -316,7 +330,9 @@ class DistillOptions:
         name="distill_precision",
         flag="distill_precision",
         choices=PRECISIONS,
-        help="auto (bfloat16 autocast on CUDA and on CPUs with bfloat16 instructions, else float32), float32, bfloat16",
+        help="the student's arithmetic: auto (bfloat16 on CUDA and on CPUs with bfloat16 instructions, else "
+        "float32), float32, bfloat16 (base weights and steps in bfloat16, LoRA factors float32), mixed (float32 "
+        "base weights under bfloat16 autocast)",
     )
 
     def validate(self) -> None:
@@ -392,6 +408,7 @@ __all__ = [
     "DISTILL",
     "DISTILL_FIELDS",
     "LAYER_CHOICES",
+    "LEARN_CHOICES",
     "LOSSES",
     "POSITIONS",
     "PRECISIONS",

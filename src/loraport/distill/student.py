@@ -335,8 +335,12 @@ def batch_loss(
     weights: tuple[float, float],
     device: torch.device,
     autocast: torch.dtype | None = None,
+    totals: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, BatchStats]:
     """The weighted loss ``w_seq * mean NLL + w_kl * mean KL`` of a batch, and its :class:`BatchStats`.
+
+    ``totals``: the (continuation tokens, KL positions) of the whole batch this is a part of: the
+    sums are divided by those, so the parts' losses add up to the whole batch's.
 
     The batch is left-padded; the output head is applied at the target positions only, over the
     whole vocabulary where the continuation's likelihood is taken and over the support where the
@@ -373,20 +377,17 @@ def batch_loss(
         stats.seq_tokens = int(targets.numel())
         stats.seq_nll = float(nll.detach().sum())
         if w_seq > 0:
-            loss = loss + w_seq * nll.mean()
+            loss = loss + w_seq * (nll.mean() if totals is None else nll.sum() / totals[0])
     kl_index = where("kl_positions")
     if kl_index.numel():
         top_ids = torch.cat([s.kl_ids for s in samples]).to(device)
         top_logprobs = torch.cat([s.kl_logprobs for s in samples]).to(device)
 
-        def kl_piece(rows: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor]:
-            return (sparse_kl(torch.log_softmax(head_logits(lm, rows, support), dim=-1), ids, logprobs),)
-
-        (kl,) = by_pieces(kl_piece, flat[kl_index], top_ids, top_logprobs)
+        kl = kl_in_pieces(lm, flat[kl_index], top_ids, top_logprobs, support)
         stats.kl = float(kl.detach().sum())
         stats.kl_positions = int(kl.numel())
         if w_kl > 0:
-            loss = loss + w_kl * kl.mean()
+            loss = loss + w_kl * (kl.mean() if totals is None else kl.sum() / totals[1])
     return loss, stats
 
 
@@ -450,17 +451,31 @@ def keep_loss(
     device: torch.device,
     autocast: torch.dtype | None = None,
     support: torch.Tensor | None = None,
+    total: int | None = None,
 ) -> torch.Tensor:
-    """Mean KL from the target base's own predictions to the student's on generic text (over the support)."""
+    """Mean KL from the target base's own predictions to the student's on generic text (over the support);
+    with ``total`` the sum divided by that many positions (of the lines this is a part of)."""
     ids, mask = right_pad([s.ids for s in samples], pad, device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         hidden = final_hidden(student, ids, mask, positions)
     rows = torch.cat([hidden[i, : len(s.ids) - 1] for i, s in enumerate(samples)]).float()
-    logprobs = torch.log_softmax(head_logits(base_model(student), rows, support), dim=-1)
     top_ids = torch.cat([s.top_ids for s in samples]).to(device)
     top_logprobs = torch.cat([s.top_logprobs for s in samples]).to(device)
-    return sparse_kl(logprobs, top_ids, top_logprobs).mean()
+    kl = kl_in_pieces(base_model(student), rows, top_ids, top_logprobs, support)
+    return kl.mean() if total is None else kl.sum() / total
+
+
+def kl_in_pieces(
+    lm: Any, rows: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor, support: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-position KL from the top-``K`` targets to the head's distribution (over ``support``) on hidden
+    ``rows``, the head applied a few positions at a time (:func:`~.heads.by_pieces`)."""
+
+    def piece(hidden: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor]:
+        return (sparse_kl(torch.log_softmax(head_logits(lm, hidden, support), dim=-1), ids, logprobs),)
+
+    return by_pieces(piece, rows, top_ids, top_logprobs)[0]
 
 
 __all__ = [

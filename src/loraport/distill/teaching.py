@@ -11,7 +11,6 @@ freed before it returns.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from .teacher import (
     score_texts,
     synthesize_prompts,
 )
+from .timing import release_memory
 from .views import TeacherView
 
 GENERIC_TOKENS = 48
@@ -221,7 +221,7 @@ def run_teacher(
         },
     )
     del teacher
-    gc.collect()
+    release_memory()
     outputs.save(directory, key)
     info = {
         "texts": len(outputs.prompts),

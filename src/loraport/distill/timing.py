@@ -3,6 +3,9 @@ at the end of each (the report's breakdown, ``--verbose`` lines)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -47,4 +50,23 @@ class Phases:
         return {name: round(value, 2) for name, value in self.seconds.items()}
 
 
-__all__ = ["Phases"]
+def release_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere
+    only the collection).
+
+    The allocator keeps what a model freed for later use, so the teacher's memory counted in the
+    process's RSS under the student. Measured on a Gemma-3-270M port: 0.84 GB of freed memory still
+    resident after training, gone after ``malloc_trim`` (benchmarks/results/real.md).
+    """
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
+
+
+__all__ = ["Phases", "release_memory"]

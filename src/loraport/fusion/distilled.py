@@ -136,7 +136,17 @@ def fuse_distilled(
                                    "min_kept": min_kept if method == "auto" else None}, kind="adapter")  # fmt: skip
     init: dict[str, Any] = {}
     candidates = None
-    if shared:
+    if options.learn == "coefficients":
+        if not shared:
+            raise TransferError(
+                "--distill-learn coefficients weights the adapters' own factors: every adapter must be of the "
+                "target's base (use the default, --distill-learn lora, across bases)"
+            )
+        if method == "auto":
+            raise TransferError("--distill-learn coefficients is a --method distill setting, not --method auto")
+        report.notes.append("start: the adapters side by side, every layer's coefficients 1 (task arithmetic); "
+                            "only the coefficients are learnt")  # fmt: skip
+    elif shared:
         start_method, start_scaling = DEFAULTS["adapter"]
         try:
             if method == "auto":

@@ -189,6 +189,11 @@ class TransferOptions:
         if self.method == DISTILL:
             self.distill.validate()
             self.calibrated.validate_for_distill()
+            if self.distill.learn != "lora":
+                raise TransferError(
+                    f"--distill-learn {self.distill.learn} is for fuse --method distill (weights over several "
+                    "adapters); a transfer learns a LoRA"
+                )
         try:
             get_method(self.init_method if self.method in (CALIBRATED, DISTILL) else self.method)
             if self.fallback != "skip":
