@@ -432,6 +432,40 @@ def distill_table(rows: list[dict[str, Any]], assets: dict[str, Any]) -> list[st
             f"\n`{r['task']}/{r['target']}/{r['name']}`: the writer wrote {s['written']} prompt(s) of the "
             f"{s['asked']} asked (rejected: {s['rejected']}), {s['kept']} kept."
         )
+    return lines + phase_table(distilled)
+
+
+# The report's phases, grouped for the table: (column, phases summed)
+PHASE_GROUPS = (
+    ("tokenizers", ("tokenizers",)),
+    ("teacher", ("teacher: load", "teacher: generate", "teacher: score", "teacher: generic text")),
+    ("student load", ("student: load", "student: targets")),
+    ("keep targets, perplexity before", ("student: keep targets and perplexity before",)),
+    ("training", ("student: train",)),
+    ("checks after", ("student: held-out check", "student: perplexity after")),
+)
+
+
+def phase_table(distilled: list[dict[str, Any]]) -> list[str]:
+    """Where each distilled port's time went (seconds per group of the report's phases) and where its peak RSS rose."""
+    timed = [r for r in distilled if r["distill"].get("timings")]
+    if not timed:
+        return []
+    lines = ["", "### Where the time and memory go", "",
+             "Seconds per phase of the port (the report's `timings`; the teacher's phases read from the cache take "
+             "none), training's steps per second, and the process's peak RSS at the end of the teacher, the "
+             "student's load and training (MB).", "",
+             "| task | target | variant | " + " | ".join(name for name, _ in PHASE_GROUPS)
+             + " | steps/s | peak RSS: teacher / student load / training |",
+             "|---|---|---|" + "---:|" * (len(PHASE_GROUPS) + 1) + "---|"]  # fmt: skip
+    for r in timed:
+        info = r["distill"]
+        seconds = info["timings"]
+        peaks = info.get("peak_rss_by_phase_mb") or {}
+        cells = [_f(sum(seconds.get(p, 0.0) for p in phases), 0) for _, phases in PHASE_GROUPS]
+        peak = " / ".join(_f(peaks.get(p), 0) for p in ("teacher: generic text", "student: load", "student: train"))
+        lines.append(f"| {r['task']} | {r['target']} | {r['name']} | " + " | ".join(cells)
+                     + f" | {_f(info.get('steps_per_second'), 3)} | {peak} |")  # fmt: skip
     return lines
 
 
