@@ -555,3 +555,23 @@ def test_the_generic_perplexity_in_pieces_is_the_whole_logits_one(bases, monkeyp
     whole = float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets))
     monkeypatch.setattr(heads, "HEAD_CHUNK", 2)  # several pieces per batch
     assert mean_nll(model, rows, torch.device("cpu"), batch_size=2) == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_batch_taken_in_parts_gives_the_whole_batch_gradients(bases, tmp_path: Path, monkeypatch) -> None:
+    """Parts of 1 prompt and 1 generic line against the whole batch at once: the same training, to float precision."""
+    from loraport.distill import train
+
+    adapters = []
+    for parts in (16, 1):
+        monkeypatch.setattr(train, "MICRO_BATCH", parts)
+        monkeypatch.setattr(train, "KEEP_MICRO_BATCH", parts)
+        result = transfer(
+            bases["lora"], bases["S"], bases["T"], tmp_path / f"out{parts}", prompts=str(bases["prompts"]),
+            init="zero", distill_steps=4, distill_lr=1e-2, distill_keep_weight=1.0, distill_force=True,
+            **_fast(tmp_path / f"cache{parts}", distill_batch_size=6),
+        )  # fmt: skip
+        adapters.append(result.adapter.modules)
+    whole, parted = adapters
+    assert whole.keys() == parted.keys()
+    for name in whole:
+        assert torch.allclose(whole[name].delta(), parted[name].delta(), rtol=1e-3, atol=1e-6), name
