@@ -149,9 +149,11 @@ def distill_section(merges: dict[str, Any]) -> list[str]:
         "student is scored as trained, scaling 1). *Agreement*: held-out agreement with each teacher, start "
         "merge -> distilled. *Perplexity*: generic text (standard-library docstrings), the fused adapter's change "
         "of SmolLM2's and each LoRA's own. Time: the whole fusion (teachers, training, checks, writing), 2 threads. "
-        "*distill, coefficients* (`--distill-learn coefficients`, 2026-12-07 evening, with that evening's "
-        "defaults: bfloat16 weights, the best checkpoint by agreement) learns only one weight per LoRA and layer "
-        "(4 x 30) over the LoRAs' own factors, from task arithmetic x1 (every weight 1).",
+        "*distill, 2026-12-07 evening defaults*: the *distill* row's settings run again with that evening's "
+        "defaults (bfloat16 weights, each step's batch in parts, the best checkpoint by agreement, then KL); the "
+        "other *distill* rows ran with the earlier ones. *distill, coefficients* (`--distill-learn coefficients`, "
+        "the evening's defaults) learns only one weight per LoRA and layer (4 x 30) over the LoRAs' own factors, "
+        "from task arithmetic x1 (every weight 1).",
         "",
         "| merge | row | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
         "| perplexity change: fused (each LoRA's own) | steps (stop) | fuse s | peak RSS MB |",
