@@ -42,6 +42,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill, token selection": {"distill_tokens": "effect"},
     "distill, keep weight 1": {"distill_keep_weight": 1.0},
     "distill, keep weight 2": {"distill_keep_weight": 2.0},
+    # the same settings as "distill", run with the defaults of the evening of 2026-12-07 (bfloat16 weights, the
+    # batch in parts, the best checkpoint by agreement); the other rows keep the defaults they ran with
+    "distill, 2026-12-07 evening defaults": {},
 }
 
 
@@ -207,6 +210,7 @@ def markdown(work: Path, rows: list[dict[str, Any]], command: str) -> str:
             f"{_pct(src['generic_perplexity_change'])} / {_pct(port_ppl)} | {ended_cell} | {row['seconds']:.0f} | "
             f"{_f(row.get('peak_rss_mb'), '.0f')} |"
         )
+    lines += [f"\n`{r['direction']}/{r['task']}/{r['label']}`: {r['footnote']}" for r in rows if r.get("footnote")]
     lines += ["", "## Where each port's time went", "",
               "held-out agreement: the share of the teacher's answer tokens the target predicts greedily on the "
               "held-out 10 % of the prompts, bare target -> written port. *within bound*: the port's generic "
