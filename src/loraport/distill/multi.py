@@ -198,6 +198,7 @@ class MultiDistiller:
                                   "target_chat_template": target_template if item.chat else None})  # fmt: skip
         keep_rows = token_rows(tokenizer_t, keep_lines, GENERIC_TOKENS)
         ppl_rows = token_rows(tokenizer_t, ppl_lines, GENERIC_TOKENS)
+        del tokenizer_t  # Gemma-3's holds 0.45 GB; everything after works on token ids (as in Distiller.run)
         with phase("student: keep targets and perplexity before"):
             keep = keep_samples(student, keep_rows, pad, options.top_k, self.device, keep_support) if (
                 options.keep_weight > 0

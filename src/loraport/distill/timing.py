@@ -4,7 +4,6 @@ at the end of each (the report's breakdown, ``--verbose`` lines)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 import time
@@ -59,11 +58,8 @@ def release_memory() -> None:
     resident after training, gone after ``malloc_trim`` (benchmarks/results/real.md).
     """
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the C library already loaded (no search for its file)
     except (OSError, AttributeError):  # not glibc
         return
     trim(0)
