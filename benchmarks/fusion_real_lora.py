@@ -56,6 +56,7 @@ DISTILLED: list[tuple[str, dict[str, Any]]] = [
     ("distill, patience 12", {"patience": 12}),  # memorised facts: held-out agreement cannot rise, the loss can
     ("distill, coefficients", {"learn": "coefficients"}),  # one weight per LoRA and layer (AdaMerging style)
     ("distill, 2026-12-07 evening defaults", {}),  # "distill" rerun: bfloat16 weights, best checkpoint by agreement
+    ("distill, gap shares", {"task_shares": "gap"}),  # each step's batch split by each teacher's gap, not evenly
 ]
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (scale * B, A), float32
 

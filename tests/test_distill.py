@@ -442,6 +442,31 @@ def test_bucketed_epochs_are_seeded_permutations_of_similar_lengths() -> None:
     assert padding(bucketed) < 0.35 * padding(plain)
 
 
+def test_task_shares_follow_the_gap_and_draws_keep_every_epoch_whole() -> None:
+    """``--distill-task-shares gap``: more texts for the task farther from its teacher, at least half the even
+    share for each, the batch's size kept; texts drawn in changing amounts still cover each epoch once."""
+    from loraport.distill.train import draw_indices, epoch_order, task_sizes
+
+    def last(*agreements: float) -> list[dict[str, float]]:
+        return [{"heldout_agreement": a, "probe_agreement": a} for a in agreements]
+
+    assert task_sizes(16, 1, "gap", last(0.1)) == [16]
+    assert task_sizes(16, 4, "even", last(0.1, 0.9, 0.9, 0.9)) == [4, 4, 4, 4]
+    assert task_sizes(16, 4, "gap") == [4, 4, 4, 4]  # before the first check: even
+    sizes = task_sizes(16, 4, "gap", last(0.5, 0.8, 0.95, 0.95))
+    assert sum(sizes) == 16 and min(sizes) >= 2 and sizes[0] > sizes[1] > sizes[2] >= 2, sizes
+    assert task_sizes(16, 4, "gap", last(1.0, 1.0, 1.0, 1.0)) == [4, 4, 4, 4]  # nothing left: even
+    assert task_sizes(16, 2, "gap", last(0.0, 1.0)) == [12, 4]
+    assert task_sizes(3, 4, "gap", last(0.0, 1.0, 1.0, 1.0)) == [1, 1, 1, 1]  # at least one text each
+
+    lengths = [(i * 37) % 101 + 5 for i in range(60)]
+    takes, start, drawn = [3, 7, 1, 5, 4, 6, 2, 8, 9, 5, 10], 0, []
+    for take in takes:
+        drawn += draw_indices(start, take, 60, 4, seed=2, lengths=lengths)
+        start += take
+    assert drawn == epoch_order(0, 60, 4, seed=2, lengths=lengths)  # 60 texts: exactly the first epoch
+
+
 def test_upper_layers_only_adapt_the_upper_half(bases, tmp_path: Path) -> None:
     result = transfer(
         bases["lora"], bases["S"], bases["D"], tmp_path / "out", prompts=str(bases["prompts"]), init="zero",

@@ -85,6 +85,30 @@ def test_two_teachers_on_one_base_are_both_learned(zoo, tmp_path: Path) -> None:
     assert {t["task"] for t in history[0]["tasks"]} == {str(zoo["attention"]), str(zoo["mlp"])}
 
 
+def test_gap_shares_give_the_lagging_teacher_more_of_each_batch(zoo, tmp_path: Path) -> None:
+    """``distill_task_shares="gap"``: a teacher the bare target already matches (a near-zero LoRA) gives the
+    other, still unlearned, most of each batch after the first check (each share recorded per task)."""
+    from loraport.zoo.tiny import make_random_adapter
+
+    faint = make_random_adapter(zoo["S"], tmp_path / "faint", r=4, alpha=1e-4, seed=6,
+                                target_modules=["gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    result = fuse(
+        zoo["attention"], faint, tmp_path / "out", method="distill", bases=[zoo["S"]],
+        prompts=[zoo["facts_prompts"], zoo["text_prompts"]],
+        **_fast(tmp_path, steps=30, lr=5e-3, task_shares="gap"),
+    )  # fmt: skip
+    info = result.report.distill
+    assert info["tasks"][0]["learned"], info["tasks"]
+    history = info["student"]["history"][1:]
+    shares = [[t["next_share"] for t in e["tasks"]] for e in history]
+    gaps = [[2 - t["heldout_agreement"] - t["probe_agreement"] for t in e["tasks"]] for e in history]
+    assert all(sum(s) == 8 and min(s) >= 2 for s in shares), shares
+    for share, gap in zip(shares, gaps, strict=True):  # the larger share goes to the larger gap
+        assert share[0] == share[1] or (share[0] > share[1]) == (gap[0] > gap[1]), (shares, gaps)
+    assert shares[0] == [6, 2], shares  # the faint teacher is matched from the start
+    assert info["student"]["history"][0]["tasks"][1]["heldout_agreement"] > 0.9
+
+
 def test_teachers_of_two_bases_and_tokenizers_fuse_onto_a_third(zoo, tmp_path: Path) -> None:
     result = fuse(
         zoo["facts"], zoo["g_lora"], tmp_path / "out", method="distill", bases=[zoo["S"], zoo["G"]],
@@ -192,3 +216,22 @@ def test_coefficients_need_adapters_of_the_target_base(zoo, tmp_path: Path, caps
                  str(zoo["facts_prompts"]), "--distill-learn", "coefficients", "--quiet"]) == 2  # fmt: skip
     assert "is for fuse --method distill" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    assert main(["transfer", "--adapter", str(zoo["facts"]), "--source-base", str(zoo["S"]), "--target-base",
+                 str(zoo["S"]), "--out", str(tmp_path / "t"), "--method", "distill", "--prompts",
+                 str(zoo["facts_prompts"]), "--distill-task-shares", "gap", "--quiet"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "--distill-task-shares gap is for fuse --method distill" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_fusion_that_changes_the_target_more_than_its_inputs_says_so() -> None:
+    from loraport.fusion.distilled import _notes
+
+    def info(change: float, owns: dict[str, float | None]) -> dict[str, object]:
+        generic = {"text": "docstrings", "perplexity_change": change, "source_perplexity_changes": owns}
+        return {"tasks": [], "generic": generic, "chosen": "distilled"}
+
+    loud = [n for n in _notes(info(0.60, {"a": 0.10, "b": 0.30})) if n.startswith("WARNING")]
+    assert len(loud) == 1 and "+60.0%" in loud[0] and "at most +30.0%" in loud[0]
+    assert not [n for n in _notes(info(0.33, {"a": 0.10, "b": 0.30})) if n.startswith("WARNING")]  # within 5 pts
+    assert not [n for n in _notes(info(0.60, {"a": None})) if n.startswith("WARNING")]  # nothing to compare with

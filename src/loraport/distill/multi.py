@@ -234,7 +234,8 @@ class MultiDistiller:
             "rank": self.rank,
             "config": [max_steps, options.lr, options.warmup, options.batch_size, options.eval_every,
                        options.patience, options.loss, config.keep_weight, options.seed, options.heldout,
-                       str(self.autocast), str(self.weights), options.tokens, options.token_share, options.learn],
+                       str(self.autocast), str(self.weights), options.tokens, options.token_share, options.learn]
+            + ([options.task_shares] if options.task_shares != "even" else []),
             "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
         release_memory()  # what loading and the checks before training freed

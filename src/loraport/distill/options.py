@@ -19,6 +19,7 @@ PRECISIONS = ("auto", "float32", "bfloat16", "mixed")
 TOKEN_CHOICES = ("all", "effect")
 LAYER_CHOICES = ("all", "upper")
 LEARN_CHOICES = ("lora", "coefficients")
+TASK_SHARES = ("even", "gap")
 # --distill-max-new-tokens auto: multiple-choice (ARC) prompts are answered in a few tokens on one line
 # (8, cut at the first newline: the rows of benchmarks/results/real.md); every other prompt runs to the
 # end of the teacher's turn, capped here (see benchmarks/results/generation.md for where teachers stop).
@@ -99,6 +100,9 @@ class DistillOptions:
         learn: what the student learns: ``lora`` (a LoRA of its own), or ``coefficients`` (fuse only, adapters
             of the target's base: one weight per adapter and layer over the adapters' own factors,
             :mod:`~loraport.distill.coefficients`).
+        task_shares: how a fusion's batch is split over its teachers: ``even``, or ``gap`` (after each
+            held-out check, in proportion to how far the student is from each teacher: 1 minus the mean
+            of its held-out and probe agreement; each task keeps at least half its even share).
         tokens: token selection: ``all`` (default) or ``effect`` (train on the continuation
             targets where the adapter raises the next token's log-probability over the source
             base most, a ``token_share`` of them: TiTok).
@@ -273,6 +277,14 @@ class DistillOptions:
         help="what the student learns: lora (default), or coefficients (fuse only, adapters of the target's base: "
         "one weight per adapter and layer over the adapters' own factors, AdaMerging style)",
     )
+    task_shares: str = option(
+        "even",
+        name="distill_task_shares",
+        flag="distill_task_shares",
+        choices=TASK_SHARES,
+        help="fuse only: how each step's batch is split over the teachers: even (default), or gap: in proportion "
+        "to how far the student is from each teacher at the last held-out check",
+    )
     tokens: str = option(
         "all",
         name="distill_tokens",
@@ -414,6 +426,7 @@ __all__ = [
     "PRECISIONS",
     "SYNTH_FILTERS",
     "SYNTH_WRITERS",
+    "TASK_SHARES",
     "TOKEN_CHOICES",
     "DistillOptions",
     "distill_summary",

@@ -93,7 +93,7 @@ def train_config(options: Any, autocast: torch.dtype | None, keep: bool) -> Trai
     return TrainConfig(
         options.steps or DEFAULT_MAX_STEPS, options.time, options.lr, options.warmup, options.batch_size,
         options.eval_every, options.patience, LOSS_WEIGHTS[options.loss], options.keep_weight if keep else 0.0,
-        options.seed, autocast,
+        options.seed, autocast, task_shares=getattr(options, "task_shares", "even"),
     )  # fmt: skip
 
 
@@ -123,6 +123,7 @@ class TrainConfig:
     seed: int
     autocast: torch.dtype | None = None
     bucket: bool = True  # batches of similar lengths (less padding)
+    task_shares: str = "even"  # a fusion's batch over its teachers: even, or by each one's gap (task_sizes)
 
 
 @dataclass
@@ -172,6 +173,7 @@ class TrainState:
     bad_evals: int = 0
     stopped: str = ""
     running_loss: float | None = None
+    drawn: list[int] = field(default_factory=list)  # training texts each task has drawn so far
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -205,12 +207,45 @@ def epoch_order(epoch: int, count: int, batch_size: int, seed: int, lengths: Seq
 
 def batch_indices(step: int, count: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> list[int]:
     """The training texts of ``step``: consecutive slices of the seeded per-epoch orders (:func:`epoch_order`)."""
+    return draw_indices(step * batch_size, batch_size, count, batch_size, seed, lengths)
+
+
+def draw_indices(
+    start: int, take: int, count: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None
+) -> list[int]:
+    """``take`` training texts from position ``start`` of the run of seeded epochs (:func:`epoch_order`, bucketed
+    for batches of ``batch_size``): a task whose share of the batch changes still sees every text once an epoch."""
     out: list[int] = []
-    start = step * batch_size
-    while len(out) < batch_size:
+    while len(out) < take:
         epoch, offset = divmod(start + len(out), count)
-        out += epoch_order(epoch, count, batch_size, seed, lengths)[offset : offset + batch_size - len(out)]
+        out += epoch_order(epoch, count, batch_size, seed, lengths)[offset : offset + take - len(out)]
     return out
+
+
+def task_sizes(batch_size: int, count: int, mode: str, last: Sequence[dict[str, Any]] = ()) -> list[int]:
+    """How many texts each of ``count`` tasks gives a step: ``batch_size`` split evenly (at least one each), or
+    for ``gap`` in proportion to each task's distance from its teacher at the ``last`` evaluation (1 minus the
+    mean of its held-out and probe agreement), every task keeping at least half its even share.
+
+    Measured on the four-way fusion of SmolLM2 LoRAs (benchmarks/results/fusion_real.md): with even shares the
+    student matched the format and skill teachers early (agreement 0.97) while memorised facts lagged.
+    """
+    even = max(1, batch_size // count)
+    if count == 1:
+        return [batch_size]
+    if mode == "even" or len(last) != count:
+        return [even] * count
+    floor = max(1, even // 2)
+    spare = (even - floor) * count
+    gaps = [max(0.0, 1.0 - (t["heldout_agreement"] + t["probe_agreement"]) / 2) for t in last]
+    if sum(gaps) <= 0 or spare == 0:
+        return [even] * count
+    raw = [gap / sum(gaps) * spare for gap in gaps]
+    sizes = [floor + int(r) for r in raw]
+    by_remainder = sorted(range(count), key=lambda i: (int(raw[i]) - raw[i], i))
+    for i in by_remainder[: spare - sum(int(r) for r in raw)]:
+        sizes[i] += 1
+    return sizes
 
 
 class Checkpoints:
@@ -358,25 +393,27 @@ def is_better_checkpoint(agreement: float, kl: float, kept: tuple[float, float] 
 def _step_backward(
     student: Any, tasks: Sequence[TaskSamples], keep: Sequence[KeepSample], step: int, pad: int,
     device: torch.device, config: TrainConfig, lengths: list[list[int] | None], keep_support: torch.Tensor | None,
+    sizes: Sequence[int], drawn: Sequence[int],
 ) -> float:  # fmt: skip
-    """The step's gradients and loss: each task's batch (``batch_size`` texts split evenly over the tasks),
-    averaged, plus ``keep_weight`` times the keep term.
+    """The step's gradients and loss: each task's batch (``batch_size`` texts split over the tasks: ``sizes``,
+    drawn from each task's ``drawn`` position), each task's mean weighted by its share of the texts, plus
+    ``keep_weight`` times the keep term.
 
     Each part (``MICRO_BATCH`` texts, ``KEEP_MICRO_BATCH`` generic lines) is backpropagated on its own,
     its sums divided by the whole batch's counts, so the gradients add up to the whole batch's and
     only one part's activations are held at a time.
     """
-    share = max(1, config.batch_size // len(tasks))
     total = 0.0
+    even = len(set(sizes)) == 1
     for index, task in enumerate(tasks):
-        size = config.batch_size if len(tasks) == 1 else share
-        picked = batch_indices(step, len(task.train), size, config.seed + index, lengths[index])
+        window = config.batch_size if len(tasks) == 1 else max(1, config.batch_size // len(tasks))
+        picked = draw_indices(drawn[index], sizes[index], len(task.train), window, config.seed + index, lengths[index])
         chosen = [task.train[i] for i in picked]
         totals = (sum(s.seq_ids.numel() for s in chosen), sum(s.kl_positions.numel() for s in chosen))
         for start in range(0, len(chosen), MICRO_BATCH):
             part = chosen[start : start + MICRO_BATCH]
             loss, _ = batch_loss(student, part, pad, task.support, config.weights, device, config.autocast, totals)
-            total += _backward(loss / len(tasks))
+            total += _backward(loss / len(tasks) if even else loss * (sizes[index] / sum(sizes)))
     if keep and config.keep_weight > 0:
         count = min(KEEP_LINES, len(keep))
         lines = [keep[(step * count + j) % len(keep)] for j in range(count)]
@@ -447,7 +484,12 @@ def train_student(
             break
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (state.step + 1) / (config.warmup + 1))
-        value = _step_backward(student, tasks, keep, state.step, pad, device, config, lengths, keep_support)
+        sizes = task_sizes(config.batch_size, len(tasks), config.task_shares, state.history[-1].tasks)
+        if not state.drawn:  # a new run, or one saved before the draws were counted (even shares then)
+            state.drawn = [state.step * size for size in task_sizes(config.batch_size, len(tasks), "even")]
+        value = _step_backward(student, tasks, keep, state.step, pad, device, config, lengths, keep_support, sizes,
+                               state.drawn)  # fmt: skip
+        state.drawn = [d + size for d, size in zip(state.drawn, sizes, strict=True)]
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -464,6 +506,9 @@ def train_student(
             if state.bad_evals >= config.patience:
                 state.stopped = f"no improvement in {config.patience} evaluations"
             latest = state.history[-1]
+            for detail, size in zip(latest.tasks, task_sizes(config.batch_size, len(tasks), config.task_shares,
+                                                             latest.tasks), strict=False):  # fmt: skip
+                detail["next_share"] = size  # the texts per step this task gives until the next check
             if latest.heldout_agreement >= SATURATED_AGREEMENT and latest.heldout_kl <= SATURATED_KL:
                 saturated = f"held-out agreement {latest.heldout_agreement:.2f}, KL {latest.heldout_kl:.3f}"
                 state.stopped = state.stopped or f"{saturated}: nothing left to learn"
@@ -495,6 +540,8 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "batch_indices",
+    "draw_indices",
     "epoch_order",
+    "task_sizes",
     "train_student",
 ]

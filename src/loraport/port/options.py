@@ -194,6 +194,11 @@ class TransferOptions:
                     f"--distill-learn {self.distill.learn} is for fuse --method distill (weights over several "
                     "adapters); a transfer learns a LoRA"
                 )
+            if self.distill.task_shares != "even":
+                raise TransferError(
+                    f"--distill-task-shares {self.distill.task_shares} is for fuse --method distill (a batch split "
+                    "over several teachers); a transfer has one"
+                )
         try:
             get_method(self.init_method if self.method in (CALIBRATED, DISTILL) else self.method)
             if self.fallback != "skip":
