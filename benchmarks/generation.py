@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill, token selection": {"distill_tokens": "effect"},
     "distill, keep weight 1": {"distill_keep_weight": 1.0},
     "distill, keep weight 2": {"distill_keep_weight": 2.0},
+    "distill, upper layers": {"distill_layers": "upper"},  # the student's LoRA on the upper half of the layers
     # the same settings as "distill", run with the defaults of the evening of 2026-12-07 (bfloat16 weights, the
     # batch in parts, the best checkpoint by agreement); the other rows keep the defaults they ran with
     "distill, 2026-12-07 evening defaults": {},

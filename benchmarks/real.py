@@ -79,6 +79,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "distill, batch 32": {"method": "distill", "prompts": "train", "distill_batch_size": 32},
     "distill, keep weight 2": {"method": "distill", "prompts": "train", "distill_keep_weight": 2.0},
     "distill, token selection": {"method": "distill", "prompts": "train", "distill_tokens": "effect"},
+    # The defaults of the night of 2026-12-07: "distill" options, --distill-layers auto (upper from a bare start,
+    # so the same settings as "distill, upper layers" on Gemma-3: its adapter must come out byte for byte equal)
+    "distill, 2026-12-07 night defaults": {"method": "distill", "prompts": "train"},
+    "distill, 2026-12-07 night defaults, seed 1": {"method": "distill", "prompts": "train", "distill_seed": 1},
     # The same options as "distill", run with the defaults of 2026-12-07 (bfloat16 autocast on this
     # CPU, whole-answer teacher, the saturation stop); the "distill" rows keep the earlier defaults.
     "distill, 2026-12-07 defaults": {"method": "distill", "prompts": "train"},

@@ -476,6 +476,39 @@ def test_upper_layers_only_adapt_the_upper_half(bases, tmp_path: Path) -> None:
     assert layers and min(layers) >= 2 and result.report.distill["student"]["modules"] == 14  # 4 layers: 2 and 3
 
 
+def test_layers_auto_is_the_upper_half_from_a_bare_start_and_every_layer_after_a_port(
+    bases, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--distill-layers auto`` (the default): from the bare target of enough layers only the upper half
+    learns; after a closed-form start port every layer is the student's, so the port's lower layers are
+    kept; a shallow target (fewer than ``MIN_UPPER_LAYERS``) keeps every layer."""
+    from types import SimpleNamespace
+
+    from loraport.distill import student
+
+    def layers(init: str) -> tuple[set[int], list[str]]:
+        result = transfer(
+            bases["lora"], bases["S"], bases["D"], tmp_path / init, prompts=str(bases["prompts"]), init=init,
+            distill_steps=10, distill_lr=1e-2, distill_force=True, overwrite=True, **_fast(tmp_path),
+        )  # fmt: skip
+        found = {int(name.split(".layers.")[1].split(".")[0]) for name in result.adapter.modules}
+        return found, result.report.notes
+
+    assert layers("zero")[0] == {0, 1, 2, 3}  # D has 4 layers: too shallow for the upper half alone
+    monkeypatch.setattr(student, "MIN_UPPER_LAYERS", 4)
+    bare, notes = layers("zero")
+    assert bare == {2, 3} and any("upper half of the target's layers" in n for n in notes)
+    ported, notes = layers("prolora")
+    assert ported == {0, 1, 2, 3} and not any("upper half" in n for n in notes)
+
+    unit = SimpleNamespace
+    deep = SimpleNamespace(layers_t=18, units=[unit(target=unit(module=f"m{i}", layer=i)) for i in range(18)])
+    monkeypatch.setattr(student, "MIN_UPPER_LAYERS", 12)
+    assert student.student_layers([deep], "auto", started=False) == [f"m{i}" for i in range(9, 18)]
+    assert len(student.student_layers([deep], "auto", started=True)) == 18
+    assert len(student.student_layers([deep], "all", started=False)) == 18
+
+
 def test_precision_auto_is_bfloat16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from loraport.distill import train
 

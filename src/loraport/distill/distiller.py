@@ -27,6 +27,7 @@ from .student import (
     head_rows,
     keep_samples,
     lora_parameters,
+    student_layers,
     student_modules,
     student_samples,
 )
@@ -121,15 +122,10 @@ class Distiller:
         return f"distill: the teacher ended its turn at once on {empty} of {len(greedy)} prompts: {hint}"
 
     # -- student --------------------------------------------------------------------------------
-    def _modules(self) -> list[str]:
-        """The target modules the student adapts: those the pairing maps the adapter to (upper half only
-        with ``layers="upper"``)."""
-        lowest = self.pairing.layers_t // 2 if self.options.layers == "upper" else 0
-        names = []
-        for unit in self.pairing.units:
-            if unit.target.module not in names and unit.target.layer >= lowest:
-                names.append(unit.target.module)
-        return names
+    def _modules(self, started: bool) -> list[str]:
+        """The target modules the student adapts: those the pairing maps the adapter to (the upper half only
+        by :func:`student_layers`; ``started``: the student starts from a port)."""
+        return student_layers([self.pairing], self.options.layers, started)
 
     def _split(self, teacher: TeacherOutputs) -> tuple[list[int], list[int], list[int]]:
         """``(train, held-out, probe)`` text indices: prompts are held out whole (their samples too); the
@@ -175,7 +171,10 @@ class Distiller:
 
         with phase("student: load"):
             model = self.pairing.tgt.load_causal_lm(self.weights).to(self.device)
-            modules = self._modules()
+            modules = self._modules(bool(init_modules))
+            self.info["layers"] = (
+                "upper half" if len(modules) < len(student_layers([self.pairing], "all", True)) else "all"
+            )
             student, notes = build_student(
                 model, modules, self.rank, self.alpha, self.use_rslora, init_modules, options.seed,
                 fan_in_fan_out=self.pairing.arch_t.transposed,
@@ -344,8 +343,9 @@ class Distiller:
         notes.append(
             f"distill: {student['train_texts']} text(s) trained on, {student['heldout_texts']} held out; "
             f"{student['steps']} step(s) ({stopped}); support: {info['support']}; KL at {info.get('positions')} "
-            "positions"
-        )
+            "positions" + ("; the student's LoRA on the upper half of the target's layers" if (
+                info.get("layers") == "upper half") else "")
+        )  # fmt: skip
         notes.append(
             f"distill: teacher continuations ended by the end token {ended.get('end', 0)}, a stop string "
             f"{ended.get('stop', 0)}, the {teacher.get('max_new_tokens')}-token cap {ended.get('length', 0)}; "

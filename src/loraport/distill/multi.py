@@ -43,6 +43,7 @@ from .student import (
     keep_samples,
     lora_parameters,
     set_factors,
+    student_layers,
     student_modules,
     student_samples,
 )
@@ -142,13 +143,8 @@ class MultiDistiller:
                      "positions": positions, "key": cache_key(key)})  # fmt: skip
         return _Prepared(teacher, pairing, outputs, view.chat, view.end_ids, support_t, info)
 
-    def _modules(self, prepared: Sequence[_Prepared]) -> list[str]:
-        names: list[str] = []
-        for item in prepared:
-            for unit in item.pairing.units:
-                if unit.target.module not in names:
-                    names.append(unit.target.module)
-        return names
+    def _modules(self, prepared: Sequence[_Prepared], started: bool) -> list[str]:
+        return student_layers([item.pairing for item in prepared], self.options.layers, started)
 
     def run(
         self,
@@ -170,7 +166,7 @@ class MultiDistiller:
         prepared = [self._prepare(t, tokenizer_t, ppl_lines) for t in self.teachers]
         with phase("student: load"):
             model = self.target.load_causal_lm(self.weights).to(self.device)
-            modules = self._modules(prepared)
+            modules = self._modules(prepared, bool(init_modules) or bool(candidates))
             student, notes = build_student(model, modules, self.rank, self.alpha, self.use_rslora, init_modules,
                                            options.seed)  # fmt: skip
             params = lora_parameters(student)
