@@ -153,7 +153,9 @@ def distill_section(merges: dict[str, Any]) -> list[str]:
         "defaults (bfloat16 weights, each step's batch in parts, the best checkpoint by agreement, then KL); the "
         "other *distill* rows ran with the earlier ones. *distill, coefficients* (`--distill-learn coefficients`, "
         "the evening's defaults) learns only one weight per LoRA and layer (4 x 30) over the LoRAs' own factors, "
-        "from task arithmetic x1 (every weight 1).",
+        "from task arithmetic x1 (every weight 1). *distill, gap shares* (`--distill-task-shares gap`, the "
+        "evening's defaults otherwise): after each held-out check each teacher's share of the 16 prompts of a step "
+        "follows its gap (1 minus its mean held-out and probe agreement; at least half the even share).",
         "",
         "| merge | row | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
         "| perplexity change: fused (each LoRA's own) | steps (stop) | fuse s | peak RSS MB |",
