@@ -83,6 +83,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # so the same settings as "distill, upper layers" on Gemma-3: its adapter must come out byte for byte equal)
     "distill, 2026-12-07 night defaults": {"method": "distill", "prompts": "train"},
     "distill, 2026-12-07 night defaults, seed 1": {"method": "distill", "prompts": "train", "distill_seed": 1},
+    "distill, 2026-12-07 night defaults, keep weight 1": {
+        "method": "distill",
+        "prompts": "train",
+        "distill_keep_weight": 1.0,
+    },
     # The same options as "distill", run with the defaults of 2026-12-07 (bfloat16 autocast on this
     # CPU, whole-answer teacher, the saturation stop); the "distill" rows keep the earlier defaults.
     "distill, 2026-12-07 defaults": {"method": "distill", "prompts": "train"},
