@@ -30,6 +30,7 @@ from .student import (
     student_layers,
     student_modules,
     student_samples,
+    upper_half_only,
 )
 from .teacher import TeacherOutputs, adapter_digest, cache_key, checkpoint_digest, require_tokenizer
 from .teaching import GENERIC_TOKENS, digest, kl_positions, run_teacher, support_ids, teacher_key
@@ -172,9 +173,8 @@ class Distiller:
         with phase("student: load"):
             model = self.pairing.tgt.load_causal_lm(self.weights).to(self.device)
             modules = self._modules(bool(init_modules))
-            self.info["layers"] = (
-                "upper half" if len(modules) < len(student_layers([self.pairing], "all", True)) else "all"
-            )
+            upper = upper_half_only(options.layers, bool(init_modules), self.pairing.layers_t)
+            self.info["layers"] = "upper half" if upper else "all"
             student, notes = build_student(
                 model, modules, self.rank, self.alpha, self.use_rslora, init_modules, options.seed,
                 fan_in_fan_out=self.pairing.arch_t.transposed,

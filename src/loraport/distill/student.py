@@ -174,17 +174,20 @@ def _kept_spans(teacher: TeacherOutputs, i: int, kept: set[int], shift: int) -> 
 MIN_UPPER_LAYERS = 12
 
 
+def upper_half_only(layers: str, started: bool, depth: int) -> bool:
+    """Whether the student adapts only the upper half of a target of ``depth`` layers: for ``layers="upper"``,
+    and for ``auto`` when the student does not start from a port or merge (``started`` false) and the target
+    has at least :data:`MIN_UPPER_LAYERS` layers (a start port's lower layers would otherwise be dropped)."""
+    return layers == "upper" or (layers == "auto" and not started and depth >= MIN_UPPER_LAYERS)
+
+
 def student_layers(pairings: Sequence[Any], layers: str, started: bool) -> list[str]:
-    """The target modules the student adapts: every module the ``pairings`` map an adapter to, or for
-    ``layers="upper"`` only those of the upper half of the target's layers (the backward pass then stops
-    there). ``auto``: the upper half when the student does not start from a port or merge (``started``
-    false) and the target has at least :data:`MIN_UPPER_LAYERS` layers, else every layer (a start port's
-    lower layers would otherwise be dropped).
-    """
+    """The target modules the student adapts: every module the ``pairings`` map an adapter to, only those of
+    the upper half of the target's layers where :func:`upper_half_only` says so (the backward pass then
+    stops there)."""
     names: list[str] = []
     for pairing in pairings:
-        upper = layers == "upper" or (layers == "auto" and not started and pairing.layers_t >= MIN_UPPER_LAYERS)
-        lowest = pairing.layers_t // 2 if upper else 0
+        lowest = pairing.layers_t // 2 if upper_half_only(layers, started, pairing.layers_t) else 0
         for unit in pairing.units:
             if unit.target.module not in names and unit.target.layer >= lowest:
                 names.append(unit.target.module)
@@ -523,4 +526,5 @@ __all__ = [
     "student_layers",
     "student_modules",
     "student_samples",
+    "upper_half_only",
 ]

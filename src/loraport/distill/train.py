@@ -404,9 +404,10 @@ def _step_backward(
     only one part's activations are held at a time.
     """
     total = 0.0
+    # Even shares divide by the task count, as before shares could differ: the same bits as earlier runs.
     even = len(set(sizes)) == 1
+    window = task_sizes(config.batch_size, len(tasks), "even")[0]  # the epochs are bucketed for even shares
     for index, task in enumerate(tasks):
-        window = config.batch_size if len(tasks) == 1 else max(1, config.batch_size // len(tasks))
         picked = draw_indices(drawn[index], sizes[index], len(task.train), window, config.seed + index, lengths[index])
         chosen = [task.train[i] for i in picked]
         totals = (sum(s.seq_ids.numel() for s in chosen), sum(s.kl_positions.numel() for s in chosen))
