@@ -42,11 +42,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill, token selection": {"distill_tokens": "effect"},
     "distill, keep weight 1": {"distill_keep_weight": 1.0},
     "distill, keep weight 2": {"distill_keep_weight": 2.0},
-    "distill, upper layers": {"distill_layers": "upper"},  # the student's LoRA on the upper half of the layers
-    "distill, upper layers, keep weight 1": {"distill_layers": "upper", "distill_keep_weight": 1.0},
+    # the student's LoRA on the upper half of the layers, the keep weight fixed (as before --distill-keep-bound)
+    "distill, upper layers": {"distill_layers": "upper", "distill_keep_bound": "off"},
+    "distill, upper layers, keep weight 1": {
+        "distill_layers": "upper",
+        "distill_keep_weight": 1.0,
+        "distill_keep_bound": "off",
+    },
     # the same settings as "distill", run with the defaults of the evening of 2026-12-07 (bfloat16 weights, the
     # batch in parts, the best checkpoint by agreement); the other rows keep the defaults they ran with
     "distill, 2026-12-07 evening defaults": {},
+    # the defaults since the side-effect bound (--distill-keep-bound adapter; the upper half by auto here)
+    "distill, keep bound": {"distill_keep_bound": "adapter"},
 }
 
 
@@ -149,9 +156,10 @@ def ppl_bound(work: Path, row: dict[str, Any]) -> float:
     return max(stage(work, f"lora-{source}-{row['task']}")["generic_perplexity_change"], 0.0) + PPL_MARGIN
 
 
-# The newest defaults first: on these targets (18 and 30 layers, a bare start) --distill-layers auto is the upper
-# half, so "distill, upper layers" is the night of 2026-12-07's defaults; then the evening's, then the first.
-DEFAULT_ROWS = ("distill, upper layers", "distill, 2026-12-07 evening defaults", "distill")
+# The newest defaults first (the side-effect bound); on these targets (18 and 30 layers, a bare start)
+# --distill-layers auto is the upper half, so "distill, upper layers" is the night of 2026-12-07's defaults;
+# then the evening's, then the first.
+DEFAULT_ROWS = ("distill, keep bound", "distill, upper layers", "distill, 2026-12-07 evening defaults", "distill")
 
 
 def targets(work: Path, rows: list[dict[str, Any]]) -> list[str]:

@@ -75,19 +75,34 @@ METHODS: dict[str, dict[str, Any]] = {
     "distill, bfloat16 weights, best by agreement": {"method": "distill", "prompts": "train"},
     "distill, float32": {"method": "distill", "prompts": "train", "distill_precision": "float32"},
     "distill, lr 5e-3": {"method": "distill", "prompts": "train", "distill_lr": 5e-3},
-    "distill, upper layers": {"method": "distill", "prompts": "train", "distill_layers": "upper"},
+    "distill, upper layers": {
+        "method": "distill",
+        "prompts": "train",
+        "distill_layers": "upper",
+        "distill_keep_bound": "off",
+    },
     "distill, batch 32": {"method": "distill", "prompts": "train", "distill_batch_size": 32},
     "distill, keep weight 2": {"method": "distill", "prompts": "train", "distill_keep_weight": 2.0},
     "distill, token selection": {"method": "distill", "prompts": "train", "distill_tokens": "effect"},
     # The defaults of the night of 2026-12-07: "distill" options, --distill-layers auto (upper from a bare start,
     # so the same settings as "distill, upper layers" on Gemma-3: its adapter must come out byte for byte equal)
-    "distill, 2026-12-07 night defaults": {"method": "distill", "prompts": "train"},
-    "distill, 2026-12-07 night defaults, seed 1": {"method": "distill", "prompts": "train", "distill_seed": 1},
+    # (the keep weight fixed: --distill-keep-bound came later)
+    "distill, 2026-12-07 night defaults": {"method": "distill", "prompts": "train", "distill_keep_bound": "off"},
+    "distill, 2026-12-07 night defaults, seed 1": {
+        "method": "distill",
+        "prompts": "train",
+        "distill_seed": 1,
+        "distill_keep_bound": "off",
+    },
     "distill, 2026-12-07 night defaults, keep weight 1": {
         "method": "distill",
         "prompts": "train",
         "distill_keep_weight": 1.0,
+        "distill_keep_bound": "off",
     },
+    # The defaults since the side-effect bound: the keep weight doubles while the port's generic perplexity
+    # change is over the adapter's own + 5 points (on these rows the bound is loose: nothing should change)
+    "distill, keep bound": {"method": "distill", "prompts": "train", "distill_keep_bound": "adapter"},
     # The same options as "distill", run with the defaults of 2026-12-07 (bfloat16 autocast on this
     # CPU, whole-answer teacher, the saturation stop); the "distill" rows keep the earlier defaults.
     "distill, 2026-12-07 defaults": {"method": "distill", "prompts": "train"},

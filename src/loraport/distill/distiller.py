@@ -17,7 +17,8 @@ from ..errors import TransferError
 from ..io import default_cache_dir
 from ..pairing import Pairing, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
-from .generic import generic_lines, mean_nll, token_rows
+from .bound import SIDE_EFFECT_MARGIN, KeepBound, adapter_limit, bound_info, bound_note
+from .generic import generic_lines, mean_nll, token_rows, watch_lines
 from .options import DistillOptions, distill_summary
 from .prompts import read_prompts, split_heldout
 from .student import (
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 Part = tuple[Unit, ModuleRecord, torch.Tensor, torch.Tensor]
 PROBE_LIMIT = 64
 ENDED_AT_ONCE_SHARE = 0.5  # more of the prompts than this answered with nothing: the port would learn nothing
-SIDE_EFFECT_MARGIN = 0.05  # the port may change generic perplexity this much more than the adapter does its source's
 
 
 class Distiller:
@@ -190,8 +190,14 @@ class Distiller:
         wanted = sum(int(teacher.positions[i].numel()) for i in train_idx)
         if wanted and aligned == 0 and not any(s.seq_ids.numel() for s in train):
             raise TransferError("distill: no teacher position lines up with a student position (character ends)")
+        own_change = _change(*(teacher.info.get("generic", {}).get(k) for k in ("base_nll", "adapter_nll")))
+        limit = adapter_limit([own_change]) if options.keep_bound == "adapter" and options.keep_weight > 0 else None
+        watched: list[str] = []
+        if limit is not None:
+            keep_lines, watched = watch_lines(self.generic_text, options.generic_lines, options.seed)
         keep_rows = token_rows(tokenizer_t, keep_lines, GENERIC_TOKENS)
         ppl_rows = token_rows(tokenizer_t, ppl_lines, GENERIC_TOKENS)
+        watch_rows = token_rows(tokenizer_t, watched, GENERIC_TOKENS)
         del tokenizer_s, tokenizer_t  # Gemma-3's holds 0.45 GB; everything after works on token ids
         with phase("student: keep targets and perplexity before"):
             keep = (
@@ -201,6 +207,11 @@ class Distiller:
             )
             with student.disable_adapter():
                 base_nll = mean_nll(student, ppl_rows, self.device)
+                bound = (
+                    KeepBound(watch_rows, mean_nll(student, watch_rows, self.device), limit)
+                    if limit is not None and watch_rows and keep
+                    else None
+                )
             start_nll = mean_nll(student, ppl_rows, self.device) if init_modules else base_nll
 
         config = train_config(options, self.autocast, bool(keep))
@@ -218,13 +229,15 @@ class Distiller:
                        options.heldout, str(self.autocast), str(self.weights)],
             "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
+        if bound is not None:  # runs without one keep the keys (and checkpoints) they had
+            run_key["bound"] = [digest([str(r) for r in watch_rows]), bound.limit]
         run_dir = self.cache / f"run-{cache_key(run_key)}"
         release_memory()  # what loading and the checks before training freed
         with phase("student: train"):
             task = TaskSamples("adapter", train, heldout, probe, support_rows)
             state = train_student(
                 student, params, [task], keep, pad, self.device, config, run_dir, self.progress,
-                keep_support=support_rows,
+                keep_support=support_rows, bound=bound,
             )  # fmt: skip
         with phase("student: held-out check"):
             final = evaluate_samples(
@@ -244,8 +257,6 @@ class Distiller:
         del student, model
         gc.collect()
 
-        source_generic = teacher.info.get("generic", {})
-        own_change = _change(source_generic.get("base_nll"), source_generic.get("adapter_nll"))
         self.info.update(
             {
                 "student": {
@@ -280,6 +291,7 @@ class Distiller:
                     "written_nll": chosen_nll,
                     "perplexity_change": _change(base_nll, chosen_nll),
                     "source_perplexity_change": own_change,
+                    "bound": bound_info(bound, state),
                 },
             }
         )
@@ -366,11 +378,13 @@ class Distiller:
             + (f"{own:+.1%}" if own is not None else "an unknown amount")
             + f", the written port changes the target's by {port:+.1%}"
         )
+        if generic.get("bound"):
+            notes.append(bound_note(generic["bound"]))
         if own is not None and port > max(own, 0.0) + SIDE_EFFECT_MARGIN:
             warning = (
                 f"WARNING: the port raises the target's generic perplexity by {port:+.1%} where the adapter changes "
                 f"its source's by {own:+.1%}: it changes the target elsewhere more than the adapter changes its own "
-                "base (--distill-keep-weight, --calibration with generic text)"
+                "base (--distill-keep-weight, --distill-keep-bound, --calibration with generic text)"
             )
             notes.append(warning)
             log.warning(warning)

@@ -57,6 +57,26 @@ def generic_lines(text: str | None, count: int, seed: int) -> tuple[list[str], l
     return lines[count:], lines[:count], "standard-library docstrings"
 
 
+def watch_lines(text: str | None, count: int, seed: int) -> tuple[list[str], list[str]]:
+    """``(keep lines, watch lines)``: the keep lines of :func:`generic_lines` and up to ``count // 2`` more lines
+    of generic text apart from both of its sets, which watch the student's perplexity change while it trains
+    (:class:`~loraport.distill.train.KeepBound`), so the lines the change is reported on steer nothing.
+
+    Standard-library paragraphs: the next ones after :func:`generic_lines`'s (its sets stay as they were).
+    ``--calibration`` text: its keep half's lines beyond those kept, else the last quarter of the kept ones.
+    """
+    keep, _, _ = generic_lines(text, count, seed)
+    wanted = max(1, count // 2)
+    if text is None:
+        return keep, stdlib_paragraphs(5 * count + wanted, seed)[5 * count :]
+    lines, _ = read_calibration_lines(text)
+    spare = lines[: len(lines) // 2][len(keep) :]
+    if spare:
+        return keep, spare[:wanted]
+    moved = min(wanted, len(keep) // 4)
+    return (keep[: len(keep) - moved], keep[len(keep) - moved :]) if moved else (keep, [])
+
+
 @torch.no_grad()
 def mean_nll(model: Any, rows: Sequence[Sequence[int]], device: torch.device, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood of the token rows (nats per token), a few rows per forward pass.
@@ -88,4 +108,4 @@ def token_rows(tokenizer: Any, lines: Sequence[str], max_tokens: int) -> list[li
     return [list(r) for r in rows if len(r) > 1]
 
 
-__all__ = ["generic_lines", "mean_nll", "stdlib_paragraphs", "token_rows"]
+__all__ = ["generic_lines", "mean_nll", "stdlib_paragraphs", "token_rows", "watch_lines"]

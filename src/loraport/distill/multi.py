@@ -31,8 +31,9 @@ from ..errors import TransferError
 from ..io import default_cache_dir
 from ..pairing import Pairing
 from ..report import peak_rss_mb
+from .bound import KeepBound, adapter_limit, bound_info
 from .coefficients import COEFFICIENT_LR_SCALE, coefficient_table, fold_coefficients, learn_coefficients
-from .generic import generic_lines, mean_nll, token_rows
+from .generic import generic_lines, mean_nll, token_rows, watch_lines
 from .options import DistillOptions
 from .prompts import read_prompts, split_heldout
 from .student import (
@@ -192,8 +193,14 @@ class MultiDistiller:
                 tasks.append(TaskSamples(item.teacher.name, *samples, rows))
                 item.info.update({"train_texts": len(train), "heldout_texts": len(held),
                                   "target_chat_template": target_template if item.chat else None})  # fmt: skip
+        owns = [_change(item.outputs.info.get("generic", {})) for item in prepared]
+        limit = adapter_limit(owns) if options.keep_bound == "adapter" and options.keep_weight > 0 else None
+        watched: list[str] = []
+        if limit is not None:
+            keep_lines, watched = watch_lines(self.generic_text, options.generic_lines, options.seed)
         keep_rows = token_rows(tokenizer_t, keep_lines, GENERIC_TOKENS)
         ppl_rows = token_rows(tokenizer_t, ppl_lines, GENERIC_TOKENS)
+        watch_rows = token_rows(tokenizer_t, watched, GENERIC_TOKENS)
         del tokenizer_t  # Gemma-3's holds 0.45 GB; everything after works on token ids (as in Distiller.run)
         with phase("student: keep targets and perplexity before"):
             keep = keep_samples(student, keep_rows, pad, options.top_k, self.device, keep_support) if (
@@ -201,6 +208,11 @@ class MultiDistiller:
             ) else []  # fmt: skip
             with student.disable_adapter():
                 base_nll = mean_nll(student, ppl_rows, self.device)
+                bound = (
+                    KeepBound(watch_rows, mean_nll(student, watch_rows, self.device), limit)
+                    if limit is not None and watch_rows and keep
+                    else None
+                )
         scale = lora_scale(self.alpha, self.rank, self.use_rslora)
         if candidates:
             with phase("candidates: score"):
@@ -234,11 +246,13 @@ class MultiDistiller:
             + ([options.task_shares] if options.task_shares != "even" else []),
             "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
+        if bound is not None:  # runs without one keep the keys (and checkpoints) they had
+            run_key["bound"] = [digest([str(r) for r in watch_rows]), bound.limit]
         release_memory()  # what loading and the checks before training freed
         with phase("student: train"):
             state = train_student(
                 student, params, tasks, keep, pad, self.device, config, self.cache / f"fuse-{cache_key(run_key)}",
-                self.progress, keep_support=keep_support,
+                self.progress, keep_support=keep_support, bound=bound,
             )  # fmt: skip
         with phase("student: held-out check"):
             finals = [
@@ -286,8 +300,9 @@ class MultiDistiller:
                         "written_nll": written_nll,
                         "perplexity_change": float(torch.tensor(written_nll - base_nll).exp() - 1),
                         "source_perplexity_changes": {
-                            item.teacher.name: _change(item.outputs.info.get("generic", {})) for item in prepared
-                        }},
+                            item.teacher.name: own for item, own in zip(prepared, owns, strict=True)
+                        },
+                        "bound": bound_info(bound, state)},
             "timings": phase.rounded(),
             "peak_rss_by_phase_mb": dict(phase.peak_mb),
             "seconds": round(time.perf_counter() - started, 1),

@@ -20,6 +20,7 @@ TOKEN_CHOICES = ("all", "effect")
 LAYER_CHOICES = ("auto", "all", "upper")
 LEARN_CHOICES = ("lora", "coefficients")
 TASK_SHARES = ("even", "gap")
+KEEP_BOUNDS = ("adapter", "off")
 # --distill-max-new-tokens auto: multiple-choice (ARC) prompts are answered in a few tokens on one line
 # (8, cut at the first newline: the rows of benchmarks/results/real.md); every other prompt runs to the
 # end of the teacher's turn, capped here (see benchmarks/results/generation.md for where teachers stop).
@@ -118,6 +119,10 @@ class DistillOptions:
             after ``patience`` evaluations without improvement.
         keep_weight: weight of keeping the target's own predictions on generic text (``--calibration``
             lines, else standard-library docstrings; lines apart from those the perplexity is measured on).
+        keep_bound: ``adapter`` (default): at every held-out check the student's generic perplexity change
+            is measured on lines of their own, and the keep weight doubles (up to 16 times) while that change
+            is over the adapter's own on its source (at least 0) plus 5 points
+            (:mod:`~loraport.distill.bound`); ``off``: the weight stays ``keep_weight``.
         generic_lines: lines of generic text the perplexity change is measured on.
         seed: data order, held-out split, synthesis and LoRA initialisation.
         cache: teacher outputs and training checkpoints (default ``~/.cache/loraport/distill``);
@@ -334,6 +339,14 @@ class DistillOptions:
         help="weight of keeping the target's own predictions on generic text (--calibration, else standard-library "
         "docstrings; default 0.5; 0: off)",
     )
+    keep_bound: str = option(
+        "adapter",
+        name="distill_keep_bound",
+        flag="distill_keep_bound",
+        choices=KEEP_BOUNDS,
+        help="adapter (default): double the keep weight at a held-out check while the student changes the "
+        "target's generic perplexity more than the adapter changes its source's (+5 points); off: a fixed weight",
+    )
     generic_lines: int = option(32, name="distill_generic_lines")
     seed: int = option(0, name="distill_seed", flag="distill_seed", word=int, metavar="S", help="random seed")
     cache: str | None = option(
@@ -425,6 +438,7 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "DISTILL",
     "DISTILL_FIELDS",
+    "KEEP_BOUNDS",
     "LAYER_CHOICES",
     "LEARN_CHOICES",
     "LOSSES",

@@ -7,7 +7,8 @@ positions). Training stops when neither agreement nor the held-out KL has improv
 be memorised, which held-out prompts cannot show; agreement counts when it rises by 0.01, the
 KL when it drops by 5%), when the held-out agreement is 0.99 or more with a KL of 0.05 or less
 (nothing left to learn), or at the step or time limit; the student then holds the factors of
-its best evaluation.
+its best evaluation. With a :class:`~loraport.distill.bound.KeepBound`, each evaluation also measures
+the student's generic perplexity change and doubles the keep term's weight while it is over the bound.
 
 Checkpoints (factors, optimiser state, the best factors and the bookkeeping) are written
 after each evaluation into ``run_dir``; a run started again with the same inputs continues
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .bound import KeepBound
 from .student import BatchStats, KeepSample, StudentSample, batch_loss, evaluate_samples, keep_loss
 
 LATEST = "latest"
@@ -156,6 +158,8 @@ class Evaluation:
     train_loss: float | None
     seconds: float
     tasks: list[dict[str, Any]] = field(default_factory=list)  # per teacher, when there are several
+    generic_change: float | None = None  # the student's perplexity change on the watched lines (KeepBound)
+    keep_scale: float = 1.0  # the keep weight's factor from this check on
 
 
 @dataclass
@@ -174,6 +178,7 @@ class TrainState:
     stopped: str = ""
     running_loss: float | None = None
     drawn: list[int] = field(default_factory=list)  # training texts each task has drawn so far
+    keep_scale: float = 1.0  # the keep weight's factor (raised by a KeepBound)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -357,7 +362,7 @@ def _record(
     state.history.append(
         Evaluation(
             state.step, held_agreement, held_kl, probe_agreement, probe_kl, state.running_loss,
-            round(state.seconds, 2), details,
+            round(state.seconds, 2), details, keep_scale=state.keep_scale,
         )
     )  # fmt: skip
     better = is_better_checkpoint((held_agreement + probe_agreement) / 2, held_kl, state.kept)
@@ -393,11 +398,11 @@ def is_better_checkpoint(agreement: float, kl: float, kept: tuple[float, float] 
 def _step_backward(
     student: Any, tasks: Sequence[TaskSamples], keep: Sequence[KeepSample], step: int, pad: int,
     device: torch.device, config: TrainConfig, lengths: list[list[int] | None], keep_support: torch.Tensor | None,
-    sizes: Sequence[int], drawn: Sequence[int],
+    sizes: Sequence[int], drawn: Sequence[int], keep_scale: float = 1.0,
 ) -> float:  # fmt: skip
     """The step's gradients and loss: each task's batch (``batch_size`` texts split over the tasks: ``sizes``,
     drawn from each task's ``drawn`` position), each task's mean weighted by its share of the texts, plus
-    ``keep_weight`` times the keep term.
+    ``keep_weight`` (times ``keep_scale``) times the keep term.
 
     Each part (``MICRO_BATCH`` texts, ``KEEP_MICRO_BATCH`` generic lines) is backpropagated on its own,
     its sums divided by the whole batch's counts, so the gradients add up to the whole batch's and
@@ -422,7 +427,8 @@ def _step_backward(
         for start in range(0, count, KEEP_MICRO_BATCH):
             part = lines[start : start + KEEP_MICRO_BATCH]
             kept = keep_loss(student, part, pad, device, config.autocast, keep_support, positions)
-            total += _backward(config.keep_weight * kept)
+            weight = config.keep_weight if keep_scale == 1.0 else config.keep_weight * keep_scale
+            total += _backward(weight * kept)
     return total
 
 
@@ -444,11 +450,14 @@ def train_student(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     keep_support: torch.Tensor | None = None,
+    bound: KeepBound | None = None,
 ) -> TrainState:
     """Train ``params`` (the student's LoRA factors) on one teacher's ``tasks`` or several (a fusion) and
     leave the best of them in place.
 
-    ``keep``: generic text whose target-base predictions the student keeps (over ``keep_support``).
+    ``keep``: generic text whose target-base predictions the student keeps (over ``keep_support``);
+    ``bound``: at every check the student's generic perplexity change is measured and the keep weight
+    doubled while it is over the bound's limit (:class:`~loraport.distill.bound.KeepBound`).
     ``on_step(step)`` is called after every step (tests interrupt a run with it).
     """
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0, foreach=False)
@@ -489,7 +498,7 @@ def train_student(
         if not state.drawn:  # a new run, or one saved before the draws were counted (even shares then)
             state.drawn = [state.step * size for size in task_sizes(config.batch_size, len(tasks), "even")]
         value = _step_backward(student, tasks, keep, state.step, pad, device, config, lengths, keep_support, sizes,
-                               state.drawn)  # fmt: skip
+                               state.drawn, state.keep_scale)  # fmt: skip
         state.drawn = [d + size for d, size in zip(state.drawn, sizes, strict=True)]
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
@@ -507,6 +516,9 @@ def train_student(
             if state.bad_evals >= config.patience:
                 state.stopped = f"no improvement in {config.patience} evaluations"
             latest = state.history[-1]
+            if bound is not None and keep and config.keep_weight > 0:
+                latest.generic_change = bound.change(student, device)
+                state.keep_scale = latest.keep_scale = bound.next_scale(latest.generic_change, state.keep_scale)
             for detail, size in zip(latest.tasks, task_sizes(config.batch_size, len(tasks), config.task_shares,
                                                              latest.tasks), strict=False):  # fmt: skip
                 detail["next_share"] = size  # the texts per step this task gives until the next check

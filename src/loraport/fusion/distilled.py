@@ -29,7 +29,7 @@ from typing import Any
 
 from ..adapters import LoraAdapter, adapter_config_for, gguf_target, load_adapter, output_format
 from ..checkpoints import Checkpoint
-from ..distill.distiller import SIDE_EFFECT_MARGIN
+from ..distill.bound import SIDE_EFFECT_MARGIN, bound_note
 from ..distill.multi import MultiDistiller, Teacher, check_teacher_counts
 from ..distill.options import DistillOptions
 from ..distill.teacher import checkpoint_digest
@@ -203,12 +203,14 @@ def _notes(info: dict[str, Any]) -> list[str]:
         change = generic["perplexity_change"]
         notes.append(f"distill: perplexity on generic text ({generic['text']}): the fused adapter changes the "
                      f"target's by {change:+.1%}; each adapter its own base's: {own}")  # fmt: skip
+        if generic.get("bound"):
+            notes.append(bound_note(generic["bound"], "the adapters' largest own change"))
         owns = [v for v in generic["source_perplexity_changes"].values() if v is not None]
         if owns and change > max(*owns, 0.0) + SIDE_EFFECT_MARGIN:
             notes.append(
                 f"WARNING: the fused adapter raises the target's generic perplexity by {change:+.1%}, more than any "
                 f"adapter changes its own base's (at most {max(owns):+.1%}): it changes the target elsewhere more than "
-                "its inputs do (--distill-keep-weight, --calibration with generic text)"
+                "its inputs do (--distill-keep-weight, --distill-keep-bound, --calibration with generic text)"
             )
     notes.append(f"chosen: {info.get('chosen')}")
     if any(t["worse"] for t in info.get("tasks", [])) and info.get("chosen") != "distilled":
