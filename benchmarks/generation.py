@@ -54,6 +54,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill, 2026-12-07 evening defaults": {},
     # the defaults since the side-effect bound (--distill-keep-bound adapter; the upper half by auto here)
     "distill, keep bound": {"distill_keep_bound": "adapter"},
+    # every layer (where the fixed weight left the instruction port onto Gemma-3 at +46 %), with the bound
+    "distill, every layer, keep bound": {"distill_layers": "all", "distill_keep_bound": "adapter"},
+    # the keep term over Gemma-3's whole vocabulary rather than the 45.6k tokens both spell alike
+    "distill, keep bound, whole vocabulary kept": {"distill_keep_bound": "adapter", "distill_keep_vocab": "full"},
 }
 
 

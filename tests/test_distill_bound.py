@@ -79,6 +79,9 @@ def test_a_port_over_its_bound_raises_the_keep_weight_and_says_so(pair, tmp_path
     assert bound["raised_at_steps"] == [5, 10, 15, 20] and bound["keep_scale"] == 16.0
     assert len(bound["changes"]) == 4 and bound["watched_lines"] > 0
     assert any("the keep weight rose 16-fold (at steps 5, 10, 15, 20)" in note for note in over.report.notes)
+    generic = over.report.distill["generic"]
+    assert generic["perplexity_change_stderr"] > 0 and generic["source_perplexity_change_stderr"] > 0
+    assert any("lines): the adapter changes its source's by" in n and n.count("(s.e. ") == 2 for n in over.report.notes)
     fixed = _port(pair, tmp_path / "fixed", distill_keep_bound="off")
     assert fixed.report.distill["generic"]["bound"] is None
     over_factors, fixed_factors = dense_updates(tmp_path / "over"), dense_updates(tmp_path / "fixed")
@@ -97,3 +100,51 @@ def test_a_loose_bound_changes_nothing(pair, tmp_path: Path, monkeypatch) -> Non
     assert set(loose_factors) == set(off_factors)
     for name in off_factors:
         assert (loose_factors[name] == off_factors[name]).all(), name
+
+
+def test_the_perplexity_change_has_a_standard_error_over_the_lines() -> None:
+    from math import exp, sqrt
+
+    from loraport.distill.generic import perplexity_change_stderr, pooled_nll
+
+    before = [(20.0, 10), (45.0, 15), (12.0, 4)]
+    shifted = [(total + 0.2 * n, n) for total, n in before]  # every line 0.2 nats per token worse
+    assert pooled_nll(shifted) - pooled_nll(before) == pytest.approx(0.2)
+    assert perplexity_change_stderr(before, shifted) == pytest.approx(0.0, abs=1e-12)
+    after = [(22.0, 10), (45.0, 15), (12.0, 4)]  # one line 2 nats worse in all, the others unchanged
+    mean = 2.0 / 29
+    residuals = [2.0 - mean * 10, -mean * 15, -mean * 4]
+    expected = exp(mean) * sqrt(3 / 2 * sum(r * r for r in residuals) / 29**2)
+    assert perplexity_change_stderr(before, after) == pytest.approx(expected)
+    assert perplexity_change_stderr(before[:1], after[:1]) is None
+
+
+def test_the_keep_term_can_take_the_targets_whole_vocabulary(pair, tmp_path: Path, monkeypatch) -> None:
+    """Across tokenizers the keep term is over the support (the tokens both spell alike) unless asked for the
+    target's whole vocabulary; the run differs."""
+    import loraport.distill.distiller as distiller
+    from loraport.zoo.corpus import CorpusGenerator
+    from loraport.zoo.tiny import make_bpe_tokenizer, make_tiny_model
+
+    T = make_tiny_model(
+        "gemma3_text", tmp_path / "T", seed=1, hidden=48, layers=2, heads=2, kv_heads=1, intermediate=96,
+        head_dim=24, vocab=300, sliding_window=8,
+    )  # fmt: skip
+    make_bpe_tokenizer(T, CorpusGenerator(11).sentences(160), 300)
+    seen: dict[str, object] = {}
+    real_keep = distiller.keep_samples
+
+    def spy(student, rows, pad, top_k, device, support=None):  # type: ignore[no-untyped-def]
+        seen["support"] = support
+        return real_keep(student, rows, pad, top_k, device, support)
+
+    monkeypatch.setattr(distiller, "keep_samples", spy)
+    factors = {}
+    for vocab in ("support", "full"):
+        transfer(
+            pair["lora"], pair["S"], T, tmp_path / vocab, prompts=str(pair["prompts"]), distill_steps=10,
+            distill_lr=1e-2, distill_force=True, distill_keep_vocab=vocab, **fast_distill(tmp_path / f"{vocab}-c"),
+        )  # fmt: skip
+        factors[vocab] = dense_updates(tmp_path / vocab)
+        assert (seen["support"] is None) == (vocab == "full")
+    assert any(not (factors["support"][k] == factors["full"][k]).all() for k in factors["full"])

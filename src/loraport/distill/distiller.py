@@ -18,7 +18,7 @@ from ..io import default_cache_dir
 from ..pairing import Pairing, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
 from .bound import SIDE_EFFECT_MARGIN, KeepBound, adapter_limit, bound_info, bound_note
-from .generic import generic_lines, mean_nll, token_rows, watch_lines
+from .generic import generic_lines, mean_nll, perplexity_change_stderr, pooled_nll, row_nlls, token_rows, watch_lines
 from .options import DistillOptions, distill_summary
 from .prompts import read_prompts, split_heldout
 from .student import (
@@ -181,6 +181,7 @@ class Distiller:
             )  # fmt: skip
             params = lora_parameters(student)
             support_rows = None if support_t is None else head_rows(base_model(student), support_t)
+            keep_support = support_rows if options.keep_vocab == "support" else None
         pad = tokenizer_t.pad_token_id if tokenizer_t.pad_token_id is not None else (tokenizer_t.eos_token_id or 0)
         with phase("student: targets"):
             train = student_samples(tokenizer_t, teacher, train_idx, student_reads)
@@ -201,18 +202,20 @@ class Distiller:
         del tokenizer_s, tokenizer_t  # Gemma-3's holds 0.45 GB; everything after works on token ids
         with phase("student: keep targets and perplexity before"):
             keep = (
-                keep_samples(student, keep_rows, pad, options.top_k, self.device, support_rows)
+                keep_samples(student, keep_rows, pad, options.top_k, self.device, keep_support)
                 if options.keep_weight > 0
                 else []
             )
             with student.disable_adapter():
-                base_nll = mean_nll(student, ppl_rows, self.device)
+                base_lines = row_nlls(student, ppl_rows, self.device)
+                base_nll = pooled_nll(base_lines)
                 bound = (
                     KeepBound(watch_rows, mean_nll(student, watch_rows, self.device), limit)
                     if limit is not None and watch_rows and keep
                     else None
                 )
-            start_nll = mean_nll(student, ppl_rows, self.device) if init_modules else base_nll
+            start_lines = row_nlls(student, ppl_rows, self.device) if init_modules else base_lines
+            start_nll = pooled_nll(start_lines)
 
         config = train_config(options, self.autocast, bool(keep))
         max_steps = config.max_steps
@@ -229,6 +232,8 @@ class Distiller:
                        options.heldout, str(self.autocast), str(self.weights)],
             "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
+        if options.keep_vocab != "support":
+            run_key["keep_vocab"] = options.keep_vocab
         if bound is not None:  # runs without one keep the keys (and checkpoints) they had
             run_key["bound"] = [digest([str(r) for r in watch_rows]), bound.limit]
         run_dir = self.cache / f"run-{cache_key(run_key)}"
@@ -237,7 +242,7 @@ class Distiller:
             task = TaskSamples("adapter", train, heldout, probe, support_rows)
             state = train_student(
                 student, params, [task], keep, pad, self.device, config, run_dir, self.progress,
-                keep_support=support_rows, bound=bound,
+                keep_support=keep_support, bound=bound,
             )  # fmt: skip
         with phase("student: held-out check"):
             final = evaluate_samples(
@@ -252,7 +257,8 @@ class Distiller:
         if not init_parts and options.force:
             distilled_wins = True  # nothing to fall back on, and asked to write what was learned
         with phase("student: perplexity after"):
-            chosen_nll = mean_nll(student, ppl_rows, self.device) if distilled_wins else start_nll
+            chosen_lines = row_nlls(student, ppl_rows, self.device) if distilled_wins else start_lines
+            chosen_nll = pooled_nll(chosen_lines)
         modules_out = student_modules(student, self.alpha, self.use_rslora) if distilled_wins else {}
         del student, model
         gc.collect()
@@ -290,7 +296,9 @@ class Distiller:
                     "start_nll": start_nll,
                     "written_nll": chosen_nll,
                     "perplexity_change": _change(base_nll, chosen_nll),
+                    "perplexity_change_stderr": perplexity_change_stderr(base_lines, chosen_lines),
                     "source_perplexity_change": own_change,
+                    "source_perplexity_change_stderr": teacher.info.get("generic", {}).get("change_stderr"),
                     "bound": bound_info(bound, state),
                 },
             }
@@ -374,10 +382,13 @@ class Distiller:
         )
         own, port = generic.get("source_perplexity_change"), generic["perplexity_change"]
         notes.append(
-            f"distill: perplexity on generic text ({generic['text']}): the adapter changes its source's by "
-            + (f"{own:+.1%}" if own is not None else "an unknown amount")
+            f"distill: perplexity on generic text ({generic['text']}, {generic['lines']} lines): the adapter "
+            "changes its source's by "
+            + (f"{own:+.1%}{_stderr_text(generic.get('source_perplexity_change_stderr'))}" if own is not None
+               else "an unknown amount")
             + f", the written port changes the target's by {port:+.1%}"
-        )
+            + _stderr_text(generic.get("perplexity_change_stderr"))
+        )  # fmt: skip
         if generic.get("bound"):
             notes.append(bound_note(generic["bound"]))
         if own is not None and port > max(own, 0.0) + SIDE_EFFECT_MARGIN:
@@ -398,6 +409,11 @@ class Distiller:
             )
             notes.append(warning)
             log.warning(warning)
+
+
+def _stderr_text(stderr: float | None) -> str:
+    """`` (s.e. 2.1 points)`` over the lines, or nothing when it is unknown (a teacher cached before it was kept)."""
+    return "" if stderr is None else f" (s.e. {stderr * 100:.1f} points)"
 
 
 def _mean(values: list[float | None]) -> float | None:

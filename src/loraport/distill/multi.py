@@ -187,7 +187,7 @@ class MultiDistiller:
                     outputs.items, item.chat, options, tokenizer_t, item.end_ids, item.support_t is None
                 )  # fmt: skip
                 rows = None if item.support_t is None else head_rows(base_model(student), item.support_t)
-                if rows is not None and keep_support is None:
+                if rows is not None and keep_support is None and options.keep_vocab == "support":
                     keep_support = rows
                 samples = [student_samples(tokenizer_t, outputs, chosen, view) for chosen in (train, held, probe)]
                 tasks.append(TaskSamples(item.teacher.name, *samples, rows))
@@ -246,6 +246,8 @@ class MultiDistiller:
             + ([options.task_shares] if options.task_shares != "even" else []),
             "generic": digest([str(r) for r in keep_rows]),
         }  # fmt: skip
+        if options.keep_vocab != "support":
+            run_key["keep_vocab"] = options.keep_vocab
         if bound is not None:  # runs without one keep the keys (and checkpoints) they had
             run_key["bound"] = [digest([str(r) for r in watch_rows]), bound.limit]
         release_memory()  # what loading and the checks before training freed

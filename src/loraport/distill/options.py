@@ -21,6 +21,7 @@ LAYER_CHOICES = ("auto", "all", "upper")
 LEARN_CHOICES = ("lora", "coefficients")
 TASK_SHARES = ("even", "gap")
 KEEP_BOUNDS = ("adapter", "off")
+KEEP_VOCABS = ("support", "full")
 # --distill-max-new-tokens auto: multiple-choice (ARC) prompts are answered in a few tokens on one line
 # (8, cut at the first newline: the rows of benchmarks/results/real.md); every other prompt runs to the
 # end of the teacher's turn, capped here (see benchmarks/results/generation.md for where teachers stop).
@@ -123,6 +124,8 @@ class DistillOptions:
             is measured on lines of their own, and the keep weight doubles (up to 16 times) while that change
             is over the adapter's own on its source (at least 0) plus 5 points
             (:mod:`~loraport.distill.bound`); ``off``: the weight stays ``keep_weight``.
+        keep_vocab: the keep term's distributions over the ``support`` (default; across tokenizers the
+            tokens both spell alike) or the target's ``full`` vocabulary.
         generic_lines: lines of generic text the perplexity change is measured on.
         seed: data order, held-out split, synthesis and LoRA initialisation.
         cache: teacher outputs and training checkpoints (default ``~/.cache/loraport/distill``);
@@ -347,6 +350,14 @@ class DistillOptions:
         help="adapter (default): double the keep weight at a held-out check while the student changes the "
         "target's generic perplexity more than the adapter changes its source's (+5 points); off: a fixed weight",
     )
+    keep_vocab: str = option(
+        "support",
+        name="distill_keep_vocab",
+        flag="distill_keep_vocab",
+        choices=KEEP_VOCABS,
+        help="the keep term's distributions: over the support the teacher's are on (support, default) or the "
+        "target's whole vocabulary (full)",
+    )
     generic_lines: int = option(32, name="distill_generic_lines")
     seed: int = option(0, name="distill_seed", flag="distill_seed", word=int, metavar="S", help="random seed")
     cache: str | None = option(
@@ -439,6 +450,7 @@ __all__ = [
     "DISTILL",
     "DISTILL_FIELDS",
     "KEEP_BOUNDS",
+    "KEEP_VOCABS",
     "LAYER_CHOICES",
     "LEARN_CHOICES",
     "LOSSES",

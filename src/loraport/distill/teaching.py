@@ -28,7 +28,7 @@ from ..errors import TransferError
 from ..generation import Generated, generate
 from ..pairing import Pairing
 from ..report import peak_rss_mb
-from .generic import mean_nll, token_rows
+from .generic import perplexity_change_stderr, pooled_nll, row_nlls, token_rows
 from .options import DistillOptions
 from .prompts import PromptSet
 from .teacher import (
@@ -183,8 +183,9 @@ def run_teacher(
     with phase("teacher: generic text"):
         rows = token_rows(tokenizer, list(generic_lines), GENERIC_TOKENS)
         with teacher.disable_adapter():
-            base_nll = mean_nll(teacher, rows, device)
-        adapter_nll = mean_nll(teacher, rows, device)
+            base_rows = row_nlls(teacher, rows, device)
+        adapter_rows = row_nlls(teacher, rows, device)
+        base_nll, adapter_nll = pooled_nll(base_rows), pooled_nll(adapter_rows)
     keep = list(range(len(outs)))
     if measure:  # of the synthetic prompts, those where the adapter changes the answer most
         given_count = len(given.prompts)
@@ -215,7 +216,12 @@ def run_teacher(
             "max_new_tokens": view.max_new_tokens,
             "multiple_choice": view.multiple_choice,
             "stops": view.stops,
-            "generic": {"lines": len(rows), "base_nll": base_nll, "adapter_nll": adapter_nll},
+            "generic": {
+                "lines": len(rows),
+                "base_nll": base_nll,
+                "adapter_nll": adapter_nll,
+                "change_stderr": perplexity_change_stderr(base_rows, adapter_rows),
+            },
             "synthesized": synth,
             "tokens_written": [outs[i].tokens for i in keep],
         },
