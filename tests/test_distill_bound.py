@@ -148,3 +148,19 @@ def test_the_keep_term_can_take_the_targets_whole_vocabulary(pair, tmp_path: Pat
         factors[vocab] = dense_updates(tmp_path / vocab)
         assert (seen["support"] is None) == (vocab == "full")
     assert any(not (factors["support"][k] == factors["full"][k]).all() for k in factors["full"])
+
+
+def test_a_loose_bound_is_watched_at_every_fifth_check_only() -> None:
+    from loraport.distill.bound import LOOSE_EVERY
+    from loraport.distill.train import Evaluation
+
+    bound = KeepBound([[1, 2]], 1.0, limit=0.20)
+
+    def history(changes: list[float | None]) -> list[Evaluation]:
+        return [Evaluation(10 * i, 0.5, 1.0, 0.5, 1.0, None, 0.0, generic_change=c) for i, c in enumerate(changes)]
+
+    assert bound.due(history([None, None]))  # nothing measured yet
+    assert bound.due(history([None, 0.15, None]))  # the last one over half the limit
+    assert not bound.due(history([None, 0.05, None]))
+    assert not bound.due(history([None, 0.05] + [None] * (LOOSE_EVERY - 1)))
+    assert bound.due(history([None, 0.05] + [None] * LOOSE_EVERY))

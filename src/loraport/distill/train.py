@@ -516,7 +516,7 @@ def train_student(
             if state.bad_evals >= config.patience:
                 state.stopped = f"no improvement in {config.patience} evaluations"
             latest = state.history[-1]
-            if bound is not None and keep and config.keep_weight > 0:
+            if bound is not None and keep and config.keep_weight > 0 and bound.due(state.history):
                 latest.generic_change = bound.change(student, device)
                 state.keep_scale = latest.keep_scale = bound.next_scale(latest.generic_change, state.keep_scale)
             for detail, size in zip(latest.tasks, task_sizes(config.batch_size, len(tasks), config.task_shares,
