@@ -58,6 +58,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill, every layer, keep bound": {"distill_layers": "all", "distill_keep_bound": "adapter"},
     # the keep term over Gemma-3's whole vocabulary rather than the 45.6k tokens both spell alike
     "distill, keep bound, whole vocabulary kept": {"distill_keep_bound": "adapter", "distill_keep_vocab": "full"},
+    "distill, every layer, keep bound, whole vocabulary kept": {
+        "distill_layers": "all",
+        "distill_keep_bound": "adapter",
+        "distill_keep_vocab": "full",
+    },
 }
 
 

@@ -103,6 +103,13 @@ METHODS: dict[str, dict[str, Any]] = {
     # The defaults since the side-effect bound: the keep weight doubles while the port's generic perplexity
     # change is over the adapter's own + 5 points (on these rows the bound is loose: nothing should change)
     "distill, keep bound": {"method": "distill", "prompts": "train", "distill_keep_bound": "adapter"},
+    # the keep term over Gemma-3's whole vocabulary rather than the tokens both spell alike
+    "distill, keep bound, whole vocabulary kept": {
+        "method": "distill",
+        "prompts": "train",
+        "distill_keep_bound": "adapter",
+        "distill_keep_vocab": "full",
+    },
     # The same options as "distill", run with the defaults of 2026-12-07 (bfloat16 autocast on this
     # CPU, whole-answer teacher, the saturation stop); the "distill" rows keep the earlier defaults.
     "distill, 2026-12-07 defaults": {"method": "distill", "prompts": "train"},
