@@ -93,3 +93,18 @@ def fast_distill(tmp_path: Path, max_new_tokens: int = 4, **extra: object) -> di
     }
     options.update(extra)
     return options
+
+
+def demo_source_and_copy(root: Path, drift: float = 0.05) -> tuple[Path, Path]:
+    """The demo zoo's trained S copied under ``root``, and D: S with its weights perturbed by ``drift`` and S's
+    tokenizer (a derivative sharing the tokenizer)."""
+    import shutil
+
+    from loraport.zoo import demo_dir
+    from loraport.zoo.tiny import perturb_model
+
+    source = Path(shutil.copytree(demo_dir() / "models" / "S", root / "S"))
+    copy = perturb_model(source, root / "D", drift)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, copy / name)
+    return source, copy

@@ -23,18 +23,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The demo zoo's trained S (word-level tokenizer), its derivative D, a tiny Gemma-3 T with a byte-level
     BPE, a LoRA on S that changes its predictions clearly, prompts (plain text) and generic text."""
-    import shutil
-
     from loraport.zoo import demo_dir
     from loraport.zoo.corpus import CorpusGenerator, write_lines
-    from loraport.zoo.tiny import make_bpe_tokenizer, make_random_adapter, make_tiny_model, perturb_model
+    from loraport.zoo.tiny import make_bpe_tokenizer, make_random_adapter, make_tiny_model
+    from tests.helpers import demo_source_and_copy
 
     root = tmp_path_factory.mktemp("distill")
     zoo = demo_dir()
-    S = Path(shutil.copytree(zoo / "models" / "S", root / "S"))
-    D = perturb_model(S, root / "D", 0.05)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(S / name, D / name)
+    S, D = demo_source_and_copy(root)
     sentences = CorpusGenerator(11).sentences(160)
     T = make_tiny_model(
         "gemma3_text", root / "T", seed=1, hidden=48, layers=2, heads=2, kv_heads=1, intermediate=96, head_dim=24,

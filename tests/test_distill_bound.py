@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from loraport import transfer
 from loraport.distill.bound import MAX_KEEP_SCALE, SIDE_EFFECT_MARGIN, KeepBound, adapter_limit
 from loraport.distill.generic import generic_lines, watch_lines
-from tests.helpers import dense_updates, fast_distill
+from tests.helpers import demo_source_and_copy, dense_updates, fast_distill
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -20,14 +19,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The demo zoo's S, a perturbed copy D (the student starts from zero on it), a LoRA on S and prompts."""
     from loraport.zoo import demo_dir
     from loraport.zoo.corpus import write_lines
-    from loraport.zoo.tiny import make_random_adapter, perturb_model
+    from loraport.zoo.tiny import make_random_adapter
 
     root = tmp_path_factory.mktemp("bound")
     zoo = demo_dir()
-    S = Path(shutil.copytree(zoo / "models" / "S", root / "S"))
-    D = perturb_model(S, root / "D", 0.05)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(S / name, D / name)
+    S, D = demo_source_and_copy(root)
     lines = [line.strip() for line in (zoo / "calibration.txt").read_text().splitlines() if line.strip()]
     prompts = [" ".join(line.split()[: max(3, len(line.split()) // 2)]) for line in lines[:60]]
     return {
