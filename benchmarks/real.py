@@ -103,6 +103,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # The defaults since the side-effect bound: the keep weight doubles while the port's generic perplexity
     # change is over the adapter's own + 5 points (on these rows the bound is loose: nothing should change)
     "distill, keep bound": {"method": "distill", "prompts": "train", "distill_keep_bound": "adapter"},
+    # the same, run before a loose bound was watched at every fifth check only (then: at every check)
+    "distill, keep bound, every check": {"method": "distill", "prompts": "train", "distill_keep_bound": "adapter"},
     # the keep term over Gemma-3's whole vocabulary rather than the tokens both spell alike
     "distill, keep bound, whole vocabulary kept": {
         "method": "distill",
