@@ -67,9 +67,9 @@ def test_the_keep_weight_doubles_while_over_the_limit_up_to_its_cap() -> None:
 
 
 def test_a_port_over_its_bound_raises_the_keep_weight_and_says_so(pair, tmp_path: Path, monkeypatch) -> None:
-    import loraport.distill.distiller as distiller
+    import loraport.distill.bound as bound_module
 
-    monkeypatch.setattr(distiller, "adapter_limit", lambda owns: -10.0)  # every change (> -100 %) is over it
+    monkeypatch.setattr(bound_module, "adapter_limit", lambda owns: -10.0)  # every change (> -100 %) is over it
     over = _port(pair, tmp_path / "over")
     bound = over.report.distill["generic"]["bound"]
     assert bound["raised_at_steps"] == [5, 10, 15, 20] and bound["keep_scale"] == 16.0
@@ -85,9 +85,9 @@ def test_a_port_over_its_bound_raises_the_keep_weight_and_says_so(pair, tmp_path
 
 
 def test_a_loose_bound_changes_nothing(pair, tmp_path: Path, monkeypatch) -> None:
-    import loraport.distill.distiller as distiller
+    import loraport.distill.bound as bound_module
 
-    monkeypatch.setattr(distiller, "adapter_limit", lambda owns: 1e9)
+    monkeypatch.setattr(bound_module, "adapter_limit", lambda owns: 1e9)
     loose = _port(pair, tmp_path / "loose")
     assert loose.report.distill["generic"]["bound"]["raised_at_steps"] == []
     assert any("the keep weight stayed as set" in note for note in loose.report.notes)

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .generic import mean_nll
+from .generic import mean_nll, watch_lines
+from .teaching import digest
 
 SIDE_EFFECT_MARGIN = 0.05  # the port may change generic perplexity this much more than the adapter does its source's
 MAX_KEEP_SCALE = 16.0  # the keep weight rises at most to this many times its start
@@ -82,6 +83,49 @@ def adapter_limit(own_changes: Sequence[float | None]) -> float | None:
     return max(0.0, *[float(c) for c in own_changes if c is not None]) + SIDE_EFFECT_MARGIN
 
 
+def adapter_change(generic: dict[str, Any]) -> float | None:
+    """An adapter's own perplexity change on its source, from its teacher's ``generic`` record
+    (:func:`~.teaching.run_teacher`); ``None`` when it was not measured."""
+    if generic.get("base_nll") is None or generic.get("adapter_nll") is None:
+        return None
+    return float(torch.tensor(generic["adapter_nll"] - generic["base_nll"]).exp() - 1)
+
+
+def watch_plan(
+    options: Any, generic_text: str | None, own_changes: Sequence[float | None], keep_lines: list[str]
+) -> tuple[list[str], list[str], float | None]:
+    """``(keep lines, watched lines, limit)`` of a run: with ``--distill-keep-bound adapter`` and a keep term, the
+    limit from the adapters' own changes (:func:`adapter_limit`) and lines to watch (:func:`~.generic.watch_lines`,
+    which may take some of the keep lines); otherwise ``keep_lines``, none and ``None``."""
+    limit = adapter_limit(own_changes) if options.keep_bound == "adapter" and options.keep_weight > 0 else None
+    if limit is None:
+        return keep_lines, [], None
+    keep, watched = watch_lines(generic_text, options.generic_lines, options.seed)
+    return keep, watched, limit
+
+
+def start_bound(
+    student: Any, rows: Sequence[Sequence[int]], limit: float | None, device: torch.device
+) -> KeepBound | None:
+    """The bound of a run (the target base's NLL on the watched ``rows``, the student's LoRA switched off);
+    ``None`` without a limit or without lines to watch."""
+    if limit is None or not rows:
+        return None
+    with student.disable_adapter():
+        return KeepBound(rows, mean_nll(student, rows, device), limit)
+
+
+def keep_key(options: Any, bound: KeepBound | None) -> dict[str, Any]:
+    """What the keep term's vocabulary and the bound add to a run's cache key: nothing for a run without them,
+    so such runs keep the keys (and checkpoints) they had."""
+    key: dict[str, Any] = {}
+    if options.keep_vocab != "support":
+        key["keep_vocab"] = options.keep_vocab
+    if bound is not None:
+        key["bound"] = [digest([str(r) for r in bound.rows]), bound.limit]
+    return key
+
+
 def bound_info(bound: KeepBound | None, state: Any) -> dict[str, Any] | None:
     """What the bound did in a run (``state``: its :class:`~loraport.distill.train.TrainState`), for the report."""
     if bound is None:
@@ -112,7 +156,11 @@ __all__ = [
     "MAX_KEEP_SCALE",
     "SIDE_EFFECT_MARGIN",
     "KeepBound",
+    "adapter_change",
     "adapter_limit",
     "bound_info",
     "bound_note",
+    "keep_key",
+    "start_bound",
+    "watch_plan",
 ]

@@ -17,8 +17,8 @@ from ..errors import TransferError
 from ..io import default_cache_dir
 from ..pairing import Pairing, Unit
 from ..report import ModuleRecord, TransferReport, peak_rss_mb
-from .bound import SIDE_EFFECT_MARGIN, KeepBound, adapter_limit, bound_info, bound_note
-from .generic import generic_lines, mean_nll, perplexity_change_stderr, pooled_nll, row_nlls, token_rows, watch_lines
+from .bound import SIDE_EFFECT_MARGIN, adapter_change, bound_info, bound_note, keep_key, start_bound, watch_plan
+from .generic import generic_lines, perplexity_change_stderr, pooled_nll, row_nlls, token_rows
 from .options import DistillOptions, distill_summary
 from .prompts import read_prompts, split_heldout
 from .student import (
@@ -191,11 +191,8 @@ class Distiller:
         wanted = sum(int(teacher.positions[i].numel()) for i in train_idx)
         if wanted and aligned == 0 and not any(s.seq_ids.numel() for s in train):
             raise TransferError("distill: no teacher position lines up with a student position (character ends)")
-        own_change = _change(*(teacher.info.get("generic", {}).get(k) for k in ("base_nll", "adapter_nll")))
-        limit = adapter_limit([own_change]) if options.keep_bound == "adapter" and options.keep_weight > 0 else None
-        watched: list[str] = []
-        if limit is not None:
-            keep_lines, watched = watch_lines(self.generic_text, options.generic_lines, options.seed)
+        own_change = adapter_change(teacher.info.get("generic", {}))
+        keep_lines, watched, limit = watch_plan(options, self.generic_text, [own_change], keep_lines)
         keep_rows = token_rows(tokenizer_t, keep_lines, GENERIC_TOKENS)
         ppl_rows = token_rows(tokenizer_t, ppl_lines, GENERIC_TOKENS)
         watch_rows = token_rows(tokenizer_t, watched, GENERIC_TOKENS)
@@ -209,11 +206,7 @@ class Distiller:
             with student.disable_adapter():
                 base_lines = row_nlls(student, ppl_rows, self.device)
                 base_nll = pooled_nll(base_lines)
-                bound = (
-                    KeepBound(watch_rows, mean_nll(student, watch_rows, self.device), limit)
-                    if limit is not None and watch_rows and keep
-                    else None
-                )
+            bound = start_bound(student, watch_rows if keep else [], limit, self.device)
             start_lines = row_nlls(student, ppl_rows, self.device) if init_modules else base_lines
             start_nll = pooled_nll(start_lines)
 
@@ -231,11 +224,8 @@ class Distiller:
                        options.patience, options.loss, options.keep_weight if keep else 0.0, options.seed,
                        options.heldout, str(self.autocast), str(self.weights)],
             "generic": digest([str(r) for r in keep_rows]),
+            **keep_key(options, bound),
         }  # fmt: skip
-        if options.keep_vocab != "support":
-            run_key["keep_vocab"] = options.keep_vocab
-        if bound is not None:  # runs without one keep the keys (and checkpoints) they had
-            run_key["bound"] = [digest([str(r) for r in watch_rows]), bound.limit]
         run_dir = self.cache / f"run-{cache_key(run_key)}"
         release_memory()  # what loading and the checks before training freed
         with phase("student: train"):

@@ -8,6 +8,7 @@ own standard library, so nothing is shipped or downloaded).
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import random
 import sysconfig
@@ -26,6 +27,16 @@ MIN_CHARS, MAX_CHARS = 120, 600
 
 def stdlib_paragraphs(count: int, seed: int = 0) -> list[str]:
     """Up to ``count`` prose paragraphs (one line each) from standard-library module docstrings, seeded order."""
+    found = list(_stdlib_prose())
+    random.Random(seed).shuffle(found)
+    return found[:count]
+
+
+@functools.cache
+def _stdlib_prose() -> tuple[str, ...]:
+    """Every prose paragraph of the standard library's module docstrings, in file order: parsing the library
+    takes about a second, and a distilled port asks for its paragraphs more than once (the kept, measured and
+    watched lines)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found: list[str] = []
     for path in sorted(root.glob("*.py")):
@@ -38,8 +49,7 @@ def stdlib_paragraphs(count: int, seed: int = 0) -> list[str]:
             letters = sum(c.isalpha() or c == " " for c in text)
             if MIN_CHARS <= len(text) <= MAX_CHARS and letters >= 0.85 * len(text) and ">>>" not in text:
                 found.append(text)
-    random.Random(seed).shuffle(found)
-    return found[:count]
+    return tuple(found)
 
 
 def generic_lines(text: str | None, count: int, seed: int) -> tuple[list[str], list[str], str]:

@@ -31,9 +31,9 @@ from ..errors import TransferError
 from ..io import default_cache_dir
 from ..pairing import Pairing
 from ..report import peak_rss_mb
-from .bound import KeepBound, adapter_limit, bound_info
+from .bound import adapter_change, bound_info, keep_key, start_bound, watch_plan
 from .coefficients import COEFFICIENT_LR_SCALE, coefficient_table, fold_coefficients, learn_coefficients
-from .generic import generic_lines, mean_nll, token_rows, watch_lines
+from .generic import generic_lines, mean_nll, token_rows
 from .options import DistillOptions
 from .prompts import read_prompts, split_heldout
 from .student import (
@@ -193,11 +193,8 @@ class MultiDistiller:
                 tasks.append(TaskSamples(item.teacher.name, *samples, rows))
                 item.info.update({"train_texts": len(train), "heldout_texts": len(held),
                                   "target_chat_template": target_template if item.chat else None})  # fmt: skip
-        owns = [_change(item.outputs.info.get("generic", {})) for item in prepared]
-        limit = adapter_limit(owns) if options.keep_bound == "adapter" and options.keep_weight > 0 else None
-        watched: list[str] = []
-        if limit is not None:
-            keep_lines, watched = watch_lines(self.generic_text, options.generic_lines, options.seed)
+        owns = [adapter_change(item.outputs.info.get("generic", {})) for item in prepared]
+        keep_lines, watched, limit = watch_plan(options, self.generic_text, owns, keep_lines)
         keep_rows = token_rows(tokenizer_t, keep_lines, GENERIC_TOKENS)
         ppl_rows = token_rows(tokenizer_t, ppl_lines, GENERIC_TOKENS)
         watch_rows = token_rows(tokenizer_t, watched, GENERIC_TOKENS)
@@ -208,11 +205,7 @@ class MultiDistiller:
             ) else []  # fmt: skip
             with student.disable_adapter():
                 base_nll = mean_nll(student, ppl_rows, self.device)
-                bound = (
-                    KeepBound(watch_rows, mean_nll(student, watch_rows, self.device), limit)
-                    if limit is not None and watch_rows and keep
-                    else None
-                )
+            bound = start_bound(student, watch_rows if keep else [], limit, self.device)
         scale = lora_scale(self.alpha, self.rank, self.use_rslora)
         if candidates:
             with phase("candidates: score"):
@@ -245,11 +238,8 @@ class MultiDistiller:
                        str(self.autocast), str(self.weights), options.tokens, options.token_share, options.learn]
             + ([options.task_shares] if options.task_shares != "even" else []),
             "generic": digest([str(r) for r in keep_rows]),
+            **keep_key(options, bound),
         }  # fmt: skip
-        if options.keep_vocab != "support":
-            run_key["keep_vocab"] = options.keep_vocab
-        if bound is not None:  # runs without one keep the keys (and checkpoints) they had
-            run_key["bound"] = [digest([str(r) for r in watch_rows]), bound.limit]
         release_memory()  # what loading and the checks before training freed
         with phase("student: train"):
             state = train_student(
@@ -333,12 +323,6 @@ class MultiDistiller:
             table[name] = {"agreement": agreements, "worst": min(agreements.values())}
         best = max(table, key=lambda name: table[name]["worst"])  # max keeps the first of equals
         return best, table
-
-
-def _change(generic: dict[str, Any]) -> float | None:
-    if generic.get("base_nll") is None or generic.get("adapter_nll") is None:
-        return None
-    return float(torch.tensor(generic["adapter_nll"] - generic["base_nll"]).exp() - 1)
 
 
 def check_teacher_counts(models: int, bases: int, prompts: int, synthesize: int | Sequence[int] = 0) -> list[int]:

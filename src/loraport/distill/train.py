@@ -427,8 +427,7 @@ def _step_backward(
         for start in range(0, count, KEEP_MICRO_BATCH):
             part = lines[start : start + KEEP_MICRO_BATCH]
             kept = keep_loss(student, part, pad, device, config.autocast, keep_support, positions)
-            weight = config.keep_weight if keep_scale == 1.0 else config.keep_weight * keep_scale
-            total += _backward(weight * kept)
+            total += _backward(config.keep_weight * keep_scale * kept)  # x 1.0 is exact: unscaled runs as before
     return total
 
 
