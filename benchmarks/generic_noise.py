@@ -37,16 +37,13 @@ def paragraph_sets() -> dict[str, list[str]]:
 
 
 def line_nlls(model: Any, tokenizer: Any, lines: list[str]) -> list[tuple[float, int]]:
-    """Per paragraph: (summed next-token NLL, tokens scored), as :func:`loraport.distill.generic.mean_nll` takes it."""
+    """Per paragraph: (summed next-token NLL, tokens scored), as the distill report takes them."""
     import torch
 
-    from loraport.distill.generic import mean_nll, token_rows
+    from loraport.distill.generic import row_nlls, token_rows
     from loraport.distill.teaching import GENERIC_TOKENS
 
-    out = []
-    for row in token_rows(tokenizer, lines, GENERIC_TOKENS):
-        out.append((mean_nll(model, [row], torch.device("cpu")) * (len(row) - 1), len(row) - 1))
-    return out
+    return row_nlls(model, token_rows(tokenizer, lines, GENERIC_TOKENS), torch.device("cpu"))
 
 
 def change(base: list[tuple[float, int]], other: list[tuple[float, int]], picks: list[int]) -> float:
@@ -97,12 +94,11 @@ def main() -> None:
         path = real / "models" / base
         tokenizer = load_tokenizer(path)
         base_nlls = line_nlls(load_model(path, None, torch.float32), tokenizer, lines)
-        kept = [i for i, n in enumerate(base_nlls) if n[1] > 0]
+        assert len(base_nlls) == len(lines), "a paragraph of one token: the sets' index ranges would shift"
         for what, adapter in adapters:
             nlls = line_nlls(load_model(path, adapter, torch.float32), tokenizer, lines)
             rows.append({"base": base, "what": what, **summary(base_nlls, nlls, bounds)})
             print(json.dumps(rows[-1]), flush=True)
-        assert len(kept) == len(base_nlls)
     lines_md = [
         "# Generic perplexity change: how much the lines decide it",
         "",
