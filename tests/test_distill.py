@@ -611,11 +611,33 @@ def test_the_generic_perplexity_in_pieces_is_the_whole_logits_one(bases, monkeyp
     assert mean_nll(model, rows, torch.device("cpu"), batch_size=2) == pytest.approx(whole, rel=1e-5)
 
 
+def test_parts_are_whole_batches_on_small_models_and_eight_texts_on_gemma3_shapes() -> None:
+    """A part holds as many texts as fit the activation budget: a tiny model takes a step's batch at once,
+    a Gemma-3-270M-shaped one (18 layers, 640 + 2048 wide) 8 texts of 25 tokens, and never fewer than 8."""
+    from loraport.distill import train
+    from loraport.distill.student import KeepSample
+
+    def model(layers: int, hidden: int, inner: int) -> SimpleNamespace:
+        config = SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inner)
+        return SimpleNamespace(get_base_model=lambda: SimpleNamespace(config=config))
+
+    def task(tokens: int) -> SimpleNamespace:
+        return SimpleNamespace(train=[SimpleNamespace(ids=[0] * tokens)] * 10)
+
+    keep = [KeepSample([0] * 120, torch.zeros(0), torch.zeros(0))] * 4
+    assert train.part_sizes(model(6, 192, 384), [task(20)], keep, 64) == (64, 4)
+    assert train.part_sizes(model(18, 640, 2048), [task(25)], keep, 64) == (8, 2)
+    assert train.part_sizes(model(6, 192, 384), [task(20)], keep, 16) == (16, 4)  # no more than a step
+    assert train.part_sizes(model(6, 192, 384), [task(200)], keep, 64) == (11, 4)
+    assert train.part_sizes(SimpleNamespace(), [task(20)], keep, 64) == (8, 2)  # no sizes: the fewest
+
+
 def test_a_batch_taken_in_parts_gives_the_whole_batch_gradients(bases, tmp_path: Path, monkeypatch) -> None:
     """Parts of 1 prompt and 1 generic line against the whole batch at once: the same training, to float precision."""
     from loraport.distill import train
 
     adapters = []
+    monkeypatch.setattr(train, "PART_BUDGET", 0)  # the fewest per part, whatever the model's size
     for parts in (16, 1):
         monkeypatch.setattr(train, "MICRO_BATCH", parts)
         monkeypatch.setattr(train, "KEEP_MICRO_BATCH", parts)
@@ -626,6 +648,7 @@ def test_a_batch_taken_in_parts_gives_the_whole_batch_gradients(bases, tmp_path:
         )  # fmt: skip
         adapters.append(result.adapter.modules)
     whole, parted = adapters
+    assert json.loads((tmp_path / "out1" / "loraport_report.json").read_text())["distill"]["student"]["parts"] == [1, 1]
     assert whole.keys() == parted.keys()
     for name in whole:
         assert torch.allclose(whole[name].delta(), parted[name].delta(), rtol=1e-3, atol=1e-6), name

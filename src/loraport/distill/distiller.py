@@ -270,6 +270,7 @@ class Distiller:
                     "stopped": state.stopped,
                     "train_seconds": round(state.seconds, 1),
                     "steps_per_second": round(state.step / state.seconds, 3) if state.seconds else None,
+                    "parts": state.parts,  # texts, generic lines per backward pass
                     "history": [e.__dict__ for e in state.history],
                     "notes": notes,
                 },

@@ -287,7 +287,7 @@ class MultiDistiller:
             "student": {"modules": len(modules), "steps": state.step, "best_step": state.best_step,
                         "stopped": state.stopped, "train_seconds": round(state.seconds, 1),
                         "steps_per_second": round(state.step / state.seconds, 3) if state.seconds else None,
-                        "history": [e.__dict__ for e in state.history], "notes": notes},
+                        "parts": state.parts, "history": [e.__dict__ for e in state.history], "notes": notes},
             "generic": {"text": generic_name, "lines": len(ppl_rows), "base_nll": base_nll, "start_nll": start_nll,
                         "written_nll": written_nll,
                         "perplexity_change": float(torch.tensor(written_nll - base_nll).exp() - 1),

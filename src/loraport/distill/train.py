@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .bound import KeepBound
-from .student import BatchStats, KeepSample, StudentSample, batch_loss, evaluate_samples, keep_loss
+from .student import BatchStats, KeepSample, StudentSample, base_model, batch_loss, evaluate_samples, keep_loss
 
 LATEST = "latest"
 IMPROVEMENT = 1e-9
@@ -49,8 +49,15 @@ SATURATED_AGREEMENT = 0.99
 SATURATED_KL = 0.05
 KEEP_LINES = 4  # generic lines per step when the target's own predictions are kept
 # Texts (generic lines) per forward and backward pass: a step's batch is taken in parts whose
-# gradients add up to the whole batch's, so only one part's activations are held at a time.
+# gradients add up to the whole batch's, so only one part's activations are held at a time. These are
+# the fewest per part; a small model takes more at once (:func:`part_sizes`).
 MICRO_BATCH, KEEP_MICRO_BATCH = 8, 2
+# The most body activations a part may hold, in tokens x layers x (hidden + intermediate width) units:
+# about 8 texts of 20 tokens on Gemma-3-270M (18 x (640 + 2048) a token) or SmolLM2-135M, so the real
+# rows keep parts of 8. Measured reason: on the demo's X (6 x (192 + 384)), whole batches of 64 in one
+# part instead of 8 parts of 8 took the demo's distill row from 58 s to 32 s at 150 steps (2 cores, one
+# thread; a part's fixed cost, the Python of 40 modules and their LoRA layers, ran 8 times a step).
+PART_BUDGET = 8_000_000
 BUCKET_BATCHES = 8  # batches per window sorted by length
 
 
@@ -125,6 +132,7 @@ class TrainConfig:
     seed: int
     autocast: torch.dtype | None = None
     bucket: bool = True  # batches of similar lengths (less padding)
+    parts: tuple[int, int] = (MICRO_BATCH, KEEP_MICRO_BATCH)  # texts, generic lines per part (part_sizes)
     task_shares: str = "even"  # a fusion's batch over its teachers: even, or by each one's gap (task_sizes)
 
 
@@ -179,6 +187,7 @@ class TrainState:
     running_loss: float | None = None
     drawn: list[int] = field(default_factory=list)  # training texts each task has drawn so far
     keep_scale: float = 1.0  # the keep weight's factor (raised by a KeepBound)
+    parts: list[int] = field(default_factory=list)  # texts, generic lines per backward part (part_sizes)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -395,6 +404,29 @@ def is_better_checkpoint(agreement: float, kl: float, kept: tuple[float, float] 
     return agreement >= best_agreement - IMPROVEMENT and kl < best_kl
 
 
+def part_sizes(
+    student: Any, tasks: Sequence[TaskSamples], keep: Sequence[KeepSample], batch_size: int
+) -> tuple[int, int]:
+    """Texts and generic lines per backward part: as many as keep a part's body activations under
+    :data:`PART_BUDGET` (by the mean lengths), never fewer than :data:`MICRO_BATCH` / :data:`KEEP_MICRO_BATCH`
+    nor more than a step takes."""
+    config = getattr(base_model(student), "config", None)
+    config = getattr(config, "text_config", None) or config
+    dims = [getattr(config, name, None) for name in ("num_hidden_layers", "hidden_size", "intermediate_size")]
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        return MICRO_BATCH, KEEP_MICRO_BATCH
+    per_token = dims[0] * (dims[1] + dims[2])
+
+    def fitting(lengths: list[int], floor: int, most: int) -> int:
+        if not lengths:
+            return floor
+        mean = sum(lengths) / len(lengths)
+        return max(floor, min(most, int(PART_BUDGET // (mean * per_token))))
+
+    texts = fitting([len(s.ids) for task in tasks for s in task.train], MICRO_BATCH, batch_size)
+    return texts, fitting([len(s.ids) for s in keep], KEEP_MICRO_BATCH, KEEP_LINES)
+
+
 def _step_backward(
     student: Any, tasks: Sequence[TaskSamples], keep: Sequence[KeepSample], step: int, pad: int,
     device: torch.device, config: TrainConfig, lengths: list[list[int] | None], keep_support: torch.Tensor | None,
@@ -404,7 +436,7 @@ def _step_backward(
     drawn from each task's ``drawn`` position), each task's mean weighted by its share of the texts, plus
     ``keep_weight`` (times ``keep_scale``) times the keep term.
 
-    Each part (``MICRO_BATCH`` texts, ``KEEP_MICRO_BATCH`` generic lines) is backpropagated on its own,
+    Each part (``config.parts``: texts, generic lines; :func:`part_sizes`) is backpropagated on its own,
     its sums divided by the whole batch's counts, so the gradients add up to the whole batch's and
     only one part's activations are held at a time.
     """
@@ -416,16 +448,16 @@ def _step_backward(
         picked = draw_indices(drawn[index], sizes[index], len(task.train), window, config.seed + index, lengths[index])
         chosen = [task.train[i] for i in picked]
         totals = (sum(s.seq_ids.numel() for s in chosen), sum(s.kl_positions.numel() for s in chosen))
-        for start in range(0, len(chosen), MICRO_BATCH):
-            part = chosen[start : start + MICRO_BATCH]
+        for start in range(0, len(chosen), config.parts[0]):
+            part = chosen[start : start + config.parts[0]]
             loss, _ = batch_loss(student, part, pad, task.support, config.weights, device, config.autocast, totals)
             total += _backward(loss / len(tasks) if even else loss * (sizes[index] / sum(sizes)))
     if keep and config.keep_weight > 0:
         count = min(KEEP_LINES, len(keep))
         lines = [keep[(step * count + j) % len(keep)] for j in range(count)]
         positions = sum(len(line.ids) - 1 for line in lines)
-        for start in range(0, count, KEEP_MICRO_BATCH):
-            part = lines[start : start + KEEP_MICRO_BATCH]
+        for start in range(0, count, config.parts[1]):
+            part = lines[start : start + config.parts[1]]
             kept = keep_loss(student, part, pad, device, config.autocast, keep_support, positions)
             total += _backward(config.keep_weight * keep_scale * kept)  # x 1.0 is exact: unscaled runs as before
     return total
@@ -459,12 +491,13 @@ def train_student(
     doubled while it is over the bound's limit (:class:`~loraport.distill.bound.KeepBound`).
     ``on_step(step)`` is called after every step (tests interrupt a run with it).
     """
+    config = replace(config, parts=part_sizes(student, tasks, keep, config.batch_size))
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0, foreach=False)
     best = {key: p.detach().clone() for key, p in params.items()}
     checkpoints = Checkpoints(run_dir)
     state = checkpoints.load(params, optimizer, best)
     if state is None:
-        state = TrainState()
+        state = TrainState(parts=list(config.parts))
         _record(state, tasks, _evaluate(student, tasks, pad, device, config))
         checkpoints.save(state, params, optimizer, best)
     bar = tqdm(
