@@ -57,6 +57,7 @@ DISTILLED: list[tuple[str, dict[str, Any]]] = [
     ("distill, coefficients", {"learn": "coefficients"}),  # one weight per LoRA and layer (AdaMerging style)
     ("distill, 2026-12-07 evening defaults", {}),  # "distill" rerun: bfloat16 weights, best checkpoint by agreement
     ("distill, gap shares", {"task_shares": "gap"}),  # each step's batch split by each teacher's gap, not evenly
+    ("distill, 2026-12-08 defaults", {}),  # rerun: the keep bound, progress on any one task keeps training
 ]
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (scale * B, A), float32
 
