@@ -57,7 +57,8 @@ DISTILLED: list[tuple[str, dict[str, Any]]] = [
     ("distill, coefficients", {"learn": "coefficients"}),  # one weight per LoRA and layer (AdaMerging style)
     ("distill, 2026-12-07 evening defaults", {}),  # "distill" rerun: bfloat16 weights, best checkpoint by agreement
     ("distill, gap shares", {"task_shares": "gap"}),  # each step's batch split by each teacher's gap, not evenly
-    ("distill, 2026-12-08 defaults", {}),  # rerun: the keep bound, progress on any one task keeps training
+    # "distill, 2026-12-08 defaults" (its row in the results): run at commit 5ff44b9, whose stop rule (a record on
+    # any one task is progress) was reverted after it; the evening's defaults otherwise.
 ]
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (scale * B, A), float32
 

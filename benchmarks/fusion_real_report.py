@@ -155,7 +155,12 @@ def distill_section(merges: dict[str, Any]) -> list[str]:
         "the evening's defaults) learns only one weight per LoRA and layer (4 x 30) over the LoRAs' own factors, "
         "from task arithmetic x1 (every weight 1). *distill, gap shares* (`--distill-task-shares gap`, the "
         "evening's defaults otherwise): after each held-out check each teacher's share of the 16 prompts of a step "
-        "follows its gap (1 minus its mean held-out and probe agreement; at least half the even share).",
+        "follows its gap (1 minus its mean held-out and probe agreement; at least half the even share). "
+        "*distill, 2026-12-08 defaults* (run at commit 5ff44b9, 2 threads, nothing else running): the evening's "
+        "defaults and the side-effect bound (measured, never over its limit: the keep weight stayed 0.5) with a stop "
+        "rule that counted a record on any one task's held-out or probe agreement as progress, not only the worst "
+        "task's: it trained to step 180 instead of 100 and kept its step-160 checkpoint, and every task but facts "
+        "lost (worst 67 % against 80 %); the rule was reverted.",
         "",
         "| merge | row | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
         "| perplexity change: fused (each LoRA's own) | steps (stop) | fuse s | peak RSS MB |",

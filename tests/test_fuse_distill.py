@@ -236,25 +236,3 @@ def test_a_fusion_that_changes_the_target_more_than_its_inputs_says_so() -> None
     assert not [n for n in _notes(info(0.33, {"a": 0.10, "b": 0.30})) if n.startswith("WARNING")]  # within 5 pts
     assert not [n for n in _notes(info(0.60, {"a": None})) if n.startswith("WARNING")]  # nothing to compare with
 
-
-def test_a_fusion_keeps_training_while_any_one_task_progresses() -> None:
-    """The worst task flat (memorised facts cannot rise on held-out prompts) while another task's probe
-    agreement climbs: progress for a fusion, not for the worst-task numbers alone; one task: as before."""
-    from loraport.distill.student import BatchStats
-    from loraport.distill.train import TaskSamples, TrainState, _record
-
-    def stats(held: int, probe: int) -> tuple[BatchStats, BatchStats]:
-        heldout = BatchStats(seq_tokens=100, agreed=held, kl=100.0, kl_positions=100)
-        return heldout, BatchStats(seq_tokens=100, agreed=probe)
-
-    tasks = [TaskSamples(name, [], [], [], None) for name in ("facts", "bins")]
-    state = TrainState()
-    assert _record(state, tasks, [stats(70, 80), stats(80, 80)])[1]  # the first check: records everywhere
-    assert _record(state, tasks, [stats(70, 80), stats(80, 90)])[1]  # bins' probe 0.80 -> 0.90: progress
-    assert state.task_bests == [0.8, 0.9]
-    assert not _record(state, tasks, [stats(70, 80), stats(80, 90)])[1]  # nothing new
-    assert not _record(state, tasks, [stats(70, 80), stats(85, 85)])[1]  # bins 0.85 < its best 0.90
-    single = TrainState()
-    assert _record(single, tasks[:1], [stats(70, 80)])[1]
-    assert not _record(single, tasks[:1], [stats(70, 80)])[1]
-    assert single.task_bests == []
