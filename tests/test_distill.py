@@ -611,9 +611,10 @@ def test_the_generic_perplexity_in_pieces_is_the_whole_logits_one(bases, monkeyp
     assert mean_nll(model, rows, torch.device("cpu"), batch_size=2) == pytest.approx(whole, rel=1e-5)
 
 
-def test_parts_are_whole_batches_on_small_models_and_eight_texts_on_gemma3_shapes() -> None:
-    """A part holds as many texts as fit the activation budget: a tiny model takes a step's batch at once,
-    a Gemma-3-270M-shaped one (18 layers, 640 + 2048 wide) 8 texts of 25 tokens, and never fewer than 8."""
+def test_parts_are_whole_steps_on_small_models_and_eight_texts_on_gemma3_shapes() -> None:
+    """A step whose activations fit the budget is one part; else the fixed parts (8 texts, 2 generic lines):
+    the demo's X takes its 64 prompts and 4 lines at once, a Gemma-3-270M-shaped model (18 layers, 640 + 2048
+    wide) keeps 8 / 2, and so does X on long prompts."""
     from loraport.distill import train
     from loraport.distill.student import KeepSample
 
@@ -624,12 +625,12 @@ def test_parts_are_whole_batches_on_small_models_and_eight_texts_on_gemma3_shape
     def task(tokens: int) -> SimpleNamespace:
         return SimpleNamespace(train=[SimpleNamespace(ids=[0] * tokens)] * 10)
 
-    keep = [KeepSample([0] * 120, torch.zeros(0), torch.zeros(0))] * 4
+    keep = [KeepSample([0] * 48, torch.zeros(0), torch.zeros(0))] * 4
     assert train.part_sizes(model(6, 192, 384), [task(20)], keep, 64) == (64, 4)
-    assert train.part_sizes(model(18, 640, 2048), [task(25)], keep, 64) == (8, 2)
-    assert train.part_sizes(model(6, 192, 384), [task(20)], keep, 16) == (16, 4)  # no more than a step
-    assert train.part_sizes(model(6, 192, 384), [task(200)], keep, 64) == (11, 4)
-    assert train.part_sizes(SimpleNamespace(), [task(20)], keep, 64) == (8, 2)  # no sizes: the fewest
+    assert train.part_sizes(model(18, 640, 2048), [task(25)], keep, 16) == (8, 2)
+    assert train.part_sizes(model(6, 192, 384), [task(200)], keep, 64) == (8, 4)
+    assert train.part_sizes(model(6, 192, 384), [task(20)], keep, 4) == (8, 4)  # a step smaller than a part
+    assert train.part_sizes(SimpleNamespace(), [task(20)], keep, 64) == (8, 2)  # no sizes: the fixed parts
 
 
 def test_a_batch_taken_in_parts_gives_the_whole_batch_gradients(bases, tmp_path: Path, monkeypatch) -> None:

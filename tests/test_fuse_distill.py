@@ -235,4 +235,3 @@ def test_a_fusion_that_changes_the_target_more_than_its_inputs_says_so() -> None
     assert len(loud) == 1 and "+60.0%" in loud[0] and "at most +30.0%" in loud[0]
     assert not [n for n in _notes(info(0.33, {"a": 0.10, "b": 0.30})) if n.startswith("WARNING")]  # within 5 pts
     assert not [n for n in _notes(info(0.60, {"a": None})) if n.startswith("WARNING")]  # nothing to compare with
-

@@ -49,14 +49,15 @@ SATURATED_AGREEMENT = 0.99
 SATURATED_KL = 0.05
 KEEP_LINES = 4  # generic lines per step when the target's own predictions are kept
 # Texts (generic lines) per forward and backward pass: a step's batch is taken in parts whose
-# gradients add up to the whole batch's, so only one part's activations are held at a time. These are
-# the fewest per part; a small model takes more at once (:func:`part_sizes`).
+# gradients add up to the whole batch's, so only one part's activations are held at a time. A small
+# model takes a step at once (:func:`part_sizes`).
 MICRO_BATCH, KEEP_MICRO_BATCH = 8, 2
-# The most body activations a part may hold, in tokens x layers x (hidden + intermediate width) units:
-# about 8 texts of 20 tokens on Gemma-3-270M (18 x (640 + 2048) a token) or SmolLM2-135M, so the real
-# rows keep parts of 8. Measured reason: on the demo's X (6 x (192 + 384)), whole batches of 64 in one
-# part instead of 8 parts of 8 took the demo's distill row from 58 s to 32 s at 150 steps (2 cores, one
-# thread; a part's fixed cost, the Python of 40 modules and their LoRA layers, ran 8 times a step).
+# The most body activations a step may hold to be taken in one part, in tokens x layers x (hidden +
+# intermediate width) units: a 16-prompt step of 25 tokens on Gemma-3-270M (18 x (640 + 2048) a token)
+# is 19M, so the real rows keep their parts of 8. Measured reason: on the demo's X (6 x (192 + 384)),
+# whole batches of 64 in one part instead of 8 parts of 8 took the demo's distill row from 58 s to 32 s
+# at 150 steps (2 cores, one thread; a part's fixed cost, the Python of 40 modules and their LoRA layers,
+# ran 8 times a step).
 PART_BUDGET = 8_000_000
 BUCKET_BATCHES = 8  # batches per window sorted by length
 
@@ -410,9 +411,13 @@ def is_better_checkpoint(agreement: float, kl: float, kept: tuple[float, float] 
 def part_sizes(
     student: Any, tasks: Sequence[TaskSamples], keep: Sequence[KeepSample], batch_size: int
 ) -> tuple[int, int]:
-    """Texts and generic lines per backward part: as many as keep a part's body activations under
-    :data:`PART_BUDGET` (by the mean lengths), never fewer than :data:`MICRO_BATCH` / :data:`KEEP_MICRO_BATCH`
-    nor more than a step takes."""
+    """Texts and generic lines per backward part: a step's whole batch (all its generic lines) in one part
+    where its body activations stay under :data:`PART_BUDGET` (by the mean lengths), else parts of
+    :data:`MICRO_BATCH` (:data:`KEEP_MICRO_BATCH`).
+
+    All or the fixed parts, nothing between: a model that does not fit trains exactly as before
+    (Gemma-3's 4 generic lines of 48 tokens are 9.3M units: still 2 a part).
+    """
     config = getattr(base_model(student), "config", None)
     config = getattr(config, "text_config", None) or config
     dims = [getattr(config, name, None) for name in ("num_hidden_layers", "hidden_size", "intermediate_size")]
@@ -420,14 +425,12 @@ def part_sizes(
         return MICRO_BATCH, KEEP_MICRO_BATCH
     per_token = dims[0] * (dims[1] + dims[2])
 
-    def fitting(lengths: list[int], floor: int, most: int) -> int:
-        if not lengths:
-            return floor
-        mean = sum(lengths) / len(lengths)
-        return max(floor, min(most, int(PART_BUDGET // (mean * per_token))))
+    def part(lengths: list[int], count: int, fixed: int) -> int:
+        mean = sum(lengths) / len(lengths) if lengths else 0.0
+        return max(count, fixed) if count * mean * per_token <= PART_BUDGET else fixed
 
-    texts = fitting([len(s.ids) for task in tasks for s in task.train], MICRO_BATCH, batch_size)
-    return texts, fitting([len(s.ids) for s in keep], KEEP_MICRO_BATCH, KEEP_LINES)
+    texts = part([len(s.ids) for task in tasks for s in task.train], batch_size, MICRO_BATCH)
+    return texts, part([len(s.ids) for s in keep], KEEP_LINES, KEEP_MICRO_BATCH)
 
 
 def _step_backward(
