@@ -59,6 +59,7 @@ DISTILLED: list[tuple[str, dict[str, Any]]] = [
     ("distill, gap shares", {"task_shares": "gap"}),  # each step's batch split by each teacher's gap, not evenly
     # "distill, 2026-12-08 defaults" (its row in the results): run at commit 5ff44b9, whose stop rule (a record on
     # any one task is progress) was reverted after it; the evening's defaults otherwise.
+    ("distill, 2026-12-08 rerun", {}),  # the defaults of 2026-12-08 night: the evening's and the side-effect bound
 ]
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (scale * B, A), float32
 

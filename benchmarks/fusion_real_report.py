@@ -160,7 +160,10 @@ def distill_section(merges: dict[str, Any]) -> list[str]:
         "defaults and the side-effect bound (measured, never over its limit: the keep weight stayed 0.5) with a stop "
         "rule that counted a record on any one task's held-out or probe agreement as progress, not only the worst "
         "task's: it trained to step 180 instead of 100 and kept its step-160 checkpoint, and every task but facts "
-        "lost (worst 67 % against 80 %); the rule was reverted.",
+        "lost (worst 67 % against 80 %); the rule was reverted. *distill, 2026-12-08 rerun*: the pairs again with "
+        "the defaults of 2026-12-08 night (the evening's and the side-effect bound, which stayed loose), 2 threads, "
+        "nothing else running; the teachers' outputs came from the cache of the earlier runs, so the time is the "
+        "student's alone (the *distill* rows' includes the teachers).",
         "",
         "| merge | row | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
         "| perplexity change: fused (each LoRA's own) | steps (stop) | fuse s | peak RSS MB |",
