@@ -60,6 +60,7 @@ DISTILLED: list[tuple[str, dict[str, Any]]] = [
     # "distill, 2026-12-08 defaults" (its row in the results): run at commit 5ff44b9, whose stop rule (a record on
     # any one task is progress) was reverted after it; the evening's defaults otherwise.
     ("distill, 2026-12-08 rerun", {}),  # the defaults of 2026-12-08 night: the evening's and the side-effect bound
+    ("distill, 2026-12-08 rerun, patience 8", {"patience": 8}),  # memorised facts: more checks without progress
 ]
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (scale * B, A), float32
 

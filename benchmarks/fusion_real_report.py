@@ -163,7 +163,8 @@ def distill_section(merges: dict[str, Any]) -> list[str]:
         "lost (worst 67 % against 80 %); the rule was reverted. *distill, 2026-12-08 rerun*: the pairs again with "
         "the defaults of 2026-12-08 night (the evening's and the side-effect bound, which stayed loose), 2 threads, "
         "nothing else running; the teachers' outputs came from the cache of the earlier runs, so the time is the "
-        "student's alone (the *distill* rows' includes the teachers).",
+        "student's alone (the *distill* rows' includes the teachers). *distill, 2026-12-08 rerun, patience 8*: the "
+        "same with `--distill-patience 8` (stop after 8 held-out checks without progress, not 4).",
         "",
         "| merge | row | kept % per task (± s.e.) | worst | best weight-space (worst) | agreement per task | chosen "
         "| perplexity change: fused (each LoRA's own) | steps (stop) | fuse s | peak RSS MB |",
