@@ -112,6 +112,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "distill_keep_bound": "adapter",
         "distill_keep_vocab": "full",
     },
+    # the defaults of 2026-12-08 with 8 held-out checks without progress before stopping (fusions of memorised
+    # facts needed them: benchmarks/results/fusion_real.md)
+    "distill, patience 8": {"method": "distill", "prompts": "train", "distill_patience": 8},
     # The same options as "distill", run with the defaults of 2026-12-07 (bfloat16 autocast on this
     # CPU, whole-answer teacher, the saturation stop); the "distill" rows keep the earlier defaults.
     "distill, 2026-12-07 defaults": {"method": "distill", "prompts": "train"},
