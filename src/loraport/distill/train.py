@@ -188,7 +188,7 @@ class TrainState:
     running_loss: float | None = None
     drawn: list[int] = field(default_factory=list)  # training texts each task has drawn so far
     keep_scale: float = 1.0  # the keep weight's factor (raised by a KeepBound)
-    parts: list[int] = field(default_factory=list)  # texts, generic lines per backward part (part_sizes)
+    parts: list[int] = field(default_factory=list)  # texts, generic lines per backward part (config.parts)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -503,9 +503,10 @@ def train_student(
     checkpoints = Checkpoints(run_dir)
     state = checkpoints.load(params, optimizer, best)
     if state is None:
-        state = TrainState(parts=list(config.parts))
+        state = TrainState()
         _record(state, tasks, _evaluate(student, tasks, pad, device, config))
         checkpoints.save(state, params, optimizer, best)
+    state.parts = list(config.parts)  # what this run's steps take, a resumed run's too (for the report)
     bar = tqdm(
         total=config.max_steps,
         initial=state.step,
